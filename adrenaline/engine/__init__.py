@@ -1,0 +1,1 @@
+"""Engine: request state, block manager, KV pool, scheduler, runner, sampler, offline LLM."""

@@ -1,0 +1,156 @@
+"""EngineCore: one engine instance (model, KV pool, scheduler, runner) stepping requests.
+
+A request's lifecycle in one engine:
+
+    add_request ──> WAITING ──schedule: prefill (blocks for all its tokens)──> RUNNING
+                      ^                                                        │
+                      └──── preempted: blocks freed, recompute later ◄── decode step (one
+                                                                        token, one more slot)
+    RUNNING ──EOS / stop id / max_tokens / max_model_len──> FINISHED (blocks freed)
+
+Disaggregated roles reuse these pieces: a prefill worker runs only the
+prefill step and hands the KV off (to a decode worker, or to its colocated
+attention executor when the request is offloaded); a decode worker adopts
+the request as RUNNING and runs decode steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from adrenaline.config import ConfigError, EngineConfig, ModelConfig
+from adrenaline.engine.block_manager import BlockManager
+from adrenaline.engine.kv_pool import KVPool, num_blocks_for_budget
+from adrenaline.engine.request import Request
+from adrenaline.engine.runner import ModelRunner
+from adrenaline.engine.sampler import Sampler
+from adrenaline.engine.scheduler import Scheduler
+from adrenaline.errors import InvalidRequestError
+from adrenaline.kernels import make_attention_backend
+from adrenaline.model.builtin import BUILTINS, builtin_path
+from adrenaline.model.hf_config import load_model_config
+from adrenaline.model.loader import load_model, resolve_dtype
+from adrenaline.model.tokenizer import Tokenizer
+from adrenaline.sampling_params import SamplingParams
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A built-in name ("tiny", "small") or a local HF-format directory."""
+    if model in BUILTINS:
+        return builtin_path(model)
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model: {model!r} is neither a built-in model "
+                          f"({', '.join(BUILTINS)}) nor a local directory")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: {device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but CUDA is not available")
+    return dev
+
+
+class EngineCore:
+    def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto",
+                 config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_dir = resolve_model_dir(model)
+        self.model_config: ModelConfig = load_model_config(self.model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.model_config, self.device)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.tokenizer = (Tokenizer(self.model_dir)
+                          if (self.model_dir / "tokenizer.json").is_file() else None)
+        self.backend = make_attention_backend(config.attention_backend, self.device,
+                                              mc.num_attention_heads, mc.num_key_value_heads,
+                                              mc.head_dim)
+        self.model = load_model(self.model_dir, mc, self.dtype, self.device, self.max_model_len)
+        self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.pool = KVPool(mc.num_hidden_layers, self.num_kv_blocks, config.block_size,
+                           self.backend, self.dtype, self.device)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.backend, self.pool, self.block_manager,
+                                  Sampler(config.seed), self.device)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"model {self.model_dir} has no tokenizer.json: "
+                                      "pass prompts as token ids")
+        return self.tokenizer.encode(prompt)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer else ""
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError unless the request can run to completion here."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
+                                      f"[0, {vocab})")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {n} tokens; the context is {self.max_model_len} "
+                                      "tokens and at least one must be generated")
+        final_len = min(n + params.max_tokens, self.max_model_len)
+        need = self.block_manager.blocks_for(final_len)
+        if need > self.num_kv_blocks:
+            raise InvalidRequestError(
+                f"prompt plus max_tokens needs {final_len} tokens of KV cache "
+                f"({need} blocks); this engine holds {self.num_kv_blocks} blocks")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                      params=params, arrival=next(self._arrivals),
+                      eos_token_ids=self.model_config.eos_token_ids,
+                      max_model_len=self.max_model_len)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.finish(req)
+
+    def step(self) -> list[Request]:
+        """Run one scheduled step; returns the requests that got a token (finished ones included)."""
+        plan = self.scheduler.schedule()
+        if plan is None or not plan.requests:
+            return []
+        tokens, logprobs = self.runner.execute(plan)
+        for req, token, lp in zip(plan.requests, tokens, logprobs):
+            req.num_computed = req.num_tokens
+            req.append_token(token, lp)
+            if req.finish_reason is not None:
+                self.scheduler.finish(req)
+                del self.requests[req.request_id]
+        return plan.requests

@@ -1,0 +1,51 @@
+"""Per-layer paged KV storage, sized by a token or byte budget.
+
+On CPU the budget stands for a GPU's HBM capacity: the pool holds exactly
+floor(budget / block) blocks and the block manager hands out no more.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adrenaline.config import ConfigError, EngineConfig, ModelConfig
+from adrenaline.kernels.base import AttentionBackend
+
+DEFAULT_KV_TOKENS = 65536
+
+
+def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim * elem
+
+
+def num_blocks_for_budget(engine: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> int:
+    """How many blocks the configured budget buys (the runtime fact the pool reports)."""
+    if engine.kv_cache_bytes is not None:
+        tokens = engine.kv_cache_bytes // kv_bytes_per_token(model, dtype)
+        field = "kv_cache_bytes"
+    else:
+        tokens = engine.kv_cache_tokens or DEFAULT_KV_TOKENS
+        field = "kv_cache_tokens"
+    num_blocks = tokens // engine.block_size
+    if num_blocks < 1:
+        raise ConfigError(f"{field}: budget holds no {engine.block_size}-token KV block")
+    return num_blocks
+
+
+class KVPool:
+    """One key and one value page tensor per layer, in the backend's layout."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, backend: AttentionBackend,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = backend.kv_cache_shape(num_blocks, block_size)
+        self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device)
+                                      for _ in range(num_layers)]
+        self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device)
+                                      for _ in range(num_layers)]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,0 +1,55 @@
+"""Turn a step's last-token logits into next tokens, per each request's SamplingParams."""
+
+from __future__ import annotations
+
+import torch
+
+from adrenaline.engine.request import Request
+from adrenaline.kernels.sampling import apply_top_k_top_p, sample_from_probs
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        # Draws for requests without their own seed come from this engine-wide stream.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]
+                 ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits: [B, V] float32, row i for requests[i] -> (token ids, per-row logprobs)."""
+        logits = logits.cpu()
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows)
+            params = [requests[i].params for i in sampled_rows]
+            temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+            scaled = logits[rows] / temps[:, None]
+            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            if bool((top_k > 0).any() or (top_p < 1).any()):
+                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            probs = scaled.softmax(dim=-1)
+            gens = [requests[i].generator or self.generator for i in sampled_rows]
+            tokens[rows] = sample_from_probs(probs, gens)
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(logits, requests, token_list)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, requests: list[Request], tokens: list[int]
+                  ) -> list[dict[int, float] | None]:
+        want = [r.params.logprobs for r in requests]
+        if all(n is None for n in want):
+            return [None] * len(requests)
+        logp = logits.log_softmax(dim=-1)
+        k = max(n or 0 for n in want)
+        top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+        out: list[dict[int, float] | None] = []
+        for i, n in enumerate(want):
+            if n is None:
+                out.append(None)
+                continue
+            entry = {tokens[i]: float(logp[i, tokens[i]])}
+            for j in range(n):
+                entry.setdefault(int(top_ids[i, j]), float(top_vals[i, j]))
+            out.append(entry)
+        return out

@@ -1,0 +1,114 @@
+"""Continuous-batching scheduler: FCFS admission, prefill token budget, preemption by recompute.
+
+Each call to ``schedule()`` returns one step: a prefill of newly admitted
+requests when any fit (prefill first keeps TTFT low), else one decode token
+for every running request. When decode runs out of KV blocks the newest
+running request is preempted: its blocks are freed and it goes back to the
+front of the queue, to be prefilled again over all its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from adrenaline.engine.block_manager import BlockManager
+from adrenaline.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan, handed to the runner as plain data."""
+
+    is_prefill: bool
+    requests: list[Request]
+    query_lens: list[int]
+    context_lens: list[int]
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival order
+        self.num_preemptions = 0  # total since start, for metrics and tests
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def schedule(self) -> SchedulerOutput | None:
+        out = self._schedule_prefill()
+        if out is None and self.running:
+            out = self._schedule_decode()
+        return out
+
+    def _schedule_prefill(self) -> SchedulerOutput | None:
+        admitted: list[Request] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+            req = self.waiting[0]
+            # A prompt longer than the budget still runs, alone.
+            if admitted and req.num_tokens > budget:
+                break
+            if not self.bm.can_allocate(req.num_tokens):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.bm.allocate(req.request_id, req.num_tokens)
+            req.status = RequestStatus.RUNNING
+            req.num_computed = 0
+            admitted.append(req)
+            budget -= req.num_tokens
+        if not admitted:
+            return None
+        self.running.extend(admitted)
+        return SchedulerOutput(True, admitted, [r.num_tokens for r in admitted],
+                               [0] * len(admitted))
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        queue = deque(self.running)
+        scheduled: list[Request] = []
+        preempted: list[Request] = []
+        while queue:
+            req = queue.popleft()
+            # The step writes KV for the last token: cover num_tokens in total.
+            while not self.bm.can_append(req.request_id, req.num_tokens):
+                victim = queue.pop() if queue else req
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                self.bm.append(req.request_id, req.num_tokens)
+                scheduled.append(req)
+        self.running = list(scheduled)  # the plan keeps its own list: finish() edits running
+        return SchedulerOutput(False, scheduled, [1] * len(scheduled),
+                               [r.num_tokens - 1 for r in scheduled], preempted)
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        # Victims are taken newest first, so pushing each to the front keeps FCFS order.
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Release a finished (or aborted) request's blocks and forget it."""
+        if req in self.running:
+            self.running.remove(req)
+            self.bm.free(req.request_id)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED

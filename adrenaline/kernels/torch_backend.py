@@ -1,0 +1,118 @@
+"""Torch attention backend: the CPU path and the oracle every fast kernel is tested against.
+
+Page layout (this backend's own): [num_kv_heads, num_blocks, block_size, head_dim],
+head outermost, so gathering a sequence's blocks yields, per KV head, one
+contiguous [seq_len, head_dim] matrix and decode attention is two batched
+GEMMs with no transpose copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+
+from adrenaline.kernels.base import AttentionBackend
+from adrenaline.kernels.metadata import AttentionMetadata
+
+
+@dataclass
+class _DecodeState:
+    block_index: torch.Tensor  # [num_seqs * max_blocks] int64, padded with block 0
+    bias: torch.Tensor  # [1, num_seqs, 1, max_blocks * block_size] float32: 0 or -inf
+
+
+@dataclass
+class _PrefillState:
+    # Runs of consecutive sequences with equal (query_len, context_len): (first, count, qlen, ctx).
+    groups: list[tuple[int, int, int, int]]
+    token_starts: list[int]
+
+
+class TorchAttention(AttentionBackend):
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (self.num_kv_heads, num_blocks, block_size, self.head_dim)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        h, nb, bs, d = k_cache.shape
+        # k: [T, Hkv, D] -> [Hkv, T, D] to match the head-outermost pages.
+        k_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+
+    def gather_kv(self, cache: torch.Tensor, block_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """[Hkv, NB, bs, D] pages -> [Hkv, num_seqs, max_blocks*bs, D] per-sequence keys."""
+        h, _, bs, d = cache.shape
+        return cache.index_select(1, block_index).view(h, num_seqs, -1, d)
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        if meta.is_prefill:
+            starts, acc = [], 0
+            for q in meta.query_lens:
+                starts.append(acc)
+                acc += q
+            keyed = list(enumerate(zip(meta.query_lens, meta.context_lens)))
+            groups = []
+            for (qlen, ctx), run in groupby(keyed, key=lambda x: x[1]):
+                run = list(run)
+                groups.append((run[0][0], len(run), qlen, ctx))
+            meta.backend_state = _PrefillState(groups=groups, token_starts=starts)
+            return
+        width = meta.block_tables.shape[1] * meta.block_size
+        positions = torch.arange(width, dtype=torch.int32, device=meta.seq_lens.device)
+        bias = torch.zeros(meta.num_seqs, width, dtype=torch.float32, device=meta.seq_lens.device)
+        bias.masked_fill_(positions[None, :] >= meta.seq_lens[:, None], float("-inf"))
+        meta.backend_state = _DecodeState(
+            block_index=meta.block_tables.to(torch.int64).reshape(-1),
+            bias=bias.view(1, meta.num_seqs, 1, width))
+
+    def forward(self, q, k, v, k_cache, v_cache, meta):
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            return self._prefill(q, k, v, k_cache, v_cache, meta)
+        return self._decode(q, k_cache, v_cache, meta)
+
+    def _decode(self, q, k_cache, v_cache, meta):
+        st: _DecodeState = meta.backend_state
+        b, g = meta.num_seqs, self.num_heads // self.num_kv_heads
+        keys = self.gather_kv(k_cache, st.block_index, b)  # [Hkv, B, L, D]
+        values = self.gather_kv(v_cache, st.block_index, b)
+        # q: [B, Hq, D] -> [Hkv, B, G, D]; query head h*G+i reads KV head h.
+        qh = q.view(b, self.num_kv_heads, g, self.head_dim).transpose(0, 1)
+        scores = torch.matmul(qh, keys.transpose(-1, -2)).float() * self.scale  # [Hkv, B, G, L]
+        probs = torch.softmax(scores + st.bias, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values)  # [Hkv, B, G, D]
+        return out.transpose(0, 1).reshape(b, self.num_heads, self.head_dim)
+
+    def _prefill(self, q, k, v, k_cache, v_cache, meta):
+        st: _PrefillState = meta.backend_state
+        out = torch.empty_like(q)
+        for first, count, qlen, ctx in st.groups:
+            start = st.token_starts[first]
+            end = start + count * qlen
+            # [count*qlen, H, D] -> [count, H, qlen, D]
+            qs = q[start:end].view(count, qlen, self.num_heads, self.head_dim).transpose(1, 2)
+            if ctx == 0:
+                ks = k[start:end].view(count, qlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                vs = v[start:end].view(count, qlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                                   enable_gqa=True)
+            else:
+                o = self._prefill_with_context(qs, k_cache, v_cache, meta, first, count, qlen, ctx)
+            out[start:end] = o.transpose(1, 2).reshape(count * qlen, self.num_heads, self.head_dim)
+        return out
+
+    def _prefill_with_context(self, qs, k_cache, v_cache, meta, first, count, qlen, ctx):
+        """New tokens attend to cached context plus themselves (read back from pages)."""
+        total = ctx + qlen
+        nblocks = -(-total // meta.block_size)
+        index = meta.block_tables[first:first + count, :nblocks].to(torch.int64).reshape(-1)
+        keys = self.gather_kv(k_cache, index, count)[:, :, :total].transpose(0, 1)  # [n, Hkv, L, D]
+        values = self.gather_kv(v_cache, index, count)[:, :, :total].transpose(0, 1)
+        key_pos = torch.arange(total, device=qs.device)
+        query_pos = torch.arange(ctx, total, device=qs.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # [qlen, L]
+        return F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale,
+                                              enable_gqa=True)
