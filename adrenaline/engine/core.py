@@ -77,7 +77,7 @@ class EngineCore:
                           if (self.model_dir / "tokenizer.json").is_file() else None)
         self.backend = make_attention_backend(config.attention_backend, self.device,
                                               mc.num_attention_heads, mc.num_key_value_heads,
-                                              mc.head_dim)
+                                              mc.head_dim, self.dtype)
         self.model = load_model(self.model_dir, mc, self.dtype, self.device, self.max_model_len)
         self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
