@@ -18,6 +18,7 @@ from torch import nn
 
 from adrenaline.config import ModelConfig
 from adrenaline.kernels.ops import RotaryEmbedding, rms_norm
+from adrenaline.model.linear import Linear, linear_from
 
 # attention(layer_index, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,20 +37,19 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = hq * d, hkv * d
         h, m = cfg.hidden_size, cfg.intermediate_size
         self.input_norm = _param(h, dtype=dtype, device=device)
-        self.qkv_weight = _param(self.q_size + 2 * self.kv_size, h, dtype=dtype, device=device)
-        self.qkv_bias = (_param(self.q_size + 2 * self.kv_size, dtype=dtype, device=device)
-                         if cfg.attention_bias else None)
-        self.o_weight = _param(h, self.q_size, dtype=dtype, device=device)
+        # q, k, v rows stacked in that order; gate, up rows likewise.
+        self.qkv = Linear(h, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device)
+        self.o = Linear(self.q_size, h, False, dtype, device)
         self.post_norm = _param(h, dtype=dtype, device=device)
-        self.gate_up_weight = _param(2 * m, h, dtype=dtype, device=device)
-        self.down_weight = _param(h, m, dtype=dtype, device=device)
+        self.gate_up = Linear(h, 2 * m, False, dtype, device)
+        self.down = Linear(m, h, False, dtype, device)
 
     def pre_attention(self, hidden: torch.Tensor, positions: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]."""
         cfg = self.cfg
         x = rms_norm(hidden, self.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+        qkv = self.qkv(x)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = hidden.shape[0]
         q = q.view(t, cfg.num_attention_heads, cfg.head_dim)
@@ -60,10 +60,10 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """attn_out [T, Hq, D], residual [T, H] (the layer's input) -> the layer's output [T, H]."""
-        hidden = residual + F.linear(attn_out.reshape(attn_out.shape[0], -1), self.o_weight)
+        hidden = residual + self.o(attn_out.reshape(attn_out.shape[0], -1))
         x = rms_norm(hidden, self.post_norm, self.cfg.rms_norm_eps)
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return hidden + self.down(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
@@ -78,8 +78,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope, dtype, device)
                                     for _ in range(cfg.num_hidden_layers))
         self.final_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
-        self.lm_head = (self.embed if cfg.tie_word_embeddings
-                        else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device))
+        self.lm_head = (linear_from(self.embed, dtype) if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attention: AttentionFn) -> torch.Tensor:
@@ -92,4 +92,10 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab]."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
+
+    def pack_weights(self) -> None:
+        """Pre-pack every projection for the CPU GEMM library (no-op on GPU / float32)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()

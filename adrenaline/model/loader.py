@@ -19,11 +19,11 @@ _FUSED = {
     "mlp.gate_proj": ("gate_up", 0), "mlp.up_proj": ("gate_up", 1),
 }
 _PLAIN = {
-    "self_attn.o_proj.weight": "o_weight", "mlp.down_proj.weight": "down_weight",
+    "self_attn.o_proj.weight": "o.weight", "mlp.down_proj.weight": "down.weight",
     "input_layernorm.weight": "input_norm", "post_attention_layernorm.weight": "post_norm",
 }
 # A fused parameter is complete once this many checkpoint tensors were copied into it.
-_PIECES = {"qkv_weight": 3, "qkv_bias": 3, "gate_up_weight": 2}
+_PIECES = {"qkv.weight": 3, "qkv.bias": 3, "gate_up.weight": 2}
 # Buffers some checkpoints carry that we recompute.
 _IGNORED = ("rotary_emb.inv_freq",)
 
@@ -65,10 +65,11 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, devi
                     target = _assign(model, cfg, name, f.get_tensor(name))
                     if target:
                         pieces[target] += 1
-    loaded = {n for n, c in pieces.items() if c == _PIECES.get(n.rsplit(".", 1)[-1], 1)}
+    loaded = {n for n, c in pieces.items() if c == _PIECES.get(n.split(".", 2)[-1], 1)}
     missing = sorted(expected - loaded)
     if missing:
         raise ConfigError(f"model: checkpoint in {model_dir!s} lacks weights for {missing[:8]}")
+    model.pack_weights()
     return model
 
 
@@ -85,8 +86,8 @@ def _assign(model: LlamaModel, cfg: ModelConfig, name: str, tensor: torch.Tensor
     if name == "lm_head.weight":
         if cfg.tie_word_embeddings:
             return None  # same values as the embedding
-        model.lm_head.copy_(tensor)
-        return "lm_head"
+        model.lm_head.weight.copy_(tensor)
+        return "lm_head.weight"
     m = _LAYER.match(name)
     if not m:
         raise ConfigError(f"model: unexpected weight {name!r} in checkpoint")
@@ -96,16 +97,16 @@ def _assign(model: LlamaModel, cfg: ModelConfig, name: str, tensor: torch.Tensor
     layer = model.layers[idx]
     prefix = f"layers.{idx}."
     if rest in _PLAIN:
-        getattr(layer, _PLAIN[rest]).copy_(tensor)
+        layer.get_parameter(_PLAIN[rest]).copy_(tensor)
         return prefix + _PLAIN[rest]
     module, _, kind = rest.rpartition(".")
     if module in _FUSED and kind in ("weight", "bias"):
         fused, piece = _FUSED[module]
-        param = getattr(layer, f"{fused}_{kind}")
+        param = getattr(getattr(layer, fused), kind)
         if param is None:
             raise ConfigError(f"model: weight {name!r} has a bias the config does not declare")
         rows = _fused_rows(cfg, fused)
         param[rows[piece]:rows[piece] + tensor.shape[0]].copy_(tensor)
-        return prefix + f"{fused}_{kind}"
+        return prefix + f"{fused}.{kind}"
     raise ConfigError(f"model: unexpected weight {name!r} in checkpoint")
 
