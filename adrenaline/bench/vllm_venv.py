@@ -266,27 +266,35 @@ def run_vllm_peer(model_dir: str | os.PathLike, num_requests: int,
             pass
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM then SIGKILL the child's process group (its own session)."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except (ProcessLookupError, OSError):
-        pgid = proc.pid  # leader gone; children keep the same pgid
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+def _kill_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop the child and everything it spawned (it runs in its own session).
+
+    SIGINT to the leader first so vLLM shuts its engine-core / worker
+    processes down itself (SIGTERM/SIGKILL to the whole group at once
+    orphans them and left a <defunct> python behind here for a while); then
+    SIGKILL whatever is still in the process group after ``grace_s``.
+    """
+    pgid = proc.pid  # start_new_session=True: pgid == leader pid
+    if proc.poll() is None:
         try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError, OSError):
-            break
-        try:
-            proc.wait(timeout=wait)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            continue
-        # leader reaped; give children a moment, then check the group
-        time.sleep(0.5)
+            pass
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
         try:
-            os.killpg(pgid, 0)
+            os.killpg(pgid, 0)  # anyone left in the group?
         except (ProcessLookupError, PermissionError, OSError):
             break
+        time.sleep(0.5)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
     if proc.poll() is None:
         proc.kill()
         proc.wait()
