@@ -22,6 +22,10 @@ from adrenaline.kernels.metadata import AttentionMetadata
 class _DecodeState:
     block_index: torch.Tensor  # [num_seqs * max_blocks] int64, padded with block 0
     bias: torch.Tensor  # [1, num_seqs, 1, max_blocks * block_size] float32: 0 or -inf
+    # Gather buffers reused by every layer of the step: fresh multi-MB tensors per
+    # layer cost more in page faults than the copy itself.
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,10 +46,14 @@ class TorchAttention(AttentionBackend):
         k_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
         v_cache.view(h, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
-    def gather_kv(self, cache: torch.Tensor, block_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    def gather_kv(self, cache: torch.Tensor, block_index: torch.Tensor, num_seqs: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
         """[Hkv, NB, bs, D] pages -> [Hkv, num_seqs, max_blocks*bs, D] per-sequence keys."""
         h, _, bs, d = cache.shape
-        return cache.index_select(1, block_index).view(h, num_seqs, -1, d)
+        if out is None:
+            out = cache.new_empty(h, block_index.numel(), bs, d)
+        torch.index_select(cache, 1, block_index, out=out.view(h, -1, bs, d))
+        return out.view(h, num_seqs, -1, d)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.is_prefill:
@@ -77,8 +85,12 @@ class TorchAttention(AttentionBackend):
     def _decode(self, q, k_cache, v_cache, meta):
         st: _DecodeState = meta.backend_state
         b, g = meta.num_seqs, self.num_heads // self.num_kv_heads
-        keys = self.gather_kv(k_cache, st.block_index, b)  # [Hkv, B, L, D]
-        values = self.gather_kv(v_cache, st.block_index, b)
+        if st.keys is None or st.keys.dtype != k_cache.dtype:
+            shape = (self.num_kv_heads, st.block_index.numel(), meta.block_size, self.head_dim)
+            st.keys = k_cache.new_empty(shape)
+            st.values = v_cache.new_empty(shape)
+        keys = self.gather_kv(k_cache, st.block_index, b, st.keys)  # [Hkv, B, L, D]
+        values = self.gather_kv(v_cache, st.block_index, b, st.values)
         # q: [B, Hq, D] -> [Hkv, B, G, D]; query head h*G+i reads KV head h.
         qh = q.view(b, self.num_kv_heads, g, self.head_dim).transpose(0, 1)
         scores = torch.matmul(qh, keys.transpose(-1, -2)).float() * self.scale  # [Hkv, B, G, L]
