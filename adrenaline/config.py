@@ -67,7 +67,7 @@ class ModelConfig(msgspec.Struct, frozen=True):
         _require(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
 
 
-class EngineConfig(msgspec.Struct, frozen=True):
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Options of one engine instance (offline LLM or a worker's engine).
 
     The KV budget (``kv_cache_tokens`` or ``kv_cache_bytes``) is what stands

@@ -24,6 +24,7 @@ import torch
 from adrenaline.config import ConfigError, EngineConfig, ModelConfig
 from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool, num_blocks_for_budget
+from adrenaline.engine.kv_transfer import export_blocks, import_blocks
 from adrenaline.engine.request import Request
 from adrenaline.engine.runner import ModelRunner
 from adrenaline.engine.sampler import Sampler
@@ -88,11 +89,17 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.backend, self.pool, self.block_manager,
                                   Sampler(config.seed), self.device)
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # prefilled, blocks kept until export_kv + release
         self._arrivals = itertools.count()
 
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt + generated tokens one request may reach here (context and KV pool bound)."""
+        return min(self.max_model_len, self.num_kv_blocks * self.config.block_size)
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -117,11 +124,10 @@ class EngineCore:
             raise InvalidRequestError(f"prompt has {n} tokens; the context is {self.max_model_len} "
                                       "tokens and at least one must be generated")
         final_len = min(n + params.max_tokens, self.max_model_len)
-        need = self.block_manager.blocks_for(final_len)
-        if need > self.num_kv_blocks:
+        if final_len > self.max_request_tokens:
             raise InvalidRequestError(
-                f"prompt plus max_tokens needs {final_len} tokens of KV cache "
-                f"({need} blocks); this engine holds {self.num_kv_blocks} blocks")
+                f"prompt plus max_tokens needs {final_len} tokens of KV cache; "
+                f"this engine holds {self.max_request_tokens} tokens")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> Request:
@@ -137,13 +143,26 @@ class EngineCore:
         return req
 
     def abort(self, request_id: str) -> None:
+        if request_id in self.held:
+            self.release(request_id)
+            return
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.scheduler.finish(req)
 
     def step(self) -> list[Request]:
         """Run one scheduled step; returns the requests that got a token (finished ones included)."""
-        plan = self.scheduler.schedule()
+        return self._run(self.scheduler.schedule(), keep_for_handoff=False)
+
+    def prefill_step(self) -> list[Request]:
+        """Prefill role: prefill waiting requests and sample each one's first token.
+
+        Unfinished requests leave scheduling but keep their blocks, held for
+        ``export_kv`` then ``release``; finished ones are freed at once.
+        """
+        return self._run(self.scheduler.schedule_prefill(), keep_for_handoff=True)
+
+    def _run(self, plan, keep_for_handoff: bool) -> list[Request]:
         if plan is None or not plan.requests:
             return []
         tokens, logprobs = self.runner.execute(plan)
@@ -153,4 +172,42 @@ class EngineCore:
             if req.finish_reason is not None:
                 self.scheduler.finish(req)
                 del self.requests[req.request_id]
+            elif keep_for_handoff:
+                self.scheduler.detach(req)
+                self.held[req.request_id] = req
         return plan.requests
+
+    def export_kv(self, request_id: str) -> torch.Tensor:
+        """A held request's KV: its blocks covering the computed tokens (see kv_transfer)."""
+        req = self.held[request_id]
+        blocks = self.block_manager.block_table(request_id)
+        return export_blocks(self.pool, self.backend.block_dim,
+                             blocks[:self.block_manager.blocks_for(req.num_computed)])
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks (after its KV was handed off, or on abort)."""
+        if self.held.pop(request_id, None) is not None:
+            self.block_manager.free(request_id)
+            self.requests.pop(request_id, None)
+
+    def can_adopt(self, num_tokens: int) -> bool:
+        return self.block_manager.can_allocate(num_tokens)
+
+    def adopt(self, req: Request, kv: torch.Tensor) -> None:
+        """Decode role: take in a request prefilled elsewhere, with the KV of its computed tokens.
+
+        ``req.token_ids`` holds prompt + first token and ``req.num_computed`` the
+        tokens whose KV ``kv`` carries; blocks are allocated here for all its tokens.
+        """
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        blocks = self.block_manager.allocate(req.request_id, req.num_tokens)
+        try:
+            import_blocks(self.pool, self.backend.block_dim,
+                          blocks[:self.block_manager.blocks_for(req.num_computed)], kv)
+        except Exception:
+            self.block_manager.free(req.request_id)
+            raise
+        req.arrival = next(self._arrivals)
+        self.requests[req.request_id] = req
+        self.scheduler.adopt(req)

@@ -48,12 +48,13 @@ class Scheduler:
         self.waiting.append(req)
 
     def schedule(self) -> SchedulerOutput | None:
-        out = self._schedule_prefill()
+        out = self.schedule_prefill()
         if out is None and self.running:
             out = self._schedule_decode()
         return out
 
-    def _schedule_prefill(self) -> SchedulerOutput | None:
+    def schedule_prefill(self) -> SchedulerOutput | None:
+        """Admit waiting requests FCFS under the token budget; None when none fit."""
         admitted: list[Request] = []
         budget = self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
@@ -103,6 +104,16 @@ class Scheduler:
         self.num_preemptions += 1
         # Victims are taken newest first, so pushing each to the front keeps FCFS order.
         self.waiting.appendleft(req)
+
+    def detach(self, req: Request) -> None:
+        """Take a running request out of scheduling, keeping its blocks (KV handoff)."""
+        self.running.remove(req)
+
+    def adopt(self, req: Request) -> None:
+        """Take in a RUNNING request whose blocks were allocated (and filled) elsewhere."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self.running.sort(key=lambda r: r.arrival)
 
     def finish(self, req: Request) -> None:
         """Release a finished (or aborted) request's blocks and forget it."""

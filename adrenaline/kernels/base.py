@@ -22,6 +22,9 @@ class AttentionBackend(ABC):
     backend's own layout, ``kv_cache_shape``.
     """
 
+    # Which dimension of a page tensor indexes blocks (KV handoff copies whole blocks along it).
+    block_dim: int = 0
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -36,6 +36,8 @@ class _PrefillState:
 
 
 class TorchAttention(AttentionBackend):
+    block_dim = 1
+
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (self.num_kv_heads, num_blocks, block_size, self.head_dim)
 

@@ -1,0 +1,138 @@
+"""DecodeWorker: a Ray actor running the continuous decode loop over adopted requests.
+
+Lifecycle of a request here: adopt() receives its KV from a prefill worker
+(through the communicator, never Ray's object store) and parks it until the
+pool has room; the loop adopts parked requests between steps, runs one decode
+step for the whole batch, and records one TokenDelta per request per step.
+The router collects all of a step's deltas with one poll() call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from adrenaline.actors.comm_thread import CommThread
+from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.engine.request import Request
+from adrenaline.protocol import GenerateRequest, PrefillResult, TokenDelta, WorkerInfo, WorkerMetrics
+from adrenaline.serve.config import AppArgs
+
+
+class DecodeWorker:
+    def __init__(self, args: AppArgs, index: int):
+        self.index = index
+        self.engine = EngineThread(args, args.decode.engine)
+        self.comm = CommThread()
+        self._parked: list[tuple[Request, torch.Tensor]] = []  # KV received, waiting for blocks
+        self._outbox: list[TokenDelta] = []
+        self._reported: dict[str, int] = {}  # request id -> output tokens already reported
+        self._aborted: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._has_output: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._num_steps = 0
+
+    async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
+        await self.comm.connect(kind, rank, world_size, init)
+
+    async def info(self) -> WorkerInfo:
+        return self.engine.info()
+
+    async def adopt(self, req: GenerateRequest, pre: PrefillResult, src: int, tag: int) -> None:
+        """Receive a prefilled request's KV from rank ``src`` and queue it for decoding."""
+        self._ensure_loop()
+        kv = torch.empty(pre.kv_shape, dtype=getattr(torch, pre.kv_dtype),
+                         device=self.engine.engine.device)
+        await self.comm.recv(kv, src, tag)
+        if req.request_id in self._aborted:  # cancelled while its KV was in flight
+            self._aborted.discard(req.request_id)
+            return
+        r = Request(req.request_id, req.prompt_token_ids, req.params, arrival=0,
+                    eos_token_ids=self.engine.engine.model_config.eos_token_ids,
+                    max_model_len=self.engine.engine.max_model_len)
+        r.token_ids = list(pre.token_ids)
+        r.num_computed = pre.num_computed
+        if pre.logprobs is not None:
+            r.logprobs = list(pre.logprobs)
+        if pre.generator_state is not None and r.generator is not None:
+            state = np.frombuffer(pre.generator_state, dtype=np.uint8).copy()
+            r.generator.set_state(torch.from_numpy(state))
+        self._reported[r.request_id] = r.num_output_tokens  # the prefill token was already sent
+        self._parked.append((r, kv))
+        self._wake.set()
+
+    async def poll(self) -> list[TokenDelta]:
+        """All deltas since the previous poll (waits until there is at least one)."""
+        self._ensure_loop()
+        while not self._outbox:
+            self._has_output.clear()
+            await self._has_output.wait()
+        out, self._outbox = self._outbox, []
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        self._ensure_loop()
+        parked = [p for p in self._parked if p[0].request_id == request_id]
+        if parked:
+            self._parked.remove(parked[0])
+        elif request_id not in self.engine.engine.requests:
+            self._aborted.add(request_id)  # not here yet: drop it on arrival
+        await self.engine.run(self.engine.engine.abort, request_id)
+        self._reported.pop(request_id, None)
+
+    async def metrics(self) -> WorkerMetrics:
+        e = self.engine.engine
+        return WorkerMetrics(role="decode", index=self.index, num_running=len(e.scheduler.running),
+                             num_waiting=len(e.scheduler.waiting) + len(self._parked),
+                             kv_blocks_used=e.block_manager.num_used_blocks,
+                             kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
+                             num_preemptions=e.scheduler.num_preemptions)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._has_output = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _adopt_parked(self) -> None:
+        """Engine thread: take in parked requests, oldest first, while blocks last."""
+        engine = self.engine.engine
+        while self._parked and engine.can_adopt(self._parked[0][0].num_tokens):
+            req, kv = self._parked.pop(0)
+            engine.adopt(req, kv)
+
+    async def _run(self) -> None:
+        engine = self.engine.engine
+        while True:
+            if not engine.has_unfinished and not self._parked:
+                self._wake.clear()
+                await self._wake.wait()
+            await self.engine.run(self._adopt_parked)
+            if not engine.has_unfinished:
+                await asyncio.sleep(0.001)  # parked requests wait for blocks held elsewhere
+                continue
+            stepped = await self.engine.run(engine.step)
+            self._num_steps += 1
+            for r in stepped:
+                self._emit(r)
+            if self._outbox:
+                self._has_output.set()
+            await asyncio.sleep(0)  # let adopt/abort/poll calls in between steps
+
+    def _emit(self, r: Request) -> None:
+        sent = self._reported.get(r.request_id)
+        if sent is None:
+            return  # aborted
+        new = r.output_token_ids[sent:]
+        if not new and r.finish_reason is None:
+            return
+        self._outbox.append(TokenDelta(
+            request_id=r.request_id, token_ids=new,
+            logprobs=r.logprobs[sent:] if r.logprobs is not None else None,
+            finish_reason=r.finish_reason))
+        self._reported[r.request_id] = r.num_output_tokens
+        if r.finish_reason is not None:
+            del self._reported[r.request_id]

@@ -1,0 +1,112 @@
+"""PrefillWorker: a Ray actor that batches prompts, samples first tokens and hands off KV.
+
+Lifecycle of a request here: prefill(req) queues it; the loop admits queued
+requests into prefill steps (the engine's token budget batches them) and
+answers each with its first token; the KV stays held until the router calls
+send_kv (to a decode worker) or release (finished or aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from adrenaline.actors.comm_thread import CommThread
+from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.engine.kv_transfer import kv_export_shape
+from adrenaline.engine.request import Request
+from adrenaline.protocol import GenerateRequest, PrefillResult, WorkerInfo, WorkerMetrics
+from adrenaline.serve.config import AppArgs
+
+
+class PrefillWorker:
+    def __init__(self, args: AppArgs, index: int):
+        self.index = index
+        self.engine = EngineThread(args, args.prefill.engine)
+        self.comm = CommThread()
+        self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._num_steps = 0
+
+    async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
+        await self.comm.connect(kind, rank, world_size, init)
+
+    async def info(self) -> WorkerInfo:
+        return self.engine.info()
+
+    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        self._ensure_loop()
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((req, fut))
+        self._wake.set()
+        return await fut
+
+    async def send_kv(self, request_id: str, dst: int, tag: int) -> None:
+        """Send a held request's KV to rank ``dst`` and free it here (the copy is what travels)."""
+        kv = await self.engine.run(self._export_and_release, request_id)
+        self._wake.set()  # freed blocks may admit waiting prompts
+        await self.comm.send(kv, dst, tag)
+
+    async def release(self, request_id: str) -> None:
+        await self.engine.run(self.engine.engine.abort, request_id)
+        fut = self._waiting.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def metrics(self) -> WorkerMetrics:
+        e = self.engine.engine
+        return WorkerMetrics(role="prefill", index=self.index, num_running=len(e.held),
+                             num_waiting=len(e.scheduler.waiting) + len(self._queue),
+                             kv_blocks_used=e.block_manager.num_used_blocks,
+                             kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps)
+
+    def _export_and_release(self, request_id: str):
+        kv = self.engine.engine.export_kv(request_id)
+        self.engine.engine.release(request_id)
+        return kv
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        engine = self.engine.engine
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            queued, self._queue = self._queue, []
+            for req, fut in queued:
+                try:
+                    await self.engine.run(engine.add_request, req.request_id, req.prompt_token_ids,
+                                          req.params)
+                    self._waiting[req.request_id] = fut
+                except Exception as e:  # invalid request: answer it, keep serving
+                    fut.set_exception(e)
+            if not engine.scheduler.waiting:
+                continue
+            done = await self.engine.run(engine.prefill_step)
+            self._num_steps += 1
+            for r in done:
+                fut = self._waiting.pop(r.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(self._result(r))
+            if engine.scheduler.waiting and done:
+                self._wake.set()  # more prompts fit right away
+
+    def _result(self, r: Request) -> PrefillResult:
+        held = r.finish_reason is None
+        shape, dtype = (), ""
+        if held:
+            e = self.engine.engine
+            shape = kv_export_shape(e.pool, e.backend.block_dim,
+                                    e.block_manager.blocks_for(r.num_computed))
+            dtype = str(e.dtype).removeprefix("torch.")
+        return PrefillResult(
+            request_id=r.request_id, token_ids=list(r.token_ids), num_computed=r.num_computed,
+            logprobs=r.logprobs, finish_reason=r.finish_reason,
+            generator_state=bytes(r.generator.get_state().numpy().tobytes()) if r.generator else None,
+            kv_shape=tuple(shape), kv_dtype=dtype)

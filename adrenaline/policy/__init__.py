@@ -1,0 +1,28 @@
+"""Placement policies, chosen by name in the app args or by "module:Class" import path."""
+
+from __future__ import annotations
+
+import importlib
+
+from adrenaline.config import ConfigError
+from adrenaline.policy.base import ClusterLoad, Placement, PlacementPolicy
+
+POLICIES = {"least_loaded": "adrenaline.policy.least_loaded:LeastLoaded"}
+
+
+def make_policy(name: str) -> PlacementPolicy:
+    path = POLICIES.get(name, name)
+    module, sep, cls = path.partition(":")
+    if not sep:
+        raise ConfigError(f"policy: unknown policy {name!r} (known: {', '.join(POLICIES)}; "
+                          "or give 'module:Class')")
+    try:
+        policy = getattr(importlib.import_module(module), cls)()
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"policy: cannot load {path!r}: {e}") from None
+    if not isinstance(policy, PlacementPolicy):
+        raise ConfigError(f"policy: {path!r} is not a PlacementPolicy")
+    return policy
+
+
+__all__ = ["ClusterLoad", "Placement", "PlacementPolicy", "make_policy", "POLICIES"]

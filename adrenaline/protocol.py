@@ -1,0 +1,84 @@
+"""Wire structs between the ingress, the router and the workers (msgspec, process-crossing)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from adrenaline.sampling_params import SamplingParams
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """A tokenized, validated request as the router receives it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class TokenDelta(msgspec.Struct, kw_only=True):
+    """New tokens of one request since its previous delta (one per step per request).
+
+    The first delta of a request carries the token sampled by prefill; the last one
+    has ``finish_reason`` set ("length" | "stop" | "abort" | "error"), and ``error``
+    the reason when it is "error".
+    """
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    """What the ingress needs to validate requests before they reach the router."""
+
+    name: str
+    model_dir: str
+    max_model_len: int
+    vocab_size: int
+    max_request_tokens: int  # prompt + max_tokens that fits one decode worker's KV pool
+    eos_token_ids: tuple[int, ...] = ()
+
+
+class WorkerMetrics(msgspec.Struct, kw_only=True):
+    """What each worker reports (polled by the router, exported by the ingress)."""
+
+    role: str  # "prefill" | "decode"
+    index: int
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_steps: int = 0
+    num_preemptions: int = 0
+
+
+class PrefillResult(msgspec.Struct, kw_only=True):
+    """A prefilled request: its first token, and the shape of the KV the prefill worker holds.
+
+    ``token_ids`` = prompt + first token; ``num_computed`` tokens have KV, carried by
+    one tensor of ``kv_shape``/``kv_dtype`` (see engine/kv_transfer.py).
+    ``generator_state`` continues a seeded request's random stream on the decode side.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_computed: int
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    generator_state: bytes | None = None
+    kv_shape: tuple[int, ...] = ()
+    kv_dtype: str = ""
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """Static facts of one worker's engine, read by the router at start-up."""
+
+    model_dir: str
+    max_model_len: int
+    vocab_size: int
+    max_request_tokens: int
+    eos_token_ids: tuple[int, ...]
+    num_kv_blocks: int
+    block_size: int

@@ -1,0 +1,22 @@
+"""`serve run` entry point: ``adrenaline.serve.app:build_app`` with the YAML's args."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from adrenaline.serve.config import parse_app_args
+
+
+def build_app(args: dict | None = None) -> Application:
+    from adrenaline.serve.ingress import Ingress
+    from adrenaline.serve.router import Router
+
+    app_args = parse_app_args(args)
+    return Ingress.bind(Router.bind(app_args), app_args)
+
+
+def build_router_app(args: dict | None = None) -> Application:
+    """The router alone (no HTTP): for handle clients and tests."""
+    from adrenaline.serve.router import Router
+
+    return Router.bind(parse_app_args(args))

@@ -1,0 +1,56 @@
+"""The app's arguments (the `args:` of a `serve run` YAML), validated with msgspec.
+
+A bad field fails at start with a message naming it (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from adrenaline.config import ConfigError, EngineConfig
+
+
+class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Instances of one role (prefill or decode) and the engine each runs."""
+
+    num_instances: int = 1
+    num_cpus: float = 0.0  # Ray CPU resource per actor (0: schedule by thread budget only)
+    num_gpus: float = 0.0  # Ray GPU resource per actor (1 on GPU layouts)
+    engine: EngineConfig = EngineConfig()
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ConfigError("num_instances: must be >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("num_cpus/num_gpus: must be >= 0")
+
+
+class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything `build_app` needs. See serve_configs/local.yaml for a commented example."""
+
+    model: str = "tiny"  # built-in name or local HF directory
+    dtype: str = "auto"
+    device: str = "cpu"  # "cpu" | "cuda"
+    served_model_name: str | None = None  # the name clients use; defaults to `model`
+    prefill: RoleConfig = RoleConfig()
+    decode: RoleConfig = RoleConfig()
+    policy: str = "least_loaded"  # placement policy, by name or "module:Class"
+    transport: str = "auto"  # "auto" | "gloo" | "nccl"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} is not cpu or cuda")
+        if self.transport not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"transport: {self.transport!r} is not auto, gloo or nccl")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def parse_app_args(raw: dict | None) -> AppArgs:
+    """Validate the YAML `args:` mapping; the error names the offending field."""
+    try:
+        return msgspec.convert(raw or {}, AppArgs)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid app args: {e}") from None

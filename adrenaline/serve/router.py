@@ -1,0 +1,145 @@
+"""Router: the Serve deployment that owns the cluster and streams each request through it.
+
+A request's path: validate -> policy places it (prefill i, decode j) -> prefill
+i samples the first token (yielded at once: TTFT) -> decode j posts a receive
+and prefill i sends the KV (one tensor, through the communicator) -> decode j
+streams deltas, which the router gets with one poll per decode step and fans
+out to per-request queues -> the last delta carries finish_reason. A client
+that goes away cancels the generator; the finally clause aborts the request
+wherever it is, so no KV block stays held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from ray import serve
+
+from adrenaline.actors.cluster import Cluster
+from adrenaline.errors import InvalidRequestError
+from adrenaline.policy import ClusterLoad, make_policy
+from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, WorkerMetrics
+from adrenaline.serve.config import AppArgs
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+class Router:
+    def __init__(self, args: AppArgs):
+        self.args = args
+        self.policy = make_policy(args.policy)
+        self.cluster = Cluster(args)
+        first = self.cluster.prefill_info[0]
+        self.info = ModelInfo(
+            name=args.model_name, model_dir=first.model_dir, max_model_len=first.max_model_len,
+            vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
+            max_request_tokens=min(i.max_request_tokens
+                                   for i in self.cluster.prefill_info + self.cluster.decode_info))
+        n_p, n_d = len(self.cluster.prefill), len(self.cluster.decode)
+        self.load = ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
+                                decode_reserved_tokens=[0] * n_d,
+                                decode_capacity_tokens=[i.num_kv_blocks * i.block_size
+                                                        for i in self.cluster.decode_info])
+        self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self._tags = itertools.count(1)
+        self._pollers: list[asyncio.Task] = []
+
+    async def model_info(self) -> ModelInfo:
+        return self.info
+
+    async def metrics(self) -> list[WorkerMetrics]:
+        return list(await asyncio.gather(*[w.metrics.remote() for w in self.cluster.workers]))
+
+    async def abort(self, request_id: str) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(TokenDelta(request_id=request_id, token_ids=[], finish_reason="abort"))
+
+    def validate(self, req: GenerateRequest) -> None:
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        final_len = min(n + req.params.max_tokens, self.info.max_model_len)
+        if n >= self.info.max_model_len:
+            raise InvalidRequestError(f"prompt has {n} tokens; the context is "
+                                      f"{self.info.max_model_len} tokens")
+        if final_len > self.info.max_request_tokens:
+            raise InvalidRequestError(f"prompt plus max_tokens needs {final_len} tokens of KV "
+                                      f"cache; an instance holds {self.info.max_request_tokens}")
+        if req.request_id in self._streams:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+
+    async def generate(self, req: GenerateRequest):
+        """Async generator of TokenDelta for one request (call with stream=True)."""
+        self.validate(req)
+        self._start_pollers()
+        where = self.policy.place(req, self.load)
+        p, d = where.prefill, where.decode
+        reserved = len(req.prompt_token_ids) + req.params.max_tokens
+        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._streams[req.request_id] = queue
+        prefill, decode = self.cluster.prefill[p], self.cluster.decode[d]
+        stage = "prefill"
+        self.load.prefill_inflight[p] += 1
+        try:
+            try:
+                pre = await prefill.prefill.remote(req)
+            finally:
+                self.load.prefill_inflight[p] -= 1
+            yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
+                             logprobs=pre.logprobs, finish_reason=pre.finish_reason)
+            if pre.finish_reason is not None:
+                stage = "done"
+                return
+            stage = "handoff"
+            self.load.decode_active[d] += 1
+            self.load.decode_reserved_tokens[d] += reserved
+            tag = next(self._tags)
+            await asyncio.gather(
+                decode.adopt.remote(req, pre, self.cluster.prefill_rank(p), tag),
+                prefill.send_kv.remote(req.request_id, self.cluster.decode_rank(d), tag))
+            stage = "decode"
+            while True:
+                delta = await queue.get()
+                if delta.finish_reason == "abort":
+                    break
+                yield delta
+                if delta.finish_reason is not None:
+                    stage = "done"
+                    break
+        finally:
+            self._streams.pop(req.request_id, None)
+            if stage in ("handoff", "decode"):
+                self.load.decode_active[d] -= 1
+                self.load.decode_reserved_tokens[d] -= reserved
+            if stage != "done":  # cancelled or failed midway: free it wherever it is
+                await self._abort_everywhere(req.request_id, p, d)
+
+    async def _abort_everywhere(self, request_id: str, p: int, d: int) -> None:
+        try:
+            await asyncio.gather(self.cluster.prefill[p].release.remote(request_id),
+                                 self.cluster.decode[d].abort.remote(request_id))
+        except Exception:  # the actor may be gone; nothing more to free then
+            log.exception("abort of %s failed", request_id)
+
+    def _start_pollers(self) -> None:
+        if not self._pollers:
+            loop = asyncio.get_running_loop()
+            self._pollers = [loop.create_task(self._poll(w)) for w in self.cluster.decode]
+
+    async def _poll(self, worker) -> None:
+        """Fan one decode worker's per-step deltas out to the waiting streams."""
+        while True:
+            try:
+                deltas = await worker.poll.remote()
+            except Exception:
+                log.exception("decode worker poll failed")
+                await asyncio.sleep(1.0)
+                continue
+            for delta in deltas:
+                q = self._streams.get(delta.request_id)
+                if q is not None:
+                    q.put_nowait(delta)
