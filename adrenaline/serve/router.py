@@ -26,12 +26,19 @@ from adrenaline.serve.config import AppArgs
 log = logging.getLogger(__name__)
 
 
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # constructed outside Serve (tests)
+        return "adrenaline"
+
+
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 class Router:
     def __init__(self, args: AppArgs):
         self.args = args
         self.policy = make_policy(args.policy)
-        self.cluster = Cluster(args)
+        self.cluster = Cluster(args, name_prefix=_app_name())
         first = self.cluster.prefill_info[0]
         self.info = ModelInfo(
             name=args.model_name, model_dir=first.model_dir, max_model_len=first.max_model_len,

@@ -1,0 +1,116 @@
+"""Gloo transport: torch.distributed's gloo backend over TCP.
+
+An actor process joins exactly one gloo world: the communicator owns
+torch.distributed's default process group, so a second communicator in the
+same process is refused until the first is closed. Gloo moves bytes only,
+so every tensor travels as a flat uint8 view of its storage and any dtype
+(bfloat16, float8, bool, ...) round-trips bit-exactly. CUDA tensors are
+staged through host memory; use NCCL for GPU-to-GPU hot paths.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from adrenaline.transport.base import CommHandle, Communicator, DoneHandle, check_recv_buffer
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's bytes (shares its storage)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+class _GlooHandle(CommHandle):
+    """A gloo ``Work`` plus the buffers it uses and the copy-back a staged recv needs."""
+
+    def __init__(self, work: dist.Work, wire: torch.Tensor, target: torch.Tensor | None = None):
+        self._work: dist.Work | None = work
+        self._wire = wire  # kept alive until the transfer completes
+        self._target = target  # a non-CPU recv tensor that receives `wire` after the transfer
+
+    def wait(self) -> None:
+        if self._work is None:
+            return
+        self._work.wait()
+        self._work = None
+        if self._target is not None:
+            _as_bytes(self._target).copy_(self._wire)
+            self._target = None
+
+
+class GlooCommunicator(Communicator):
+    """One rank of a gloo world; see ``Communicator`` for the messaging contract.
+
+    ``init`` is ``"tcp://host:port"``; rank 0 listens on it. The constructor
+    blocks until all ``world_size`` ranks have joined (so the ranks must
+    construct concurrently) and raises after ``timeout_s``, which also bounds
+    each later send/recv. A timed-out operation breaks the world for every
+    rank (gloo closes the pair): close and re-form it. So post a recv only
+    when its message is known to be coming, not to wait for idle peers.
+    """
+
+    def __init__(self, rank: int, world_size: int, init: str, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        if not init.startswith("tcp://"):
+            raise ValueError(f"gloo init must be 'tcp://host:port', got {init!r}")
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a torch.distributed world; "
+                               "an actor process joins exactly one world (close the other first)")
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank = rank
+        self.world_size = world_size
+        self._closed = False
+
+    @staticmethod
+    def _wire_for_send(tensor: torch.Tensor) -> torch.Tensor:
+        """The CPU bytes gloo sends: the tensor itself when already contiguous on CPU, else a copy."""
+        return _as_bytes(tensor.detach().to("cpu").contiguous())
+
+    @staticmethod
+    def _wire_for_recv(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The CPU byte buffer gloo fills, and the tensor to copy it into afterwards (if staged)."""
+        if tensor.device.type == "cpu":
+            return _as_bytes(tensor.detach()), None
+        return torch.empty(tensor.numel() * tensor.element_size(), dtype=torch.uint8), tensor
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+        self.isend(tensor, dst, tag).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> None:
+        self.irecv(tensor, src, tag).wait()
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> CommHandle:
+        self._check_open()
+        self._check_peer(dst, tag)
+        if tensor.numel() == 0:
+            return DoneHandle()
+        wire = self._wire_for_send(tensor)
+        return _GlooHandle(dist.isend(wire, dst, tag=tag), wire)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> CommHandle:
+        self._check_open()
+        self._check_peer(src, tag)
+        check_recv_buffer(tensor)
+        if tensor.numel() == 0:
+            return DoneHandle()
+        wire, target = self._wire_for_recv(tensor)
+        return _GlooHandle(dist.irecv(wire, src, tag=tag), wire, target)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("communicator is closed")

@@ -1,0 +1,39 @@
+"""Choosing and rendezvousing a transport backend by name."""
+
+from __future__ import annotations
+
+import socket
+
+from adrenaline.transport.base import Communicator
+
+KINDS = ("gloo", "nccl")
+
+
+def find_free_port() -> int:
+    """A TCP port that was free on every interface when asked.
+
+    Another process can take it before the caller binds it (the usual race);
+    a failed rendezvous should retry with a fresh port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def make_communicator(kind: str, rank: int, world_size: int, init: str,
+                      *, timeout_s: float | None = None) -> Communicator:
+    """Join a world of ``world_size`` ranks as ``rank``; blocks until every rank has joined.
+
+    ``init`` is ``"tcp://host:port"`` (rank 0 listens there) for ``"gloo"`` and
+    the hex string of ``new_nccl_unique_id()`` (made by one rank, shared with
+    all) for ``"nccl"``. ``timeout_s`` bounds gloo's rendezvous and each of its
+    operations; NCCL has no timeout.
+    """
+    if kind == "gloo":
+        from adrenaline.transport.gloo import DEFAULT_TIMEOUT_S, GlooCommunicator
+        return GlooCommunicator(rank, world_size, init,
+                                timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+    if kind == "nccl":
+        from adrenaline.transport.nccl import NcclCommunicator
+        return NcclCommunicator(world_size, init, rank)
+    raise ValueError(f"unknown communicator kind {kind!r}; expected one of {', '.join(KINDS)}")
