@@ -52,6 +52,13 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     kv_blocks_total: int
     num_steps: int = 0
     num_preemptions: int = 0
+    num_offloaded: int = 0  # decode: running requests whose attention is on an executor
+    step_time_s: float = 0.0  # decode: total time in steps
+    batch_size_sum: int = 0  # decode: sum of step batch sizes
+    remote_wait_s: float = 0.0  # decode: time waiting on executors' outputs (not overlapped)
+    num_remote_waits: int = 0  # decode: per-layer exchanges waited on
+    kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
+    busy_s: float = 0.0  # executor: time computing attention
 
 
 class PrefillResult(msgspec.Struct, kw_only=True):

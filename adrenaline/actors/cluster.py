@@ -1,8 +1,10 @@
-"""Cluster: creates the prefill and decode actors and wires their communicator world.
+"""Cluster: creates the prefill, decode and attention-executor actors and wires their world.
 
-Ranks: prefill instance i is rank i, decode instance j is rank P + j, in one
-world per cluster. Each actor is an asyncio actor; the cluster only creates
-and connects them (the router routes).
+Ranks: prefill instance i is rank i, decode instance j is rank P + j, and the
+attention executor of prefill instance i (when enabled) is rank P + D + i, in
+one world per cluster. A prefill worker and its executor share one
+placement-group bundle (same node, same device). Each actor is an asyncio
+actor; the cluster only creates and connects them (the router routes).
 """
 
 from __future__ import annotations
@@ -10,38 +12,74 @@ from __future__ import annotations
 import ray
 import ray.util
 
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from adrenaline.actors.attention_executor import AttentionExecutor
 from adrenaline.actors.decode import DecodeWorker
 from adrenaline.actors.prefill import PrefillWorker
 from adrenaline.protocol import WorkerInfo
-from adrenaline.serve.config import AppArgs, RoleConfig
+from adrenaline.serve.config import AppArgs
 from adrenaline.transport import find_free_port
 
 
-def _actor(cls, role: RoleConfig, name: str):
-    return ray.remote(cls).options(name=name, num_cpus=role.num_cpus, num_gpus=role.num_gpus,
-                                   max_concurrency=1000, max_restarts=0)
+def _actor(cls, name: str, num_cpus: float, num_gpus: float, **options):
+    return ray.remote(cls).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+                                   max_concurrency=1000, max_restarts=0, **options)
+
+
+# Ray needs some resource in a bundle; a sliver of CPU per actor makes co-placement explicit.
+_SLIVER = 0.01
 
 
 class Cluster:
     def __init__(self, args: AppArgs, name_prefix: str = "adrenaline"):
         self.args = args
-        self.prefill = [_actor(PrefillWorker, args.prefill, f"{name_prefix}-prefill-{i}").remote(args, i)
-                        for i in range(args.prefill.num_instances)]
-        self.decode = [_actor(DecodeWorker, args.decode, f"{name_prefix}-decode-{j}").remote(args, j)
-                       for j in range(args.decode.num_instances)]
+        self.groups = []
+        self.prefill, self.executors = [], []
+        for i in range(args.prefill.num_instances):
+            self._create_prefill(args, i, name_prefix)
+        d = args.decode
+        self.decode = [_actor(DecodeWorker, f"{name_prefix}-decode-{j}", d.num_cpus, d.num_gpus
+                              ).remote(args, j) for j in range(d.num_instances)]
         self.prefill_info: list[WorkerInfo] = ray.get([a.info.remote() for a in self.prefill])
         self.decode_info: list[WorkerInfo] = ray.get([a.info.remote() for a in self.decode])
+        self.executor_capacity_tokens: list[int] = ray.get(
+            [e.capacity_tokens.remote() for e in self.executors])
         self._connect()
+
+    def _create_prefill(self, args: AppArgs, i: int, prefix: str) -> None:
+        role = args.prefill
+        if not args.executor.enabled:
+            self.prefill.append(_actor(PrefillWorker, f"{prefix}-prefill-{i}", role.num_cpus,
+                                       role.num_gpus).remote(args, i))
+            return
+        # One bundle for the pair: the executor shares the prefill instance's device.
+        bundle = {"CPU": role.num_cpus + 2 * _SLIVER}
+        if role.num_gpus:
+            bundle["GPU"] = role.num_gpus
+        pg = placement_group([bundle], strategy="STRICT_PACK")
+        ray.get(pg.ready())
+        self.groups.append(pg)
+        where = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
+        half_gpu = role.num_gpus / 2
+        self.prefill.append(_actor(PrefillWorker, f"{prefix}-prefill-{i}", role.num_cpus + _SLIVER,
+                                   half_gpu, scheduling_strategy=where).remote(args, i))
+        self.executors.append(_actor(AttentionExecutor, f"{prefix}-executor-{i}", _SLIVER, half_gpu,
+                                     scheduling_strategy=where).remote(args, i))
 
     @property
     def workers(self) -> list:
-        return self.prefill + self.decode
+        return self.prefill + self.decode + self.executors
 
     def prefill_rank(self, i: int) -> int:
         return i
 
     def decode_rank(self, j: int) -> int:
         return len(self.prefill) + j
+
+    def executor_rank(self, i: int) -> int:
+        return len(self.prefill) + len(self.decode) + i
 
     def _connect(self) -> None:
         kind = self.args.transport
@@ -54,8 +92,18 @@ class Cluster:
         else:
             init = f"tcp://{ray.util.get_node_ip_address()}:{find_free_port()}"
         world = len(self.workers)
-        ray.get([w.connect.remote(kind, rank, world, init) for rank, w in enumerate(self.workers)])
+        executor_ranks = [self.executor_rank(i) for i in range(len(self.executors))]
+        decode_ranks = [self.decode_rank(j) for j in range(len(self.decode))]
+        calls = [w.connect.remote(kind, self.prefill_rank(i), world, init)
+                 for i, w in enumerate(self.prefill)]
+        calls += [w.connect.remote(kind, self.decode_rank(j), world, init, executor_ranks)
+                  for j, w in enumerate(self.decode)]
+        calls += [w.connect.remote(kind, self.executor_rank(i), world, init, decode_ranks)
+                  for i, w in enumerate(self.executors)]
+        ray.get(calls)
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
+        for pg in self.groups:
+            remove_placement_group(pg)

@@ -15,10 +15,20 @@ from adrenaline.transport import make_communicator
 from adrenaline.transport.base import Communicator
 
 
+# Executors wait on their decode workers' next step without bound, and a gloo timeout
+# breaks the whole world: the world's timeout is the app's lifetime, in practice.
+# Dead peers are noticed through Ray, not through transport timeouts.
+WORLD_TIMEOUT_S = 365 * 24 * 3600.0
+
+
 class CommThread:
     def __init__(self) -> None:
-        # Several transfers may wait at once (one per peer); a pool avoids cross-peer stalls.
+        # Sends to different peers may wait at once: a pool avoids cross-peer stalls.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="comm")
+        # Receives go one at a time: measured here, torch's gloo stops delivering when
+        # several receives from one peer are pending beside a receive from another
+        # (which a decode worker's per-layer exchange with an executor is).
+        self._recv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comm-recv")
         self.comm: Communicator | None = None
         self.rank = -1
 
@@ -26,11 +36,12 @@ class CommThread:
         """Join the cluster's world; returns once every rank has joined."""
         loop = asyncio.get_running_loop()
         self.comm = await loop.run_in_executor(
-            self._pool, make_communicator, kind, rank, world_size, init)
+            self._pool, lambda: make_communicator(kind, rank, world_size, init,
+                                                  timeout_s=WORLD_TIMEOUT_S))
         self.rank = rank
 
     async def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self.comm.send, tensor, dst, tag)
 
     async def recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.comm.recv, tensor, src, tag)
+        await asyncio.get_running_loop().run_in_executor(self._recv, self.comm.recv, tensor, src, tag)

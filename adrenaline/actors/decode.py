@@ -10,14 +10,18 @@ The router collects all of a step's deltas with one poll() call.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import torch
 
 from adrenaline.actors.comm_thread import CommThread
 from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.engine.remote_attention import RemoteAttention
 from adrenaline.engine.request import Request
+from adrenaline.policy.profile import measure_copy_bandwidth
 from adrenaline.protocol import GenerateRequest, PrefillResult, TokenDelta, WorkerInfo, WorkerMetrics
+from adrenaline.sampling_params import SamplingParams
 from adrenaline.serve.config import AppArgs
 
 
@@ -26,7 +30,8 @@ class DecodeWorker:
         self.index = index
         self.engine = EngineThread(args, args.decode.engine)
         self.comm = CommThread()
-        self._parked: list[tuple[Request, torch.Tensor]] = []  # KV received, waiting for blocks
+        # KV received (None: offloaded, KV on an executor), waiting to join the batch.
+        self._parked: list[tuple[Request, torch.Tensor | None]] = []
         self._outbox: list[TokenDelta] = []
         self._reported: dict[str, int] = {}  # request id -> output tokens already reported
         self._aborted: set[str] = set()
@@ -34,9 +39,17 @@ class DecodeWorker:
         self._has_output: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
+        self._step_time_s = 0.0  # time inside engine steps, for metrics
+        self._batch_sum = 0  # sum of step batch sizes (mean batch = sum / steps)
 
-    async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
+    async def connect(self, kind: str, rank: int, world_size: int, init: str,
+                      executor_ranks: list[int] = ()) -> None:
         await self.comm.connect(kind, rank, world_size, init)
+        if executor_ranks:
+            mc = self.engine.engine.model_config
+            self.engine.engine.runner.remote = RemoteAttention(
+                self.comm.comm, list(executor_ranks), mc.num_attention_heads,
+                mc.num_key_value_heads, mc.head_dim)
 
     async def info(self) -> WorkerInfo:
         return self.engine.info()
@@ -47,6 +60,16 @@ class DecodeWorker:
         kv = torch.empty(pre.kv_shape, dtype=getattr(torch, pre.kv_dtype),
                          device=self.engine.engine.device)
         await self.comm.recv(kv, src, tag)
+        self._park(req, pre, kv)
+
+    async def adopt_offloaded(self, req: GenerateRequest, pre: PrefillResult, executor: int,
+                              handle: int) -> None:
+        """Queue a request whose KV lives on attention executor ``executor`` as ``handle``."""
+        self._ensure_loop()
+        self._park(req, pre, None, executor, handle)
+
+    def _park(self, req: GenerateRequest, pre: PrefillResult, kv: torch.Tensor | None,
+              executor: int | None = None, handle: int = -1) -> None:
         if req.request_id in self._aborted:  # cancelled while its KV was in flight
             self._aborted.discard(req.request_id)
             return
@@ -60,9 +83,41 @@ class DecodeWorker:
         if pre.generator_state is not None and r.generator is not None:
             state = np.frombuffer(pre.generator_state, dtype=np.uint8).copy()
             r.generator.set_state(torch.from_numpy(state))
+        r.executor, r.remote_handle = executor, handle
         self._reported[r.request_id] = r.num_output_tokens  # the prefill token was already sent
         self._parked.append((r, kv))
         self._wake.set()
+
+    async def profile_steps(self, batch_sizes: list[int], prompt_len: int = 8,
+                            repeats: int = 3) -> dict[int, float]:
+        """Start-up only: median decode step seconds at each batch size (synthetic requests)."""
+        return await self.engine.run(self._profile_steps, batch_sizes, prompt_len, repeats)
+
+    def _profile_steps(self, batch_sizes, prompt_len, repeats):
+        engine = self.engine.engine
+        params = SamplingParams(max_tokens=repeats + 2, temperature=0, ignore_eos=True)
+        per_request = engine.block_manager.blocks_for(prompt_len + repeats + 2)
+        times: dict[int, float] = {}
+        for b in batch_sizes:
+            if b * per_request > engine.num_kv_blocks:
+                break  # the pool cannot hold this batch even with short sequences
+            ids = [f"profile-{b}-{i}" for i in range(b)]
+            for i, rid in enumerate(ids):
+                engine.add_request(rid, [10 + (i + t) % 100 for t in range(prompt_len)], params)
+            while engine.scheduler.waiting:
+                engine.step()  # prefill
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                engine.step()
+                samples.append(time.perf_counter() - start)
+            for rid in ids:
+                engine.abort(rid)
+            times[b] = sorted(samples)[len(samples) // 2]
+        return times
+
+    async def measure_bandwidth(self) -> float:
+        return await self.engine.run(measure_copy_bandwidth)
 
     async def poll(self) -> list[TokenDelta]:
         """All deltas since the previous poll (waits until there is at least one)."""
@@ -85,7 +140,12 @@ class DecodeWorker:
 
     async def metrics(self) -> WorkerMetrics:
         e = self.engine.engine
+        remote = e.runner.remote
         return WorkerMetrics(role="decode", index=self.index, num_running=len(e.scheduler.running),
+                             num_offloaded=sum(r.is_offloaded for r in e.scheduler.running),
+                             remote_wait_s=remote.round_trip_s if remote else 0.0,
+                             num_remote_waits=remote.num_round_trips if remote else 0,
+                             step_time_s=self._step_time_s, batch_size_sum=self._batch_sum,
                              num_waiting=len(e.scheduler.waiting) + len(self._parked),
                              kv_blocks_used=e.block_manager.num_used_blocks,
                              kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
@@ -100,7 +160,8 @@ class DecodeWorker:
     def _adopt_parked(self) -> None:
         """Engine thread: take in parked requests, oldest first, while blocks last."""
         engine = self.engine.engine
-        while self._parked and engine.can_adopt(self._parked[0][0].num_tokens):
+        while self._parked and (self._parked[0][0].is_offloaded
+                                or engine.can_adopt(self._parked[0][0].num_tokens)):
             req, kv = self._parked.pop(0)
             engine.adopt(req, kv)
 
@@ -114,7 +175,10 @@ class DecodeWorker:
             if not engine.has_unfinished:
                 await asyncio.sleep(0.001)  # parked requests wait for blocks held elsewhere
                 continue
+            start = time.perf_counter()
             stepped = await self.engine.run(engine.step)
+            self._step_time_s += time.perf_counter() - start
+            self._batch_sum += len(stepped)
             self._num_steps += 1
             for r in stepped:
                 self._emit(r)

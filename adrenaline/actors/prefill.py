@@ -48,6 +48,12 @@ class PrefillWorker:
         self._wake.set()  # freed blocks may admit waiting prompts
         await self.comm.send(kv, dst, tag)
 
+    async def take_kv(self, request_id: str):
+        """A held request's KV as a value (for the colocated executor), freed here."""
+        kv = await self.engine.run(self._export_and_release, request_id)
+        self._wake.set()
+        return kv
+
     async def release(self, request_id: str) -> None:
         await self.engine.run(self.engine.engine.abort, request_id)
         fut = self._waiting.pop(request_id, None)

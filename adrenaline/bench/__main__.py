@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = {"engine": "adrenaline.bench.engine_bench"}
+BENCHMARKS = {"engine": "adrenaline.bench.engine_bench", "serve": "adrenaline.bench.serve_bench",
+              "offload": "adrenaline.bench.offload_bench"}
 
 
 def main() -> None:

@@ -193,14 +193,20 @@ class EngineCore:
     def can_adopt(self, num_tokens: int) -> bool:
         return self.block_manager.can_allocate(num_tokens)
 
-    def adopt(self, req: Request, kv: torch.Tensor) -> None:
+    def adopt(self, req: Request, kv: torch.Tensor | None) -> None:
         """Decode role: take in a request prefilled elsewhere, with the KV of its computed tokens.
 
         ``req.token_ids`` holds prompt + first token and ``req.num_computed`` the
         tokens whose KV ``kv`` carries; blocks are allocated here for all its tokens.
+        An offloaded request (``req.executor`` set) comes without KV and gets no blocks.
         """
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        if req.is_offloaded:  # its KV lives on the executor: nothing to allocate here
+            req.arrival = next(self._arrivals)
+            self.requests[req.request_id] = req
+            self.scheduler.adopt(req)
+            return
         blocks = self.block_manager.allocate(req.request_id, req.num_tokens)
         try:
             import_blocks(self.pool, self.backend.block_dim,

@@ -39,6 +39,10 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    # Offloaded: decode attention (and all KV) lives on attention executor ``executor``,
+    # which knows the request as ``remote_handle``; this engine holds no blocks for it.
+    executor: int | None = None
+    remote_handle: int = -1
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -62,6 +66,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_offloaded(self) -> bool:
+        return self.executor is not None
 
     @property
     def is_finished(self) -> bool:

@@ -6,6 +6,7 @@ import torch
 
 from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool
+from adrenaline.engine.remote_attention import RemoteAttention
 from adrenaline.engine.sampler import Sampler
 from adrenaline.engine.scheduler import SchedulerOutput
 from adrenaline.kernels.base import AttentionBackend
@@ -16,6 +17,8 @@ from adrenaline.model.llama import LlamaModel
 class ModelRunner:
     def __init__(self, model: LlamaModel, backend: AttentionBackend, pool: KVPool,
                  block_manager: BlockManager, sampler: Sampler, device: torch.device):
+        # Set by a decode worker that offloads: attention of offloaded requests runs there.
+        self.remote: RemoteAttention | None = None
         self.model = model
         self.backend = backend
         self.pool = pool
@@ -23,31 +26,72 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
 
-    def build_inputs(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The step's flat input ids and positions, and its attention metadata."""
+    def build_inputs(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's flat input ids and positions."""
         ids: list[int] = []
         positions: list[int] = []
         for req, qlen, ctx in zip(step.requests, step.query_lens, step.context_lens):
             ids.extend(req.token_ids[ctx:ctx + qlen])
             positions.extend(range(ctx, ctx + qlen))
-        meta = AttentionMetadata.build(
-            is_prefill=step.is_prefill, query_lens=step.query_lens, context_lens=step.context_lens,
-            block_tables=[self.bm.block_table(r.request_id) for r in step.requests],
-            block_size=self.bm.block_size, device=self.device)
         return (torch.tensor(ids, dtype=torch.int64, device=self.device),
-                torch.tensor(positions, dtype=torch.int64, device=self.device), meta)
+                torch.tensor(positions, dtype=torch.int64, device=self.device))
+
+    def build_metadata(self, step: SchedulerOutput, rows: list[int]) -> AttentionMetadata:
+        """Attention metadata for the step's requests at ``rows`` (the ones attended here)."""
+        return AttentionMetadata.build(
+            is_prefill=step.is_prefill, query_lens=[step.query_lens[i] for i in rows],
+            context_lens=[step.context_lens[i] for i in rows],
+            block_tables=[self.bm.block_table(step.requests[i].request_id) for i in rows],
+            block_size=self.bm.block_size, device=self.device)
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> tuple[list[int], list[dict[int, float] | None]]:
         """Run one step; returns the next token (and logprobs) of every request in it."""
-        input_ids, positions, meta = self.build_inputs(step)
+        input_ids, positions = self.build_inputs(step)
+        local = [i for i, r in enumerate(step.requests) if not r.is_offloaded]
+        if len(local) == len(step.requests):
+            attention = self._local_attention(self.build_metadata(step, local))
+        else:  # decode step with offloaded requests (they are never prefilled here)
+            attention = self._split_attention(step, local)
+        try:
+            hidden = self.model(input_ids, positions, attention)
+        finally:
+            if self.remote is not None:
+                self.remote.end_step()
+        last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden[last])
+        return self.sampler(logits, step.requests)
+
+    def _local_attention(self, meta: AttentionMetadata):
         self.backend.prepare(meta)
         pool = self.pool
 
         def attention(layer: int, q, k, v):
             return self.backend.forward(q, k, v, pool.k[layer], pool.v[layer], meta)
 
-        hidden = self.model(input_ids, positions, attention)
-        last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[last])
-        return self.sampler(logits, step.requests)
+        return attention
+
+    def _split_attention(self, step: SchedulerOutput, local: list[int]):
+        """Per layer: post each executor its rows' q, k, v; attend local rows; merge in order."""
+        if self.remote is None:
+            raise RuntimeError("offloaded requests in a step, but no remote attention is set")
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(step.requests):
+            if r.is_offloaded:
+                groups.setdefault(r.executor, []).append(i)
+        self.remote.begin_step({e: [step.requests[i] for i in rows] for e, rows in groups.items()})
+        index = {e: torch.tensor(rows, device=self.device) for e, rows in groups.items()}
+        local_index = torch.tensor(local, dtype=torch.int64, device=self.device)
+        local_attention = self._local_attention(self.build_metadata(step, local)) if local else None
+
+        def attention(layer: int, q, k, v):
+            pending = {e: self.remote.start(e, q[ix], k[ix], v[ix]) for e, ix in index.items()}
+            out = torch.empty_like(q)
+            if local_attention is not None:  # overlaps the executors' work
+                out[local_index] = local_attention(layer, q[local_index], k[local_index],
+                                                   v[local_index])
+            for e, p in pending.items():
+                out[index[e]] = self.remote.finish(p)
+            return out
+
+        return attention

@@ -77,21 +77,24 @@ class Scheduler:
                                [0] * len(admitted))
 
     def _schedule_decode(self) -> SchedulerOutput:
-        queue = deque(self.running)
-        scheduled: list[Request] = []
+        # Offloaded requests hold no blocks here (their KV grows on an executor), so
+        # only local requests compete for blocks and only they can be preempted.
+        local = deque(r for r in self.running if not r.is_offloaded)
+        kept: set[int] = set()
         preempted: list[Request] = []
-        while queue:
-            req = queue.popleft()
+        while local:
+            req = local.popleft()
             # The step writes KV for the last token: cover num_tokens in total.
             while not self.bm.can_append(req.request_id, req.num_tokens):
-                victim = queue.pop() if queue else req
+                victim = local.pop() if local else req
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
             else:
                 self.bm.append(req.request_id, req.num_tokens)
-                scheduled.append(req)
+                kept.add(id(req))
+        scheduled = [r for r in self.running if r.is_offloaded or id(r) in kept]
         self.running = list(scheduled)  # the plan keeps its own list: finish() edits running
         return SchedulerOutput(False, scheduled, [1] * len(scheduled),
                                [r.num_tokens - 1 for r in scheduled], preempted)
@@ -119,7 +122,8 @@ class Scheduler:
         """Release a finished (or aborted) request's blocks and forget it."""
         if req in self.running:
             self.running.remove(req)
-            self.bm.free(req.request_id)
+            if not req.is_offloaded:
+                self.bm.free(req.request_id)
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED

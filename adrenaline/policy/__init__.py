@@ -7,17 +7,22 @@ import importlib
 from adrenaline.config import ConfigError
 from adrenaline.policy.base import ClusterLoad, Placement, PlacementPolicy
 
-POLICIES = {"least_loaded": "adrenaline.policy.least_loaded:LeastLoaded"}
+POLICIES = {
+    "least_loaded": "adrenaline.policy.least_loaded:LeastLoaded",
+    "none": "adrenaline.policy.least_loaded:LeastLoaded",
+    "static": "adrenaline.policy.static:StaticRatio",
+    "load_aware": "adrenaline.policy.load_aware:LoadAware",
+}
 
 
-def make_policy(name: str) -> PlacementPolicy:
+def make_policy(name: str, options: dict | None = None, profile=None) -> PlacementPolicy:
     path = POLICIES.get(name, name)
     module, sep, cls = path.partition(":")
     if not sep:
         raise ConfigError(f"policy: unknown policy {name!r} (known: {', '.join(POLICIES)}; "
                           "or give 'module:Class')")
     try:
-        policy = getattr(importlib.import_module(module), cls)()
+        policy = getattr(importlib.import_module(module), cls)(options, profile)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"policy: cannot load {path!r}: {e}") from None
     if not isinstance(policy, PlacementPolicy):

@@ -20,16 +20,53 @@ class ClusterLoad:
     decode_active: list[int]
     decode_reserved_tokens: list[int]
     decode_capacity_tokens: list[int] = field(default_factory=list)
+    # Attention executors (one per prefill instance; empty when offloading is off).
+    executor_active: list[int] = field(default_factory=list)
+    executor_reserved_tokens: list[int] = field(default_factory=list)
+    executor_capacity_tokens: list[int] = field(default_factory=list)
+
+    def executor_fits(self, i: int, tokens: int) -> bool:
+        return self.executor_reserved_tokens[i] + tokens <= self.executor_capacity_tokens[i]
 
 
 @dataclass(frozen=True)
 class Placement:
+    """Where a request runs; ``offload`` moves its decode attention and KV onto the
+    attention executor colocated with its prefill instance."""
+
     prefill: int
     decode: int
+    offload: bool = False
 
 
 class PlacementPolicy(ABC):
-    """Contract: ``place`` returns valid instance indices and never mutates ``load``."""
+    """Contract: ``place`` returns valid instance indices, offloads only onto an executor
+    with room for the request at its maximum length, and never mutates ``load``.
+
+    ``options`` come from the app args' ``policy_options``; ``profile`` (optional) is
+    what the cluster measured at start-up (see policy/profile.py).
+    """
+
+    def __init__(self, options: dict | None = None, profile=None):
+        self.options = dict(options or {})
+        self.profile = profile
 
     @abstractmethod
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement: ...
+
+    @staticmethod
+    def request_tokens(req: GenerateRequest) -> int:
+        """KV tokens the request may come to hold (its maximum length)."""
+        return len(req.prompt_token_ids) + req.params.max_tokens
+
+
+def least_loaded(load: ClusterLoad) -> tuple[int, int]:
+    """(prefill, decode): fewest in-flight prefills; the decode with the most KV headroom."""
+    prefill = min(range(len(load.prefill_inflight)), key=lambda i: (load.prefill_inflight[i], i))
+
+    def headroom(i: int) -> float:
+        cap = load.decode_capacity_tokens[i] if load.decode_capacity_tokens else 1
+        return (cap - load.decode_reserved_tokens[i]) / cap
+
+    decode = max(range(len(load.decode_active)), key=lambda i: (headroom(i), -i))
+    return prefill, decode

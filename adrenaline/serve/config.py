@@ -25,6 +25,17 @@ class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("num_cpus/num_gpus: must be >= 0")
 
 
+class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The attention executor colocated with each prefill instance (one per prefill).
+
+    ``engine.kv_cache_tokens``/``kv_cache_bytes`` is the memory carved from what the
+    prefill instance does not need; ``engine.num_threads`` its share of the cores.
+    """
+
+    enabled: bool = False
+    engine: EngineConfig = EngineConfig(kv_cache_tokens=16384)
+
+
 class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything `build_app` needs. See serve_configs/local.yaml for a commented example."""
 
@@ -34,7 +45,10 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     served_model_name: str | None = None  # the name clients use; defaults to `model`
     prefill: RoleConfig = RoleConfig()
     decode: RoleConfig = RoleConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     policy: str = "least_loaded"  # placement policy, by name or "module:Class"
+    # Options of the policy (e.g. {"ratio": 0.5} for static, {"tpot_slo_ms": 100} for load_aware).
+    policy_options: dict[str, float] = {}
     transport: str = "auto"  # "auto" | "gloo" | "nccl"
 
     def __post_init__(self) -> None:

@@ -12,8 +12,12 @@ wherever it is, so no KV block stays held.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
+
+import ray
+import ray.exceptions
 
 from ray import serve
 
@@ -24,6 +28,11 @@ from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, WorkerMe
 from adrenaline.serve.config import AppArgs
 
 log = logging.getLogger(__name__)
+
+
+def _detached(coro) -> asyncio.Task:
+    """Run ``coro`` as a task outside the current request's context (see callers)."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 def _app_name() -> str:
@@ -37,8 +46,8 @@ def _app_name() -> str:
 class Router:
     def __init__(self, args: AppArgs):
         self.args = args
-        self.policy = make_policy(args.policy)
         self.cluster = Cluster(args, name_prefix=_app_name())
+        self.policy = make_policy(args.policy, args.policy_options, self._profile(args))
         first = self.cluster.prefill_info[0]
         self.info = ModelInfo(
             name=args.model_name, model_dir=first.model_dir, max_model_len=first.max_model_len,
@@ -49,10 +58,21 @@ class Router:
         self.load = ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
                                 decode_reserved_tokens=[0] * n_d,
                                 decode_capacity_tokens=[i.num_kv_blocks * i.block_size
-                                                        for i in self.cluster.decode_info])
+                                                        for i in self.cluster.decode_info],
+                                executor_active=[0] * len(self.cluster.executors),
+                                executor_reserved_tokens=[0] * len(self.cluster.executors),
+                                executor_capacity_tokens=list(self.cluster.executor_capacity_tokens))
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
-        self._tags = itertools.count(1)
+        self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: list[asyncio.Task] = []
+        self.num_placed = 0  # requests placed since start
+        self.num_offloaded = 0  # of which offloaded
+
+    async def stats(self) -> dict:
+        """Router-level counters (placement decisions), for benchmarks and metrics."""
+        return {"num_placed": self.num_placed, "num_offloaded": self.num_offloaded,
+                "b_max": getattr(self.policy, "b_max", None),
+                "ob_mem": getattr(self.policy, "ob_mem", None)}
 
     async def model_info(self) -> ModelInfo:
         return self.info
@@ -84,13 +104,21 @@ class Router:
         self.validate(req)
         self._start_pollers()
         where = self.policy.place(req, self.load)
-        p, d = where.prefill, where.decode
+        p, d, offload = where.prefill, where.decode, where.offload
+        self.num_placed += 1
+        self.num_offloaded += offload
         reserved = len(req.prompt_token_ids) + req.params.max_tokens
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[req.request_id] = queue
         prefill, decode = self.cluster.prefill[p], self.cluster.decode[d]
+        executor = self.cluster.executors[p] if offload else None
+        handle = None  # the executor's name for the request once it holds its KV
         stage = "prefill"
+        on_decode = False  # counted in the decode instance's load
         self.load.prefill_inflight[p] += 1
+        if offload:  # reserve at placement, so concurrent placements see it
+            self.load.executor_active[p] += 1
+            self.load.executor_reserved_tokens[p] += reserved
         try:
             try:
                 pre = await prefill.prefill.remote(req)
@@ -102,12 +130,21 @@ class Router:
                 stage = "done"
                 return
             stage = "handoff"
+            on_decode = True
             self.load.decode_active[d] += 1
-            self.load.decode_reserved_tokens[d] += reserved
+            if not offload:
+                self.load.decode_reserved_tokens[d] += reserved
             tag = next(self._tags)
-            await asyncio.gather(
-                decode.adopt.remote(req, pre, self.cluster.prefill_rank(p), tag),
-                prefill.send_kv.remote(req.request_id, self.cluster.decode_rank(d), tag))
+            if offload:
+                # The KV goes to the executor beside the prefill instance (same node: the
+                # object moves through shared memory), never to the decode instance.
+                handle = await executor.adopt.remote(req.request_id, pre,
+                                                     prefill.take_kv.remote(req.request_id))
+                await decode.adopt_offloaded.remote(req, pre, p, handle)
+            else:
+                await asyncio.gather(
+                    decode.adopt.remote(req, pre, self.cluster.prefill_rank(p), tag),
+                    prefill.send_kv.remote(req.request_id, self.cluster.decode_rank(d), tag))
             stage = "decode"
             while True:
                 delta = await queue.get()
@@ -119,31 +156,52 @@ class Router:
                     break
         finally:
             self._streams.pop(req.request_id, None)
-            if stage in ("handoff", "decode"):
+            if on_decode:
                 self.load.decode_active[d] -= 1
-                self.load.decode_reserved_tokens[d] -= reserved
-            if stage != "done":  # cancelled or failed midway: free it wherever it is
-                await self._abort_everywhere(req.request_id, p, d)
+                if not offload:
+                    self.load.decode_reserved_tokens[d] -= reserved
+            if offload:
+                self.load.executor_active[p] -= 1
+                self.load.executor_reserved_tokens[p] -= reserved
+            if stage != "done" or handle is not None:
+                # Cancelled or failed midway: free it wherever it is. Detached from this
+                # request's context, since Serve cancels a cancelled request's child calls.
+                _detached(self._cleanup(req.request_id, p, d, stage != "done", executor, handle))
 
-    async def _abort_everywhere(self, request_id: str, p: int, d: int) -> None:
+    def _profile(self, args: AppArgs):
+        """Start-up measurements for policies that need them (load_aware)."""
+        if args.policy != "load_aware":
+            return None
+        from adrenaline.policy.profile import profile_cluster
+
+        return profile_cluster(self.cluster, args)
+
+    async def _cleanup(self, request_id: str, p: int, d: int, abort: bool, executor,
+                       handle: int | None) -> None:
         try:
-            await asyncio.gather(self.cluster.prefill[p].release.remote(request_id),
-                                 self.cluster.decode[d].abort.remote(request_id))
+            if abort:  # decode first: the executor's pages are freed only after its last step
+                await asyncio.gather(self.cluster.prefill[p].release.remote(request_id),
+                                     self.cluster.decode[d].abort.remote(request_id))
+            if handle is not None:
+                await executor.free.remote(handle)
         except Exception:  # the actor may be gone; nothing more to free then
-            log.exception("abort of %s failed", request_id)
+            log.exception("cleanup of %s failed", request_id)
 
     def _start_pollers(self) -> None:
+        # Detached from the request that happens to start them: a request's end or
+        # cancellation must not cancel the pollers' calls.
         if not self._pollers:
-            loop = asyncio.get_running_loop()
-            self._pollers = [loop.create_task(self._poll(w)) for w in self.cluster.decode]
+            self._pollers = [_detached(self._poll(w)) for w in self.cluster.decode]
 
     async def _poll(self, worker) -> None:
         """Fan one decode worker's per-step deltas out to the waiting streams."""
         while True:
             try:
                 deltas = await worker.poll.remote()
-            except Exception:
-                log.exception("decode worker poll failed")
+            except ray.exceptions.TaskCancelledError:
+                continue  # that call was cancelled; keep polling
+            except Exception as e:
+                log.warning("decode worker poll failed: %s", e)
                 await asyncio.sleep(1.0)
                 continue
             for delta in deltas:

@@ -1,0 +1,90 @@
+"""AttentionExecutor: a Ray actor colocated with a prefill instance, serving offloaded attention.
+
+It owns a KV pool carved from memory the prefill instance does not need and
+a bounded share of the device (on CPU: its own torch thread budget). An
+offloaded request's KV arrives once, from the colocated prefill worker;
+afterwards every decode step of that request computes its attention here:
+one service thread per decode worker follows that worker's fixed message
+sequence (see engine/remote_attention.py). The router frees a request's
+pages when it finishes or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import torch
+
+from adrenaline.actors.comm_thread import CommThread
+from adrenaline.engine.attention_service import AttentionService
+from adrenaline.engine.core import resolve_device, resolve_model_dir
+from adrenaline.model.hf_config import load_model_config
+from adrenaline.model.loader import resolve_dtype
+from adrenaline.policy.profile import measure_copy_bandwidth
+from adrenaline.protocol import PrefillResult, WorkerMetrics
+from adrenaline.serve.config import AppArgs
+
+log = logging.getLogger(__name__)
+
+
+class AttentionExecutor:
+    def __init__(self, args: AppArgs, index: int):
+        self.index = index
+        self.num_threads = args.executor.engine.num_threads or 1
+        torch.set_num_threads(self.num_threads)
+        model = load_model_config(resolve_model_dir(args.model))
+        device = resolve_device(args.device)
+        self.service = AttentionService(model, args.executor.engine,
+                                        resolve_dtype(args.dtype, model, device), device)
+        self.comm = CommThread()
+        self._threads: list[threading.Thread] = []
+
+    async def capacity_tokens(self) -> int:
+        return self.service.capacity_tokens
+
+    async def connect(self, kind: str, rank: int, world_size: int, init: str,
+                      decode_ranks: list[int]) -> None:
+        await self.comm.connect(kind, rank, world_size, init)
+        for src in decode_ranks:
+            t = threading.Thread(target=self._serve, args=(src,), daemon=True,
+                                 name=f"attn-serve-{src}")
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, src: int) -> None:
+        torch.set_num_threads(self.num_threads)  # per-thread setting in torch
+        with torch.inference_mode():
+            while True:
+                try:
+                    self.service.serve_step(self.comm.comm, src)
+                except Exception as e:  # a closed or broken world cannot be served further
+                    log.warning("attention service for rank %d stopped: %s", src, e)
+                    return
+
+    async def adopt(self, request_id: str, pre: PrefillResult, kv: torch.Tensor) -> int:
+        """Take a prefilled request's KV from the colocated prefill worker; returns a handle.
+
+        ``kv`` comes as a Ray object from the same node (shared memory, once per request):
+        the service threads own this process's communicator receives, see CommThread.
+        """
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.service.adopt, request_id, len(pre.token_ids), pre.num_computed, kv)
+
+    async def measure_bandwidth(self) -> float:
+        def run() -> float:
+            torch.set_num_threads(self.num_threads)
+            return measure_copy_bandwidth()
+
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    async def free(self, handle: int) -> None:
+        self.service.free(handle)
+
+    async def metrics(self) -> WorkerMetrics:
+        s = self.service
+        return WorkerMetrics(role="executor", index=self.index, num_running=len(s.ids),
+                             num_waiting=0, kv_blocks_used=s.block_manager.num_used_blocks,
+                             kv_blocks_total=s.num_kv_blocks, num_steps=s.num_steps,
+                             kv_bytes_read=s.kv_bytes_read, busy_s=s.busy_s)

@@ -1,0 +1,109 @@
+"""Executor side of attention offloading: a KV pool and attention, no model weights.
+
+An AttentionService holds the KV of offloaded requests (adopted from a
+prefill worker's handoff) and serves decode steps: for each step it learns
+which of its requests are in the batch, then per layer appends their new
+k, v and returns their attention output. Requests are known by integer
+handles it assigns. ``lock`` guards the block manager: adopt/free calls and
+the per-decode-worker service threads may run concurrently; pool writes of
+different requests touch disjoint blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import torch
+
+from adrenaline.config import EngineConfig, ModelConfig
+from adrenaline.engine.block_manager import BlockManager
+from adrenaline.engine.kv_pool import KVPool, kv_bytes_per_token, num_blocks_for_budget
+from adrenaline.engine.kv_transfer import import_blocks
+from adrenaline.engine.remote_attention import TAG_HEADER, TAG_META, TAG_OUT, TAG_QKV
+from adrenaline.kernels import make_attention_backend
+from adrenaline.kernels.metadata import AttentionMetadata
+from adrenaline.transport.base import Communicator
+
+
+class AttentionService:
+    def __init__(self, model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
+                 device: torch.device):
+        self.model = model
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.backend = make_attention_backend(config.attention_backend, device,
+                                              model.num_attention_heads, model.num_key_value_heads,
+                                              model.head_dim, dtype)
+        self.num_kv_blocks = num_blocks_for_budget(config, model, dtype)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.pool = KVPool(model.num_hidden_layers, self.num_kv_blocks, config.block_size,
+                           self.backend, dtype, device)
+        self.lock = threading.Lock()
+        self._handles = itertools.count()
+        self.ids: dict[int, str] = {}  # handle -> request id
+        self.num_steps = 0
+        self.num_requests_served = 0  # request-steps, for metrics
+        self.kv_bytes_read = 0  # KV bytes attention read (all layers): bandwidth use
+        self.busy_s = 0.0  # time spent computing (not waiting for messages)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.config.block_size
+
+    def adopt(self, request_id: str, num_tokens: int, num_computed: int, kv: torch.Tensor) -> int:
+        """Take in a prefilled request's KV; returns its handle. Blocks cover ``num_tokens``."""
+        with self.lock:
+            handle = next(self._handles)
+            key = str(handle)
+            blocks = self.block_manager.allocate(key, num_tokens)
+            try:
+                import_blocks(self.pool, self.backend.block_dim,
+                              blocks[:self.block_manager.blocks_for(num_computed)], kv)
+            except Exception:
+                self.block_manager.free(key)
+                raise
+            self.ids[handle] = request_id
+            return handle
+
+    def free(self, handle: int) -> None:
+        with self.lock:
+            if self.ids.pop(handle, None) is not None:
+                self.block_manager.free(str(handle))
+
+    def serve_step(self, comm: Communicator, src: int) -> None:
+        """Serve one decode step of rank ``src`` (blocks until its header arrives)."""
+        header = torch.empty(1, dtype=torch.int64)
+        comm.recv(header, src, TAG_HEADER)
+        n = int(header[0])
+        meta = torch.empty(n, 2, dtype=torch.int64)
+        comm.recv(meta, src, TAG_META)
+        handles, lens = meta[:, 0].tolist(), meta[:, 1].tolist()
+        start = time.perf_counter()
+        with self.lock:
+            for h, length in zip(handles, lens):
+                self.block_manager.append(str(h), length)  # room for this step's token
+            tables = [list(self.block_manager.block_table(str(h))) for h in handles]
+        attn = AttentionMetadata.build(is_prefill=False, query_lens=[1] * n,
+                                       context_lens=[length - 1 for length in lens],
+                                       block_tables=tables, block_size=self.config.block_size,
+                                       device=self.device)
+        self.backend.prepare(attn)
+        hq, hkv, d = (self.model.num_attention_heads, self.model.num_key_value_heads,
+                      self.model.head_dim)
+        packed = torch.empty(n, (hq + 2 * hkv) * d, dtype=self.dtype, device=self.device)
+        for layer in range(self.model.num_hidden_layers):
+            self.busy_s += time.perf_counter() - start
+            comm.recv(packed, src, TAG_QKV)
+            start = time.perf_counter()
+            q, k, v = packed.split([hq * d, hkv * d, hkv * d], dim=1)
+            out = self.backend.forward(q.reshape(n, hq, d), k.reshape(n, hkv, d),
+                                       v.reshape(n, hkv, d), self.pool.k[layer],
+                                       self.pool.v[layer], attn)
+            comm.send(out.contiguous(), src, TAG_OUT)
+        self.busy_s += time.perf_counter() - start
+        self.num_steps += 1
+        self.num_requests_served += n
+        self.kv_bytes_read += sum(lens) * kv_bytes_per_token(self.model, self.dtype)

@@ -1,0 +1,60 @@
+"""Start-up profile for load-aware offloading: never hard-coded, always measured.
+
+- decode step time at several batch sizes (synthetic requests on each decode
+  worker) -> B_max, the largest batch whose step fits the TPOT SLO;
+- memory bandwidth each decode worker and executor reaches with its own
+  thread budget (a large tensor copy);
+- KV capacities (tokens) of decode workers and executors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    step_time_s: dict[int, float]  # decode batch size -> step seconds (decode instance 0)
+    decode_bandwidth_gbs: list[float]
+    executor_bandwidth_gbs: list[float]
+    decode_capacity_tokens: list[int]
+    executor_capacity_tokens: list[int]
+
+    def b_max(self, tpot_slo_s: float) -> int:
+        """Largest profiled batch whose decode step fits the TPOT SLO (at least 1)."""
+        fitting = [b for b, t in self.step_time_s.items() if t <= tpot_slo_s]
+        return max(fitting, default=1)
+
+
+PROFILE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def profile_cluster(cluster, args) -> ClusterProfile:
+    decode = cluster.decode
+    steps = ray.get(decode[0].profile_steps.remote(list(PROFILE_BATCHES)))
+    dec_bw = ray.get([d.measure_bandwidth.remote() for d in decode])
+    exe_bw = ray.get([e.measure_bandwidth.remote() for e in cluster.executors])
+    return ClusterProfile(
+        step_time_s={int(b): t for b, t in steps.items()}, decode_bandwidth_gbs=dec_bw,
+        executor_bandwidth_gbs=exe_bw,
+        decode_capacity_tokens=[i.num_kv_blocks * i.block_size for i in cluster.decode_info],
+        executor_capacity_tokens=list(cluster.executor_capacity_tokens))
+
+
+def measure_copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 3) -> float:
+    """GB/s of a large tensor copy with the calling thread's torch thread budget."""
+    import time
+
+    import torch
+
+    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * num_bytes / best / 1e9  # read + write

@@ -1,0 +1,279 @@
+"""The HTTP ingress: a FastAPI app served by the ``Ingress`` Ray Serve deployment.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+
+A request is parsed and validated here (``openai_api``), tokenized here, and
+handed to the router as a ``GenerateRequest``; the router streams TokenDeltas
+back. Invariant: every request the router accepted either ends with a final
+delta (finish_reason set) or is cancelled *and* aborted on the router
+(``_RouterStream.close``), whatever happens to the client, so no worker keeps
+its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import typing
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from adrenaline.engine.core import resolve_model_dir
+from adrenaline.model.tokenizer import Tokenizer
+from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
+from adrenaline.serve.config import AppArgs, parse_app_args
+from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
+from adrenaline.serve.openai_api import (
+    SSE_DONE, APIError, ParsedRequest, finish_error, json_bytes, make_responder,
+    parse_chat_request, parse_completion_request, router_error, sse_error, sse_event)
+
+logger = logging.getLogger("adrenaline.serve.ingress")
+
+ROUTER_CALL_TIMEOUT_S = 10.0  # model_info / metrics / abort calls (not generation)
+
+fastapi_app = FastAPI(title="adrenaline", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error_response(err: APIError) -> Response:
+    return Response(json_bytes(err.body()), status_code=err.status,
+                    media_type="application/json")
+
+
+@fastapi_app.exception_handler(APIError)
+async def _api_error_handler(_request: Request, exc: APIError) -> Response:
+    return error_response(exc)
+
+
+def _eager_annotations(fn):
+    """Evaluate a route's postponed (string) annotations.
+
+    Ray Serve's class-based view re-signs each route through ``__signature__``,
+    which FastAPI takes as is: a string ``"Request"`` would turn the parameter
+    into a required query parameter (422). Apply below the FastAPI decorator.
+    """
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return fn
+
+
+Parser = Callable[[bytes, ModelInfo, Tokenizer | None], ParsedRequest]
+
+
+class _RouterStream:
+    """One request's TokenDelta stream from the router.
+
+    ``close`` is idempotent: after a final delta it only settles the metrics;
+    otherwise (client gone, error, rejection) it cancels the stream and aborts
+    the request on the router from a task detached from the HTTP request's
+    context (Serve cancels a cancelled request's child calls, which would
+    otherwise include the abort itself).
+    """
+
+    def __init__(self, router: DeploymentHandle, req: GenerateRequest,
+                 tracker: RequestTracker, background: set[asyncio.Task]):
+        self._router = router
+        self._request_id = req.request_id
+        self._tracker = tracker
+        self._background = background
+        self._gen = router.options(stream=True).generate.remote(req)
+        self._done = False
+        self._reason = "abort"  # what close() records if no final delta came
+
+    async def next(self) -> TokenDelta:
+        try:
+            delta = await self._gen.__anext__()
+        except StopAsyncIteration:
+            self._reason = "error"
+            raise APIError(500, "the router ended the stream without a finish reason") from None
+        except Exception as e:
+            err = router_error(e)
+            self._reason = "rejected" if err.status == 400 else "error"
+            raise err from None
+        self._tracker.tokens(len(delta.token_ids))
+        if delta.finish_reason is not None:
+            self._done = True
+            self._tracker.finish(delta.finish_reason)
+        return delta
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._tracker.finish(self._reason)
+        self._gen.cancel()
+        task = asyncio.get_running_loop().create_task(self._abort(),
+                                                      context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self) -> None:
+        try:
+            await asyncio.wait_for(self._router.abort.remote(self._request_id),
+                                   ROUTER_CALL_TIMEOUT_S)
+        except Exception as e:
+            logger.warning("abort of %s failed: %s", self._request_id, _describe(e))
+
+
+class _SSEResponse(StreamingResponse):
+    """An event stream that closes its router stream however the response ends.
+
+    The body generator closes the stream too, but a generator that never
+    started (client gone before the first chunk) never runs its ``finally``.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], stream: _RouterStream):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.close()
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+# Last in the module: @serve.deployment pickles the class by value when it is decorated, so
+# every module-level name its methods use must already be defined. max_ongoing_requests:
+# Serve's default (5) would cap concurrent streams; the router allows 4096 as well.
+@serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+@serve.ingress(fastapi_app)
+class Ingress:
+    def __init__(self, router: DeploymentHandle, args: AppArgs | dict):
+        self._args = args if isinstance(args, AppArgs) else parse_app_args(args)
+        model_dir = resolve_model_dir(self._args.model)
+        # Without tokenizer.json only token-id prompts are served (text prompts -> 400).
+        self._tokenizer = (Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file()
+                           else None)
+        self._router = router
+        self._info: ModelInfo | None = None  # fetched from the router on first use
+        self._metrics = IngressMetrics()
+        self._background: set[asyncio.Task] = set()  # fire-and-forget aborts, kept alive
+
+    # -- routes ----------------------------------------------------------------------------
+
+    @fastapi_app.post("/v1/completions")
+    @_eager_annotations
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_completion_request)
+
+    @fastapi_app.post("/v1/chat/completions")
+    @_eager_annotations
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_chat_request)
+
+    @fastapi_app.get("/v1/models")
+    @_eager_annotations
+    async def models(self) -> Response:
+        info = await self._model_info()
+        return Response(json_bytes({"object": "list", "data": [
+            {"id": info.name, "object": "model", "created": 0, "owned_by": "adrenaline",
+             "max_model_len": info.max_model_len}]}), media_type="application/json")
+
+    @fastapi_app.get("/health")
+    @_eager_annotations
+    async def health(self) -> Response:
+        """200 while the router answers model_info (each call asks it again), else 503."""
+        try:
+            self._info = await asyncio.wait_for(self._router.model_info.remote(),
+                                                ROUTER_CALL_TIMEOUT_S)
+        except Exception as e:
+            return error_response(APIError(503, f"the router is not ready: {_describe(e)}"))
+        return Response(json_bytes({"status": "ok"}), media_type="application/json")
+
+    @fastapi_app.get("/metrics")
+    @_eager_annotations
+    async def metrics(self) -> Response:
+        try:
+            workers = await asyncio.wait_for(self._router.metrics.remote(),
+                                             ROUTER_CALL_TIMEOUT_S)
+        except Exception as e:
+            logger.warning("router.metrics() failed: %s", _describe(e))
+            workers = None
+        self._metrics.set_workers(workers)
+        return Response(self._metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def _model_info(self) -> ModelInfo:
+        if self._info is None:
+            try:
+                self._info = await asyncio.wait_for(self._router.model_info.remote(),
+                                                    ROUTER_CALL_TIMEOUT_S)
+            except Exception as e:
+                raise APIError(503, f"the model is not ready: {_describe(e)}") from None
+        return self._info
+
+    async def _generate(self, request: Request, parse: Parser) -> Response:
+        start = time.perf_counter()
+        body = await request.body()
+        parsed = parse(body, await self._model_info(), self._tokenizer)  # raises APIError
+        stream = _RouterStream(self._router, parsed.request,
+                               self._metrics.track(parsed.num_prompt_tokens, start),
+                               self._background)
+        try:
+            # Wait for the first delta before answering, so that a request the router
+            # rejects gets a plain 400 even when streaming.
+            first = await stream.next()
+            err = finish_error(first)
+            if err is not None:
+                raise err
+            if parsed.stream:
+                response = _SSEResponse(self._sse(parsed, stream, first), stream)
+                stream = None  # the response owns (and closes) it now
+                return response
+            return await self._complete(parsed, stream, first)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    async def _complete(self, parsed: ParsedRequest, stream: _RouterStream,
+                        delta: TokenDelta) -> Response:
+        responder = make_responder(parsed, self._tokenizer)
+        while True:
+            err = finish_error(delta)
+            if err is not None:
+                raise err
+            responder.add(delta)
+            if delta.finish_reason is not None:
+                return Response(json_bytes(responder.response()),
+                                media_type="application/json")
+            delta = await stream.next()
+
+    async def _sse(self, parsed: ParsedRequest, stream: _RouterStream,
+                   delta: TokenDelta) -> AsyncIterator[bytes]:
+        """The event stream: chunks, [usage chunk], [DONE]; an error event replaces the rest."""
+        responder = make_responder(parsed, self._tokenizer)
+        try:
+            while True:
+                err = finish_error(delta)
+                if err is not None:
+                    yield sse_error(err)
+                    break
+                chunk = responder.chunk(delta)
+                if chunk is not None:
+                    yield sse_event(chunk)
+                if delta.finish_reason is not None:
+                    if parsed.include_usage:
+                        yield sse_event(responder.usage_chunk())
+                    break
+                delta = await stream.next()
+        except APIError as e:
+            yield sse_error(e)
+        except Exception as e:  # a formatting bug must still end the stream properly
+            logger.exception("stream %s failed", parsed.request_id)
+            yield sse_error(APIError(500, f"internal error: {_describe(e)}"))
+        finally:
+            stream.close()
+        yield SSE_DONE

@@ -1,0 +1,113 @@
+"""Prometheus metrics of the ingress replica (``GET /metrics``).
+
+Everything lives in the replica's own ``CollectorRegistry`` (never the global
+one), so several Ingress instances in one process (tests) do not collide.
+
+* Per request (recorded by the ingress as the router's deltas arrive):
+  TTFT, TPOT = (e2e - ttft) / (n_out - 1) (only when n_out > 1), e2e latency,
+  requests by finish reason, prompt and generation token counters.
+* Per worker (refreshed from ``router.metrics()`` on each scrape, labels
+  ``role`` and ``index``): running and waiting requests, KV blocks used and free.
+  Workers absent from the latest poll are dropped, so no stale series remain.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from adrenaline.protocol import WorkerMetrics
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                600.0)
+_WORKER_LABELS = ("role", "index")
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.ttft = Histogram("adrenaline_time_to_first_token_seconds",
+                              "Arrival at the ingress to the first generated token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("adrenaline_time_per_output_token_seconds",
+                              "Per request: (e2e - ttft) / (output tokens - 1)",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("adrenaline_e2e_request_latency_seconds",
+                             "Arrival at the ingress to the last generated token",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.requests = Counter("adrenaline_requests", "Finished requests by finish reason",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("adrenaline_prompt_tokens",
+                                     "Prompt tokens of requests sent to the router", registry=r)
+        self.generation_tokens = Counter("adrenaline_generation_tokens",
+                                         "Tokens generated", registry=r)
+        self.running = Gauge("adrenaline_worker_running_requests",
+                             "Requests running on a worker", _WORKER_LABELS, registry=r)
+        self.waiting = Gauge("adrenaline_worker_waiting_requests",
+                             "Requests waiting on a worker", _WORKER_LABELS, registry=r)
+        self.kv_used = Gauge("adrenaline_worker_kv_blocks_used",
+                             "KV cache blocks in use on a worker", _WORKER_LABELS, registry=r)
+        self.kv_free = Gauge("adrenaline_worker_kv_blocks_free",
+                             "KV cache blocks free on a worker", _WORKER_LABELS, registry=r)
+        self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free)
+
+    def track(self, num_prompt_tokens: int, start: float | None = None) -> RequestTracker:
+        """A tracker for one request that arrived at ``start`` (time.perf_counter())."""
+        self.prompt_tokens.inc(num_prompt_tokens)
+        return RequestTracker(self, start if start is not None else time.perf_counter())
+
+    def set_workers(self, workers: list[WorkerMetrics] | None) -> None:
+        """Replace the per-worker gauges with one poll (None: the poll failed, drop them)."""
+        for g in self._worker_gauges:
+            g.clear()
+        for w in workers or ():
+            labels = (w.role, str(w.index))
+            self.running.labels(*labels).set(w.num_running)
+            self.waiting.labels(*labels).set(w.num_waiting)
+            self.kv_used.labels(*labels).set(w.kv_blocks_used)
+            self.kv_free.labels(*labels).set(w.kv_blocks_total - w.kv_blocks_used)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Timings of one request. ``tokens`` per delta; ``finish`` once (later calls are no-ops)."""
+
+    def __init__(self, metrics: IngressMetrics, start: float):
+        self._m = metrics
+        self.start = start
+        self.first_token_at: float | None = None
+        self.num_output_tokens = 0
+        self.finished = False
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.num_output_tokens += n
+        self._m.generation_tokens.inc(n)
+
+    def finish(self, reason: str) -> None:
+        """Count the request under ``reason``; latencies only for requests that completed."""
+        if self.finished:
+            return
+        self.finished = True
+        self._m.requests.labels(reason).inc()
+        if reason not in ("stop", "length") or self.first_token_at is None:
+            return
+        e2e = time.perf_counter() - self.start
+        ttft = self.first_token_at - self.start
+        self._m.e2e.observe(e2e)
+        self._m.ttft.observe(ttft)
+        if self.num_output_tokens > 1:
+            self._m.tpot.observe((e2e - ttft) / (self.num_output_tokens - 1))

@@ -1,0 +1,45 @@
+"""App args: every shipped YAML validates; bad fields fail at start, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adrenaline import ConfigError
+from adrenaline.policy import make_policy
+from adrenaline.serve.config import parse_app_args
+
+CONFIGS = sorted((Path(__file__).parents[2] / "serve_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    doc = yaml.safe_load(path.read_text())
+    (app,) = doc["applications"]
+    assert app["import_path"] == "adrenaline.serve.app:build_app"
+    args = parse_app_args(app["args"])
+    assert args.prefill.num_instances >= 1 and args.decode.num_instances >= 1
+    make_policy(args.policy)
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"prefil": {}}, "prefil"),
+    ({"decode": {"num_instances": 0}}, "num_instances"),
+    ({"decode": {"num_instances": "two"}}, "num_instances"),
+    ({"prefill": {"engine": {"block_size": 12}}}, "block_size"),
+    ({"prefill": {"engine": {"kv_cache_tokns": 12}}}, "kv_cache_tokns"),
+    ({"device": "tpu"}, "device"),
+    ({"transport": "carrier-pigeon"}, "transport"),
+])
+def test_bad_args_name_the_field(args, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_app_args(args)
+
+
+def test_unknown_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown policy"):
+        make_policy("random_walk")
+    with pytest.raises(ConfigError, match="cannot load"):
+        make_policy("no.such.module:Policy")
