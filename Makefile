@@ -1,11 +1,11 @@
 # Two commands on a fresh machine (see README):
-#   make run   set up .venv and run the main job
+#   make run   set up .venv and serve the built-in "tiny" model on 127.0.0.1:8000
 #   make test  set up .venv and run every test CI runs
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench-engine clean
+.PHONY: setup run demo test bench-engine bench-serve bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/serve run serve_configs/local.yaml
+
+demo: $(STAMP)
 	$(VENV)/bin/python -m adrenaline.demo
 
 test: $(STAMP)
@@ -23,6 +26,12 @@ test: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(VENV)/bin/python -m adrenaline.bench engine --out bench-engine.json
+
+bench-serve: $(STAMP)
+	$(VENV)/bin/python -m adrenaline.bench serve --out bench-serve.json
+
+bench-offload: $(STAMP)
+	$(VENV)/bin/python -m adrenaline.bench offload --out bench-offload.json
 
 clean:
 	rm -rf $(VENV)

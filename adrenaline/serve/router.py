@@ -114,11 +114,14 @@ class Router:
         executor = self.cluster.executors[p] if offload else None
         handle = None  # the executor's name for the request once it holds its KV
         stage = "prefill"
-        on_decode = False  # counted in the decode instance's load
+        # Reserve at placement, so placements made meanwhile see this request's load.
         self.load.prefill_inflight[p] += 1
-        if offload:  # reserve at placement, so concurrent placements see it
+        self.load.decode_active[d] += 1
+        if offload:
             self.load.executor_active[p] += 1
             self.load.executor_reserved_tokens[p] += reserved
+        else:
+            self.load.decode_reserved_tokens[d] += reserved
         try:
             try:
                 pre = await prefill.prefill.remote(req)
@@ -130,10 +133,6 @@ class Router:
                 stage = "done"
                 return
             stage = "handoff"
-            on_decode = True
-            self.load.decode_active[d] += 1
-            if not offload:
-                self.load.decode_reserved_tokens[d] += reserved
             tag = next(self._tags)
             if offload:
                 # The KV goes to the executor beside the prefill instance (same node: the
@@ -156,13 +155,12 @@ class Router:
                     break
         finally:
             self._streams.pop(req.request_id, None)
-            if on_decode:
-                self.load.decode_active[d] -= 1
-                if not offload:
-                    self.load.decode_reserved_tokens[d] -= reserved
+            self.load.decode_active[d] -= 1
             if offload:
                 self.load.executor_active[p] -= 1
                 self.load.executor_reserved_tokens[p] -= reserved
+            else:
+                self.load.decode_reserved_tokens[d] -= reserved
             if stage != "done" or handle is not None:
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
