@@ -78,9 +78,10 @@ def bench_system(name: str, args, prompts) -> dict:
         params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
         asyncio.run(_run(client, prompts[:2], SamplingParams(max_tokens=4, temperature=0)))
         before = asyncio.run(client.metrics())
-        stats0 = asyncio.run(serve.get_deployment_handle("Router", app_name=app).stats.remote())
+        router = serve.get_deployment_handle("Router", app_name=app)
+        stats0 = router.stats.remote().result()
         timings, elapsed, samples, after = asyncio.run(_run(client, prompts, params))
-        stats = asyncio.run(serve.get_deployment_handle("Router", app_name=app).stats.remote())
+        stats = router.stats.remote().result()
     finally:
         serve.delete(app)
     row = {"system": name, **summarize(timings, elapsed)}
@@ -168,14 +169,16 @@ def _print(result: dict) -> None:
     print(f"\noffload benchmark: {result['model']} {result['dtype']}, {w['num_requests']} x "
           f"({w['input_len']} -> {w['output_len']}), decode KV {w['decode_kv_tokens']} tokens, "
           f"executor KV {w['executor_kv_tokens']} tokens")
-    cols = [("system", "{:<11}"), ("output_tok_s", "{:>9.1f}"), ("vs_none", "{:>6.2f}"),
-            ("tpot_p50_ms", "{:>8.1f}"), ("tpot_p99_ms", "{:>8.1f}"), ("ttft_p50_ms", "{:>8.0f}"),
-            ("ttft_p99_ms", "{:>8.0f}"), ("mean_decode_batch", "{:>6.1f}"),
-            ("offload_ratio", "{:>6.2f}"), ("remote_wait_per_layer_ms", "{:>7.2f}"),
-            ("remote_wait_share_of_step", "{:>6.2f}"), ("prefill_side_kv_use_max", "{:>6.2f}"),
-            ("executor_attention_gbs", "{:>6.2f}")]
-    print(" ".join(name[:11].rjust(len(fmt.format(0)) if "s}" not in fmt else 11)
-                   for name, fmt in cols))
+    # (key, header, width, decimals)
+    cols = [("output_tok_s", "tok/s", 8, 1), ("vs_none", "x none", 7, 2),
+            ("tpot_p50_ms", "TPOT50", 7, 1), ("tpot_p99_ms", "TPOT99", 7, 1),
+            ("ttft_p50_ms", "TTFT50", 7, 0), ("ttft_p99_ms", "TTFT99", 7, 0),
+            ("mean_decode_batch", "batch", 6, 1), ("offload_ratio", "offl", 5, 2),
+            ("remote_wait_per_layer_ms", "rt/lyr", 7, 2),
+            ("remote_wait_share_of_step", "rt%step", 8, 2),
+            ("prefill_side_kv_use_max", "pKVmax", 7, 2), ("executor_attention_gbs", "exGB/s", 7, 2)]
+    print(f"{'system':<11}" + "".join(f"{h:>{wd}}" for _, h, wd, _ in cols))
     for r in result["rows"]:
-        print(" ".join(fmt.format(r.get(name) if r.get(name) is not None else float("nan"))
-                       if name != "system" else fmt.format(r[name]) for name, fmt in cols))
+        cells = "".join(f"{r[k]:>{wd}.{dp}f}" if r.get(k) is not None else f"{'-':>{wd}}"
+                        for k, _, wd, dp in cols)
+        print(f"{r['system']:<11}" + cells)

@@ -20,13 +20,19 @@ class ClusterLoad:
     decode_active: list[int]
     decode_reserved_tokens: list[int]
     decode_capacity_tokens: list[int] = field(default_factory=list)
+    # Placed on a decode instance but not admitted yet (prefilling, or waiting for room).
+    decode_pending_tokens: list[int] = field(default_factory=list)
     # Attention executors (one per prefill instance; empty when offloading is off).
     executor_active: list[int] = field(default_factory=list)
     executor_reserved_tokens: list[int] = field(default_factory=list)
     executor_capacity_tokens: list[int] = field(default_factory=list)
 
     def executor_fits(self, i: int, tokens: int) -> bool:
-        return self.executor_reserved_tokens[i] + tokens <= self.executor_capacity_tokens[i]
+        return (bool(self.executor_capacity_tokens)
+                and self.executor_reserved_tokens[i] + tokens <= self.executor_capacity_tokens[i])
+
+    def decode_fits(self, d: int, tokens: int) -> bool:
+        return self.decode_reserved_tokens[d] + tokens <= self.decode_capacity_tokens[d]
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,13 @@ class Placement:
 
 
 class PlacementPolicy(ABC):
-    """Contract: ``place`` returns valid instance indices, offloads only onto an executor
-    with room for the request at its maximum length, and never mutates ``load``.
+    """Two decisions per request, neither mutating ``load``.
+
+    ``place`` (at arrival) picks the prefill and decode instances, and may mark
+    the request for offloading; ``admit`` (after prefill, re-asked whenever
+    capacity frees) says whether it runs now, locally or offloaded onto the
+    executor beside its prefill instance, or must wait (None). A request is
+    admitted only where its KV fits at its maximum length.
 
     ``options`` come from the app args' ``policy_options``; ``profile`` (optional) is
     what the cluster measured at start-up (see policy/profile.py).
@@ -53,6 +64,13 @@ class PlacementPolicy(ABC):
 
     @abstractmethod
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement: ...
+
+    def admit(self, req: GenerateRequest, where: Placement, load: ClusterLoad) -> Placement | None:
+        """Default: local once the decode instance has KV room for it."""
+        tokens = self.request_tokens(req)
+        if load.decode_fits(where.decode, tokens):
+            return Placement(prefill=where.prefill, decode=where.decode)
+        return None
 
     @staticmethod
     def request_tokens(req: GenerateRequest) -> int:
@@ -66,7 +84,8 @@ def least_loaded(load: ClusterLoad) -> tuple[int, int]:
 
     def headroom(i: int) -> float:
         cap = load.decode_capacity_tokens[i] if load.decode_capacity_tokens else 1
-        return (cap - load.decode_reserved_tokens[i]) / cap
+        pending = load.decode_pending_tokens[i] if load.decode_pending_tokens else 0
+        return (cap - load.decode_reserved_tokens[i] - pending) / cap
 
     decode = max(range(len(load.decode_active)), key=lambda i: (headroom(i), -i))
     return prefill, decode

@@ -6,11 +6,13 @@ OB = min(OB_mem, OB_comp):
   OB_comp = (B_max - B_tpot) / B_tpot
 B_max is the largest decode batch whose step fits the TPOT SLO (profiled);
 B_tpot the batch the decode instance's own KV capacity holds at the
-request's length. A request stays local while the decode instance has KV
-room for it; otherwise it is offloaded only while (a) the offloaded KV load
-of that decode instance, at every request's maximum length, stays within
-OB x its KV capacity, (b) the decode batch stays within B_max, and (c) an
-executor has room for it. Options: ``tpot_slo_ms`` (default 200).
+request's length. The decision is made at admission (after prefill, and
+again whenever capacity frees): a request runs locally while the decode
+instance has KV room for it; otherwise it is offloaded onto the executor
+beside its prefill instance only while (a) the offloaded KV load, at every
+request's maximum length, stays within OB x the decode KV capacity, (b) the
+decode batch stays within B_max, and (c) the executor has room for it;
+otherwise it waits. Options: ``tpot_slo_ms`` (default 200).
 """
 
 from __future__ import annotations
@@ -38,18 +40,18 @@ class LoadAware(PlacementPolicy):
 
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement:
         prefill, decode = least_loaded(load)
+        return Placement(prefill=prefill, decode=decode)
+
+    def admit(self, req: GenerateRequest, where: Placement, load: ClusterLoad) -> Placement | None:
         tokens = self.request_tokens(req)
-        cap = load.decode_capacity_tokens[decode]
-        if load.decode_reserved_tokens[decode] + tokens <= cap or not load.executor_capacity_tokens:
-            return Placement(prefill=prefill, decode=decode)
+        d, p = where.decode, where.prefill
+        if load.decode_fits(d, tokens):
+            return Placement(prefill=p, decode=d)
+        cap = load.decode_capacity_tokens[d]
         # All offloaded KV; exact with one decode instance, conservative with several.
         offloaded = sum(load.executor_reserved_tokens)
         within_ob = offloaded + tokens <= self.offload_bound(tokens, cap) * cap
-        within_batch = load.decode_active[decode] + 1 <= self.b_max
-        fits = [i for i in range(len(load.executor_capacity_tokens))
-                if load.executor_fits(i, tokens)]
-        if not (within_ob and within_batch and fits):
-            return Placement(prefill=prefill, decode=decode)
-        best = max(fits, key=lambda i: (load.executor_capacity_tokens[i]
-                                        - load.executor_reserved_tokens[i], -i))
-        return Placement(prefill=best, decode=decode, offload=True)
+        within_batch = load.decode_active[d] + 1 <= self.b_max
+        if within_ob and within_batch and load.executor_fits(p, tokens):
+            return Placement(prefill=p, decode=d, offload=True)
+        return None

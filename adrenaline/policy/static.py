@@ -2,9 +2,9 @@
 
 Requests are counted in arrival order and the k-th is offloaded when
 floor(k * ratio) grows, so any prefix of the stream offloads the ratio as
-closely as integers allow. A request picked for offload goes to the
-executor with the most room; if none has room for it at its maximum length,
-it stays local.
+closely as integers allow. A request picked for offload is prefilled beside
+the executor with the most room and waits, after prefill, until that
+executor can hold it at its maximum length.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ class StaticRatio(PlacementPolicy):
         want = int((k + 1) * self.ratio) > int(k * self.ratio)
         if not want or not load.executor_capacity_tokens:
             return Placement(prefill=prefill, decode=decode)
-        tokens = self.request_tokens(req)
-        fits = [i for i in range(len(load.executor_capacity_tokens))
-                if load.executor_fits(i, tokens)]
-        if not fits:
-            return Placement(prefill=prefill, decode=decode)
-        # The request is prefilled where its KV will stay: the executor's own instance.
-        best = max(fits, key=lambda i: (load.executor_capacity_tokens[i]
-                                        - load.executor_reserved_tokens[i], -i))
+        # Prefilled where its KV will stay: beside the executor with the most room.
+        best = max(range(len(load.executor_capacity_tokens)),
+                   key=lambda i: (load.executor_capacity_tokens[i]
+                                  - load.executor_reserved_tokens[i], -i))
         return Placement(prefill=best, decode=decode, offload=True)
+
+    def admit(self, req: GenerateRequest, where: Placement, load: ClusterLoad) -> Placement | None:
+        if not where.offload:
+            return super().admit(req, where, load)
+        return where if load.executor_fits(where.prefill, self.request_tokens(req)) else None

@@ -23,7 +23,7 @@ from ray import serve
 
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError
-from adrenaline.policy import ClusterLoad, make_policy
+from adrenaline.policy import ClusterLoad, Placement, make_policy
 from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, WorkerMetrics
 from adrenaline.serve.config import AppArgs
 
@@ -59,12 +59,14 @@ class Router:
                                 decode_reserved_tokens=[0] * n_d,
                                 decode_capacity_tokens=[i.num_kv_blocks * i.block_size
                                                         for i in self.cluster.decode_info],
+                                decode_pending_tokens=[0] * n_d,
                                 executor_active=[0] * len(self.cluster.executors),
                                 executor_reserved_tokens=[0] * len(self.cluster.executors),
                                 executor_capacity_tokens=list(self.cluster.executor_capacity_tokens))
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: list[asyncio.Task] = []
+        self._waiters: list[asyncio.Future] = []  # requests waiting for admission, FIFO
         self.num_placed = 0  # requests placed since start
         self.num_offloaded = 0  # of which offloaded
 
@@ -104,24 +106,18 @@ class Router:
         self.validate(req)
         self._start_pollers()
         where = self.policy.place(req, self.load)
-        p, d, offload = where.prefill, where.decode, where.offload
-        self.num_placed += 1
-        self.num_offloaded += offload
+        p, d = where.prefill, where.decode
         reserved = len(req.prompt_token_ids) + req.params.max_tokens
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[req.request_id] = queue
         prefill, decode = self.cluster.prefill[p], self.cluster.decode[d]
-        executor = self.cluster.executors[p] if offload else None
+        offload, admitted = False, False
         handle = None  # the executor's name for the request once it holds its KV
         stage = "prefill"
-        # Reserve at placement, so placements made meanwhile see this request's load.
+        self.num_placed += 1
+        # Pending load is counted at placement, so placements made meanwhile see it.
         self.load.prefill_inflight[p] += 1
-        self.load.decode_active[d] += 1
-        if offload:
-            self.load.executor_active[p] += 1
-            self.load.executor_reserved_tokens[p] += reserved
-        else:
-            self.load.decode_reserved_tokens[d] += reserved
+        self.load.decode_pending_tokens[d] += reserved
         try:
             try:
                 pre = await prefill.prefill.remote(req)
@@ -132,6 +128,19 @@ class Router:
             if pre.finish_reason is not None:
                 stage = "done"
                 return
+            # Admission: the KV waits in the prefill instance's pool until there is room.
+            stage = "admission"
+            decision = await self._admit(req, where)
+            offload, admitted = decision.offload, True
+            self.load.decode_pending_tokens[d] -= reserved
+            self.load.decode_active[d] += 1
+            if offload:
+                self.num_offloaded += 1
+                self.load.executor_active[p] += 1
+                self.load.executor_reserved_tokens[p] += reserved
+            else:
+                self.load.decode_reserved_tokens[d] += reserved
+            executor = self.cluster.executors[p] if offload else None
             stage = "handoff"
             tag = next(self._tags)
             if offload:
@@ -155,16 +164,35 @@ class Router:
                     break
         finally:
             self._streams.pop(req.request_id, None)
-            self.load.decode_active[d] -= 1
-            if offload:
-                self.load.executor_active[p] -= 1
-                self.load.executor_reserved_tokens[p] -= reserved
+            if not admitted:
+                self.load.decode_pending_tokens[d] -= reserved
             else:
-                self.load.decode_reserved_tokens[d] -= reserved
+                self.load.decode_active[d] -= 1
+                if offload:
+                    self.load.executor_active[p] -= 1
+                    self.load.executor_reserved_tokens[p] -= reserved
+                else:
+                    self.load.decode_reserved_tokens[d] -= reserved
+                self._capacity_freed()
             if stage != "done" or handle is not None:
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
+                executor = self.cluster.executors[p] if offload else None
                 _detached(self._cleanup(req.request_id, p, d, stage != "done", executor, handle))
+
+    async def _admit(self, req: GenerateRequest, where: Placement) -> Placement:
+        """Wait until the policy admits the request; waiters retry in arrival order."""
+        while (decision := self.policy.admit(req, where, self.load)) is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        return decision
+
+    def _capacity_freed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     def _profile(self, args: AppArgs):
         """Start-up measurements for policies that need them (load_aware)."""
