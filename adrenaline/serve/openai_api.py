@@ -483,6 +483,21 @@ class _Responder:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
+    def _advance(self, delta: TokenDelta) -> tuple[int, str]:
+        """Record a streamed delta; returns (index of its first token, the new text to send)."""
+        start = len(self.token_ids)
+        self.add(delta)
+        text = self.detok.add(delta.token_ids)
+        if delta.finish_reason is not None:
+            text += self.detok.finish()
+        return start, text
+
+    def _chunk_body(self, choice: dict) -> dict:
+        body = self._envelope(self.object_name, [choice])
+        if self.parsed.include_usage:
+            body["usage"] = None  # usage comes in its own chunk before [DONE]
+        return body
+
     def text(self) -> str:
         return self.tokenizer.decode(self.token_ids) if self.tokenizer is not None else ""
 
@@ -536,20 +551,12 @@ class CompletionResponder(_Responder):
 
     def chunk(self, delta: TokenDelta) -> dict | None:
         """The stream chunk for ``delta`` (None when it would carry nothing)."""
-        start = len(self.token_ids)
-        self.add(delta)
-        text = self.detok.add(delta.token_ids)
-        if delta.finish_reason is not None:
-            text += self.detok.finish()
+        start, text = self._advance(delta)
         logprobs = self._logprobs(start, len(self.token_ids), self._text_offset)
         if not text and logprobs is None and delta.finish_reason is None:
             return None
-        body = self._envelope("text_completion", [
-            {"index": 0, "text": text, "logprobs": logprobs,
-             "finish_reason": delta.finish_reason}])
-        if self.parsed.include_usage:
-            body["usage"] = None
-        return body
+        return self._chunk_body({"index": 0, "text": text, "logprobs": logprobs,
+                                 "finish_reason": delta.finish_reason})
 
     def response(self) -> dict:
         body = self._envelope("text_completion", [
@@ -582,11 +589,7 @@ class ChatResponder(_Responder):
 
     def chunk(self, delta: TokenDelta) -> dict | None:
         """The stream chunk for ``delta``; the first one carries the role."""
-        start = len(self.token_ids)
-        self.add(delta)
-        text = self.detok.add(delta.token_ids)
-        if delta.finish_reason is not None:
-            text += self.detok.finish()
+        start, text = self._advance(delta)
         logprobs = self._logprobs(start, len(self.token_ids))
         if self._sent_role and not text and logprobs is None and delta.finish_reason is None:
             return None
@@ -595,12 +598,8 @@ class ChatResponder(_Responder):
             message: dict = {"role": "assistant", "content": text}
         else:
             message = {"content": text} if text else {}
-        body = self._envelope("chat.completion.chunk", [
-            {"index": 0, "delta": message, "logprobs": logprobs,
-             "finish_reason": delta.finish_reason}])
-        if self.parsed.include_usage:
-            body["usage"] = None
-        return body
+        return self._chunk_body({"index": 0, "delta": message, "logprobs": logprobs,
+                                 "finish_reason": delta.finish_reason})
 
     def response(self) -> dict:
         body = self._envelope("chat.completion", [
