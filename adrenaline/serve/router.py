@@ -178,7 +178,11 @@ class Router:
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
                 executor = self.cluster.executors[p] if offload else None
-                _detached(self._cleanup(req.request_id, p, d, stage != "done", executor, handle))
+                # Only a request that reached its decode instance is aborted there (an
+                # unknown id would be remembered there as aborted-in-flight).
+                reached_decode = stage in ("handoff", "decode")
+                _detached(self._cleanup(req.request_id, p, d, stage != "done", reached_decode,
+                                        executor, handle))
 
     async def _admit(self, req: GenerateRequest, where: Placement) -> Placement:
         """Wait until the policy admits the request; waiters retry in arrival order."""
@@ -202,12 +206,14 @@ class Router:
 
         return profile_cluster(self.cluster, args)
 
-    async def _cleanup(self, request_id: str, p: int, d: int, abort: bool, executor,
-                       handle: int | None) -> None:
+    async def _cleanup(self, request_id: str, p: int, d: int, abort: bool, on_decode: bool,
+                       executor, handle: int | None) -> None:
         try:
             if abort:  # decode first: the executor's pages are freed only after its last step
-                await asyncio.gather(self.cluster.prefill[p].release.remote(request_id),
-                                     self.cluster.decode[d].abort.remote(request_id))
+                calls = [self.cluster.prefill[p].release.remote(request_id)]
+                if on_decode:
+                    calls.append(self.cluster.decode[d].abort.remote(request_id))
+                await asyncio.gather(*calls)
             if handle is not None:
                 await executor.free.remote(handle)
         except Exception:  # the actor may be gone; nothing more to free then

@@ -23,13 +23,13 @@ CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Say something about llamas."}]
 
 
-@pytest.fixture(scope="module")
-def server(ray_cluster):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1P1D", "2P1D"])
+def server(request, ray_cluster):
     from ray import serve
 
     from adrenaline.serve.app import build_app
 
-    args = {"model": "tiny", "prefill": {"num_instances": 1},
+    args = {"model": "tiny", "prefill": {"num_instances": request.param},
             "decode": {"num_instances": 1, "engine": {"kv_cache_tokens": DECODE_KV_TOKENS}}}
     # A free port, not 8000: another Ray cluster on this machine may hold 8000. If Serve
     # already runs in this cluster (an earlier module), this is a no-op: ask for its port.
