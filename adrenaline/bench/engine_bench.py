@@ -9,14 +9,12 @@ cannot be installed.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from datetime import date
 
 import torch
 
+from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.workloads import random_token_prompts
 
 
@@ -118,15 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
                 row["greedy_prefix_agreement_vs_adrenaline"] = _agreement(outputs["adrenaline"],
                                                                           outputs[key])
     result = {
-        "benchmark": "engine", "date": date.today().isoformat(), "machine": platform.platform(),
-        "cpu_threads": args.threads, "model": args.model, "dtype": args.dtype,
+        **result_header("engine"), "cpu_threads": args.threads, "model": args.model,
+        "dtype": args.dtype,
         "workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                      "output_len": args.output_len, "seed": args.seed},
         "rows": rows, "skipped": skipped,
     }
     _print_table(result)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result, args.out)
     return result
 
 

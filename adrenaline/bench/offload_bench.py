@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import time
-from datetime import date
 
 from adrenaline.bench.metrics import RequestTiming, summarize
+from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.workloads import random_token_prompts
 
 SYSTEMS = {
@@ -152,15 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
     base = next((r["output_tok_s"] for r in rows if r["system"] == "none"), None)
     for r in rows:
         r["vs_none"] = r["output_tok_s"] / base if base else None
-    result = {"benchmark": "offload", "date": date.today().isoformat(),
-              "machine": platform.platform(), "model": args.model, "dtype": args.dtype,
+    result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,
               "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len",
                                                          "decode_kv_tokens", "prefill_kv_tokens",
                                                          "executor_kv_tokens", "seed")},
               "rows": rows}
     _print(result)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result, args.out)
     return result
 
 

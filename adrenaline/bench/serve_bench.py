@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import time
-from datetime import date
 
-import torch
 
 from adrenaline.bench.metrics import RequestTiming, summarize
+from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.workloads import random_token_prompts
 
 PORT = 8000
@@ -121,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = load_model_config(resolve_model_dir(args.model)).vocab_size
     prompts = random_token_prompts(args.num_requests, args.input_len, vocab, args.seed)
     rows = [bench_offline(args, prompts), bench_served(args, prompts)]
-    result = {"benchmark": "serve", "date": date.today().isoformat(),
-              "machine": platform.platform(), "torch_threads_total": 2, "model": args.model,
+    result = {**result_header("serve"), "torch_threads_total": 2, "model": args.model,
               "dtype": args.dtype, "workload": {"num_requests": args.num_requests,
                                                 "input_len": args.input_len,
                                                 "output_len": args.output_len, "seed": args.seed},
@@ -133,6 +130,5 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['system']:<40}{r['output_tok_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
               f"{r['ttft_p99_ms']:>10.0f}{r.get('tpot_p50_ms', 0):>10.1f}{r.get('tpot_p99_ms', 0):>10.1f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result, args.out)
     return result

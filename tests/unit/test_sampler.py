@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adrenaline import InvalidRequestError, LLM, SamplingParams
+from adrenaline import InvalidRequestError, SamplingParams
 from adrenaline.engine.request import Request
 from adrenaline.engine.sampler import Sampler
 from adrenaline.kernels.sampling import apply_top_k_top_p
