@@ -2,7 +2,10 @@
 
 Lifecycle of a request here: adopt() receives its KV from a prefill worker
 (through the communicator, never Ray's object store) and parks it until the
-pool has room; the loop adopts parked requests between steps, runs one decode
+pool has room; adopt_offloaded() parks a request whose KV and attention live
+on an attention executor (no blocks here: each decode step exchanges its
+q, k, v with the executor per layer, see engine/remote_attention.py). The
+loop adopts parked requests between steps, runs one decode
 step for the whole batch, and records one TokenDelta per request per step.
 The router collects all of a step's deltas with one poll() call.
 """

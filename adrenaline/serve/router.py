@@ -1,12 +1,16 @@
 """Router: the Serve deployment that owns the cluster and streams each request through it.
 
-A request's path: validate -> policy places it (prefill i, decode j) -> prefill
-i samples the first token (yielded at once: TTFT) -> decode j posts a receive
-and prefill i sends the KV (one tensor, through the communicator) -> decode j
-streams deltas, which the router gets with one poll per decode step and fans
-out to per-request queues -> the last delta carries finish_reason. A client
-that goes away cancels the generator; the finally clause aborts the request
-wherever it is, so no KV block stays held.
+A request's path: validate -> the policy places it (prefill i, decode j) ->
+prefill i samples the first token (yielded at once: TTFT) -> admission: the
+policy admits it locally or offloaded, or it waits, its KV held in prefill
+i's pool, until capacity frees -> handoff: locally, decode j posts a receive
+and prefill i sends the KV (one tensor, through the communicator);
+offloaded, the KV goes to the executor beside prefill i (same node) and
+decode j only learns the executor's handle -> decode j streams deltas,
+which the router gets with one poll per decode step and fans out to
+per-request queues -> the last delta carries finish_reason. A client that
+goes away cancels the generator; the finally clause releases the load it
+counted and frees the request wherever it is, so no KV block stays held.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import logging
 
 import ray
 import ray.exceptions
-
 from ray import serve
 
 from adrenaline.actors.cluster import Cluster
