@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 BENCHMARKS = {"engine": "adrenaline.bench.engine_bench", "serve": "adrenaline.bench.serve_bench",
+              "serving": "adrenaline.bench.serving",
               "offload": "adrenaline.bench.offload_bench"}
 
 

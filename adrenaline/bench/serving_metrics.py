@@ -14,7 +14,8 @@ Definitions (all latencies reported in milliseconds, rates per second):
 - goodput (DistServe)      = successful requests meeting *every* given SLO / duration; for the
   TPOT SLO a request with n_out <= 1 counts as TPOT 0 (vLLM's ``all_tpots``).
 
-Invariants: failed requests count in ``num_failed`` only and never enter a latency statistic
+Invariants: a request that failed or never received a token chunk (vLLM: "never received a
+valid chunk") is failed; failed requests count in ``num_failed`` only and never enter a latency statistic
 or a token count; statistics of an empty sample are 0 (vLLM's ``np.mean(x or 0)``);
 percentiles use numpy's default linear interpolation.
 """

@@ -1,0 +1,321 @@
+"""Online serving benchmark over HTTP, after vLLM's ``benchmark_serving``.
+
+``python -m adrenaline.bench serving --base-url http://127.0.0.1:8000 --model tiny
+--num-prompts 64 --request-rate 4 --out result.json``
+
+Streams every request to ``/v1/completions`` (``ignore_eos`` so outputs have exactly the
+requested length; ``stream_options.include_usage`` so the token counts are exact), paced by
+``serving_workloads.arrival_offsets`` and capped by ``--max-concurrency``. Each request's
+timeline (start, arrival of every token chunk, end of stream) feeds
+``serving_metrics.compute_metrics``. The benchmark's duration runs from the first send to the
+last request's end.
+
+Sweep mode (``--sweep-rates 0.5,1,2 --systems none,static,load_aware``) starts the app itself in
+this process's Ray cluster once per system and runs the benchmark at every rate; with
+matplotlib installed it also draws the figures of ``plots.py`` (``--plot-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import sys
+import time
+from datetime import date
+
+from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
+from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets, random_requests,
+                                               sharegpt_requests, synthetic_sharegpt_requests)
+
+# system name -> app args it overrides (sweep mode)
+SYSTEMS: dict[str, dict] = {
+    "none": {"policy": "none", "executor": {"enabled": False}},
+    "static": {"policy": "static", "executor": {"enabled": True}},
+    "load_aware": {"policy": "load_aware", "executor": {"enabled": True}},
+}
+
+
+class _Progress:
+    """tqdm when installed, else a counter on stderr."""
+
+    def __init__(self, total: int, disable: bool = False):
+        self.total, self.n, self._bar = total, 0, None
+        self.disable = disable
+        if disable:
+            return
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc="requests", file=sys.stderr)
+        except ImportError:
+            pass
+
+    def update(self) -> None:
+        self.n += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif not self.disable:
+            print(f"\r{self.n}/{self.total} requests", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif not self.disable:
+            print(file=sys.stderr)
+
+
+async def send_request(client, url: str, model: str, req: SampleRequest) -> RequestTimeline:
+    """Stream one completion; any HTTP or protocol error makes a failed timeline."""
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t = RequestTimeline(start=time.perf_counter(), prompt_tokens=req.prompt_len)
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                t.success, t.error = False, f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return t
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    t.num_output_tokens = chunk["usage"]["completion_tokens"]
+                    t.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                if chunk.get("error"):
+                    t.success, t.error = False, str(chunk["error"])[:200]
+                for c in chunk.get("choices") or []:
+                    # A chunk with text marks token arrival(s); a text-less finish chunk
+                    # only counts when nothing arrived before it.
+                    if c.get("text") or (c.get("finish_reason") and not t.token_times):
+                        t.token_times.append(now)
+        t.end = time.perf_counter()
+        if not t.token_times:
+            t.success, t.error = False, t.error or "no token chunk received"
+    except Exception as e:  # noqa: BLE001 - one failed request must not end the benchmark
+        t.success, t.error = False, f"{type(e).__name__}: {e}"[:200]
+    return t
+
+
+async def run_benchmark(base_url: str, model: str, requests: list[SampleRequest],
+                        request_rate: float = math.inf, burstiness: float = 1.0,
+                        max_concurrency: int | None = None, seed: int = 0,
+                        progress: bool = True) -> tuple[list[RequestTimeline], float]:
+    """Send ``requests`` on the arrival schedule; (timelines in request order, duration s)."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/v1/completions"
+    offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = _Progress(len(requests), disable=not progress)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30), limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def one(req: SampleRequest, offset: float) -> RequestTimeline:
+            await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+            if sem is None:
+                t = await send_request(client, url, model, req)
+            else:
+                async with sem:
+                    t = await send_request(client, url, model, req)
+            bar.update()
+            return t
+
+        timelines = await asyncio.gather(*[one(r, o) for r, o in zip(requests, offsets)])
+        duration = time.perf_counter() - t0
+    bar.close()
+    return list(timelines), duration
+
+
+def build_requests(args) -> list[SampleRequest]:
+    """The dataset named by ``--dataset``; token-id prompts need the model's vocab size."""
+    if args.dataset == "sharegpt":
+        if not args.dataset_path:
+            raise SystemExit("--dataset sharegpt needs --dataset-path")
+        return sharegpt_requests(args.dataset_path, args.num_prompts, _encoder(args),
+                                 fixed_output_len=args.sharegpt_output_len, seed=args.seed)
+    vocab = args.vocab_size or _vocab_size(args.tokenizer or args.model)
+    if args.dataset == "random":
+        return random_requests(args.num_prompts, args.input_len, args.output_len, vocab,
+                               args.range_ratio, args.seed)
+    return synthetic_sharegpt_requests(args.num_prompts, vocab, args.input_len, args.output_len,
+                                       args.seed)
+
+
+def _vocab_size(model: str) -> int:
+    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.hf_config import load_model_config
+
+    return load_model_config(resolve_model_dir(model)).vocab_size
+
+
+def _encoder(args):
+    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model_dir(args.tokenizer or args.model))
+    return lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def print_table(m: ServingMetrics, title: str) -> None:
+    f = m.flat()
+    print(f"\n{'=' * 18} {title} {'=' * 18}")
+    rows = [("Successful requests", m.completed), ("Failed requests", m.num_failed),
+            ("Benchmark duration (s)", f"{m.duration_s:.2f}"),
+            ("Total input tokens", m.total_input_tokens),
+            ("Total generated tokens", m.total_output_tokens),
+            ("Request throughput (req/s)", f"{m.request_throughput:.2f}"),
+            ("Output token throughput (tok/s)", f"{m.output_throughput:.2f}"),
+            ("Total token throughput (tok/s)", f"{m.total_token_throughput:.2f}")]
+    if m.request_goodput is not None:
+        rows.append(("Request goodput (req/s)", f"{m.request_goodput:.2f}"))
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E")):
+        for stat in ("mean", "median", "p90", "p99"):
+            key = f"{name}_{stat}_ms"
+            if key in f:
+                rows.append((f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} "
+                             f"{label} (ms)", f"{f[key]:.2f}"))
+    for k, v in rows:
+        print(f"{k:<40}{v:>12}")
+
+
+def _result(args, m: ServingMetrics, timelines: list[RequestTimeline], **extra) -> dict:
+    ok = [t for t in timelines if t.success and t.token_times]
+    return {**extra, "request_rate": args.request_rate, "burstiness": args.burstiness,
+            "max_concurrency": args.max_concurrency, "metrics": m.flat(),
+            "ttfts_ms": [t.ttft * 1e3 for t in ok],
+            "tpots_ms": [t.tpot * 1e3 for t in ok if t.tpot is not None],
+            "e2es_ms": [t.e2e * 1e3 for t in ok],
+            "errors": [t.error for t in timelines if t.error][:20]}
+
+
+def _bench_once(args, requests: list[SampleRequest], base_url: str, slo: Slo, **extra) -> dict:
+    timelines, duration = asyncio.run(run_benchmark(
+        base_url, args.served_model or args.model, requests, args.request_rate, args.burstiness,
+        args.max_concurrency, args.seed, progress=not args.no_progress))
+    m = compute_metrics(timelines, duration, slo)
+    print_table(m, " ".join(f"{k}={v}" for k, v in extra.items()) or "Serving Benchmark Result")
+    return _result(args, m, timelines, **extra)
+
+
+def run_sweep(args, requests: list[SampleRequest], slo: Slo) -> list[dict]:
+    """Start the app once per system in this process's Ray cluster; benchmark at every rate."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from adrenaline.serve.app import build_app
+
+    rates = [float(r) for r in args.sweep_rates.split(",")]
+    systems = args.systems.split(",")
+    for s in systems:
+        if s not in SYSTEMS:
+            raise SystemExit(f"unknown system {s!r} (known: {', '.join(SYSTEMS)})")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rows = []
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base_url = f"http://127.0.0.1:{port}"
+        for system in systems:
+            app_args = {"model": args.model, "dtype": args.dtype, **SYSTEMS[system]}
+            serve.run(build_app(app_args), name=f"sweep-{system}", route_prefix="/")
+            _wait_healthy(base_url)
+            asyncio.run(run_benchmark(base_url, args.model, requests[:2], progress=False))  # warm-up
+            for rate in rates:
+                args.request_rate = rate
+                rows.append(_bench_once(args, requests, base_url, slo, system=system))
+            serve.delete(f"sweep-{system}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def _wait_healthy(base_url: str, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base_url} never became healthy")
+        time.sleep(0.5)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m adrenaline.bench serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default=None, help="tiny for a running app; small in sweep mode")
+    ap.add_argument("--served-model", default=None, help="the name sent in requests (default --model)")
+    ap.add_argument("--tokenizer", default=None, help="model dir/name for vocab and tokenizer")
+    ap.add_argument("--vocab-size", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", help="sweep mode: the app's dtype")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--dataset", choices=["random", "sharegpt-synthetic", "sharegpt"], default="random")
+    ap.add_argument("--dataset-path", default=None)
+    ap.add_argument("--sharegpt-output-len", type=int, default=None)
+    ap.add_argument("--input-len", type=int, default=128, help="random: mean; synthetic: median")
+    ap.add_argument("--output-len", type=int, default=128, help="random: mean; synthetic: median")
+    ap.add_argument("--range-ratio", type=float, default=0.0)
+    ap.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf: all at once")
+    ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
+    ap.add_argument("--max-concurrency", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slo-ttft-ms", type=float, default=None)
+    ap.add_argument("--slo-tpot-ms", type=float, default=None)
+    ap.add_argument("--slo-e2e-ms", type=float, default=None)
+    ap.add_argument("--sweep-rates", default=None, help="e.g. 0.5,1,2: sweep mode")
+    ap.add_argument("--systems", default="none,static,load_aware")
+    ap.add_argument("--num-cpus", type=int, default=2, help="sweep mode: ray.init num_cpus")
+    ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.model is None:
+        args.model = "small" if args.sweep_rates else "tiny"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    requests = build_requests(args)
+    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
+    result = {"benchmark": "serving", "date": date.today().isoformat(),
+              "machine": platform.platform(), "model": args.model,
+              "workload": {"dataset": args.dataset, "num_prompts": len(requests),
+                           "input_len": args.input_len, "output_len": args.output_len,
+                           "range_ratio": args.range_ratio, "seed": args.seed},
+              "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms}}
+    if args.sweep_rates:
+        result["rows"] = run_sweep(args, requests, slo)
+    else:
+        result.update(_bench_once(args, requests, args.base_url, slo))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    if args.sweep_rates:
+        try:
+            from adrenaline.bench.plots import plot_sweep
+        except ImportError as e:
+            print(f"no plots ({e})", file=sys.stderr)
+        else:
+            for path in plot_sweep(result, args.plot_dir):
+                print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Request sets and arrival times for the serving benchmark.
+
+Datasets (every sampler is deterministic given its seed):
+
+- ``random``: vLLM's random dataset. Input lengths uniform on
+  [input_len * (1 - range_ratio), input_len * (1 + range_ratio)], output lengths likewise,
+  token ids uniform on [10, vocab_size - 10). Prompts are token-id lists.
+- ``sharegpt-synthetic``: ShareGPT-shaped lengths without the data. Lengths are
+  ``round(median * exp(sigma * N(0, 1)))`` (a lognormal with the given median), clipped to
+  [4, max_input] / [4, max_output] and to input + output <= max_model_len. Defaults:
+  input median = ``input_len`` (128), sigma 1.0; output median = ``output_len`` (128), sigma
+  0.8; max_input 1024, max_output 1024, max_model_len 2048 -- the heavy right tail of
+  ShareGPT-V3 (vLLM's filtered set) at a CPU-friendly scale. Prompts are token-id lists.
+- ``sharegpt``: a ShareGPT JSON file, a list of
+  ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}``.
+  As vLLM: the first turn is the prompt (text), the second's token count the output length
+  (unless ``fixed_output_len``); conversations with fewer than 2 turns, prompt or output
+  shorter than 4 tokens, prompt over 1024 or prompt + output over 2048 tokens are dropped;
+  the rest are shuffled with the seed and the first ``num_prompts`` kept.
+
+Arrivals (vLLM's ``get_request``): with rate ``inf`` every request starts at 0; otherwise the
+gaps are Gamma(shape=burstiness, scale=1 / (rate * burstiness)) -- mean 1 / rate for every
+burstiness, burstiness 1 is a Poisson process, < 1 burstier, > 1 more regular.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_TOKENS = 4
+SYNTH_INPUT_SIGMA = 1.0
+SYNTH_OUTPUT_SIGMA = 0.8
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One request to send: the prompt (token ids or text), its length, the output length."""
+
+    prompt: list[int] | str
+    prompt_len: int
+    output_len: int
+
+
+def _uniform_lens(rng: np.random.Generator, n: int, mean: int, range_ratio: float) -> list[int]:
+    lo = max(1, int(mean * (1 - range_ratio)))
+    hi = max(lo, int(mean * (1 + range_ratio)))
+    return [int(x) for x in rng.integers(lo, hi + 1, size=n)]
+
+
+def _token_ids(rng: np.random.Generator, n: int, vocab_size: int) -> list[int]:
+    return [int(x) for x in rng.integers(10, vocab_size - 10, size=n)]
+
+
+def random_requests(num_prompts: int, input_len: int, output_len: int, vocab_size: int,
+                    range_ratio: float = 0.0, seed: int = 0) -> list[SampleRequest]:
+    """vLLM's random dataset with token-id prompts."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
+    rng = np.random.default_rng(seed)
+    ins = _uniform_lens(rng, num_prompts, input_len, range_ratio)
+    outs = _uniform_lens(rng, num_prompts, output_len, range_ratio)
+    return [SampleRequest(_token_ids(rng, i, vocab_size), i, o) for i, o in zip(ins, outs)]
+
+
+def synthetic_sharegpt_lengths(num_prompts: int, input_median: int = 128, output_median: int = 128,
+                               seed: int = 0, max_input: int = 1024, max_output: int = 1024,
+                               max_model_len: int = 2048) -> list[tuple[int, int]]:
+    """(input, output) length pairs from the lognormals documented above."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for z_in, z_out in rng.standard_normal((num_prompts, 2)):
+        i = int(np.clip(round(input_median * math.exp(SYNTH_INPUT_SIGMA * z_in)), MIN_TOKENS, max_input))
+        o = int(np.clip(round(output_median * math.exp(SYNTH_OUTPUT_SIGMA * z_out)), MIN_TOKENS,
+                        max_output))
+        pairs.append((i, max(MIN_TOKENS, min(o, max_model_len - i))))
+    return pairs
+
+
+def synthetic_sharegpt_requests(num_prompts: int, vocab_size: int, input_median: int = 128,
+                                output_median: int = 128, seed: int = 0, max_model_len: int = 2048
+                                ) -> list[SampleRequest]:
+    rng = np.random.default_rng(seed + 1)
+    return [SampleRequest(_token_ids(rng, i, vocab_size), i, o) for i, o in
+            synthetic_sharegpt_lengths(num_prompts, input_median, output_median, seed,
+                                       max_model_len=max_model_len)]
+
+
+def sharegpt_requests(path: str, num_prompts: int, encode: Callable[[str], list[int]],
+                      fixed_output_len: int | None = None, seed: int = 0) -> list[SampleRequest]:
+    """Text prompts from a ShareGPT JSON file, filtered as vLLM does (see module docstring)."""
+    with open(path) as f:
+        data = json.load(f)
+    convs = [d["conversations"] for d in data if len(d.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(convs)
+    out: list[SampleRequest] = []
+    for conv in convs:
+        if len(out) == num_prompts:
+            break
+        prompt, completion = conv[0]["value"], conv[1]["value"]
+        prompt_len = len(encode(prompt))
+        output_len = fixed_output_len or len(encode(completion))
+        if prompt_len < MIN_TOKENS or output_len < MIN_TOKENS:
+            continue
+        if prompt_len > 1024 or prompt_len + output_len > 2048:
+            continue
+        out.append(SampleRequest(prompt, prompt_len, output_len))
+    return out
+
+
+def arrival_offsets(num: int, request_rate: float, burstiness: float = 1.0, seed: int = 0
+                    ) -> list[float]:
+    """Send time of each request, seconds after the benchmark starts: non-decreasing, the first
+    always 0 (vLLM sends the first request at once, then sleeps each gap)."""
+    if math.isinf(request_rate):
+        return [0.0] * num
+    if request_rate <= 0 or burstiness <= 0:
+        raise ValueError("request_rate and burstiness must be > 0")
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num)
+    return [0.0] + [float(x) for x in np.cumsum(gaps[:-1])]
