@@ -21,11 +21,10 @@ import argparse
 import asyncio
 import json
 import math
-import platform
 import sys
 import time
-from datetime import date
 
+from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
 from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets, random_requests,
                                                sharegpt_requests, synthetic_sharegpt_requests)
@@ -294,8 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     requests = build_requests(args)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
-    result = {"benchmark": "serving", "date": date.today().isoformat(),
-              "machine": platform.platform(), "model": args.model,
+    result = {**result_header("serving"), "model": args.model,
               "workload": {"dataset": args.dataset, "num_prompts": len(requests),
                            "input_len": args.input_len, "output_len": args.output_len,
                            "range_ratio": args.range_ratio, "seed": args.seed},
@@ -304,8 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["rows"] = run_sweep(args, requests, slo)
     else:
         result.update(_bench_once(args, requests, args.base_url, slo))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result, args.out)
     if args.sweep_rates:
         try:
             from adrenaline.bench.plots import plot_sweep
