@@ -29,12 +29,25 @@ from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Sl
 from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets, random_requests,
                                                sharegpt_requests, synthetic_sharegpt_requests)
 
-# system name -> app args it overrides (sweep mode)
-SYSTEMS: dict[str, dict] = {
-    "none": {"policy": "none", "executor": {"enabled": False}},
-    "static": {"policy": "static", "executor": {"enabled": True}},
-    "load_aware": {"policy": "load_aware", "executor": {"enabled": True}},
+# system name -> (policy, policy options) in sweep mode; the same as the offload benchmark's
+SYSTEMS: dict[str, tuple[str, dict]] = {
+    "none": ("none", {}),
+    "static": ("static", {"ratio": 0.75}),
+    "load_aware": ("load_aware", {"tpot_slo_ms": 250}),
 }
+
+
+def sweep_app_args(args, system: str) -> dict:
+    """A KV-capacity-bound 1P1D layout: the decode budget caps its batch; the
+    executor's budget stands for the prefill GPU's idle memory."""
+    policy, options = SYSTEMS[system]
+    engine = {"num_threads": 1}
+    return {"model": args.model, "dtype": args.dtype, "policy": policy,
+            "policy_options": options,
+            "prefill": {"engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
+            "decode": {"engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens}},
+            "executor": {"enabled": system != "none",
+                         "engine": {**engine, "kv_cache_tokens": args.executor_kv_tokens}}}
 
 
 class _Progress:
@@ -225,8 +238,7 @@ def run_sweep(args, requests: list[SampleRequest], slo: Slo) -> list[dict]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base_url = f"http://127.0.0.1:{port}"
         for system in systems:
-            app_args = {"model": args.model, "dtype": args.dtype, **SYSTEMS[system]}
-            serve.run(build_app(app_args), name=f"sweep-{system}", route_prefix="/")
+            serve.run(build_app(sweep_app_args(args, system)), name=f"sweep-{system}", route_prefix="/")
             _wait_healthy(base_url)
             asyncio.run(run_benchmark(base_url, args.model, requests[:2], progress=False))  # warm-up
             for rate in rates:
@@ -280,6 +292,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sweep-rates", default=None, help="e.g. 0.5,1,2: sweep mode")
     ap.add_argument("--systems", default="none,static,load_aware")
     ap.add_argument("--num-cpus", type=int, default=2, help="sweep mode: ray.init num_cpus")
+    ap.add_argument("--decode-kv-tokens", type=int, default=1536, help="sweep mode")
+    ap.add_argument("--prefill-kv-tokens", type=int, default=8192, help="sweep mode")
+    ap.add_argument("--executor-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", required=True)
