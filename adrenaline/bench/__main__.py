@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = {"engine": "adrenaline.bench.engine_bench", "serve": "adrenaline.bench.serve_bench",
-              "serving": "adrenaline.bench.serving",
-              "offload": "adrenaline.bench.offload_bench"}
+BENCHMARKS = {
+    "engine": "adrenaline.bench.engine_bench",
+    "serve": "adrenaline.bench.serve_bench",
+    "serving": "adrenaline.bench.serving",
+    "offload": "adrenaline.bench.offload_bench",
+    "roofline": "adrenaline.bench.roofline",
+}
 
 
 def main() -> None:

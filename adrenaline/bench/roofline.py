@@ -1,0 +1,111 @@
+"""The machine's own ceilings, and where the decode step sits against them.
+
+Measures, with the given torch thread budget: memory bandwidth (a large
+tensor copy, read + write), peak matmul rate (large bf16/fp32 GEMMs), and
+the engine's decode step time at several batch sizes. For each batch it
+reports the step's bytes read (all weights once + the batch's KV) over the
+step time as a share of the measured bandwidth, and its FLOPs over the step
+time as a share of the measured matmul peak.
+
+    python -m adrenaline.bench roofline --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from adrenaline.bench.report import result_header, write_result
+from adrenaline.policy.profile import measure_copy_bandwidth
+
+
+def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of a square GEMM (best of ``repeats``)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def decode_step_times(model: str, dtype: str, batches: list[int], prompt_len: int,
+                      steps: int, threads: int) -> tuple[dict[int, float], object]:
+    """Median decode step seconds per batch size, on one EngineCore."""
+    from adrenaline.config import EngineConfig
+    from adrenaline.engine.core import EngineCore
+    from adrenaline.sampling_params import SamplingParams
+
+    engine = EngineCore(model, dtype=dtype, config=EngineConfig(
+        num_threads=threads, max_num_seqs=max(batches),
+        kv_cache_tokens=max(batches) * (prompt_len + steps + 32)))
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
+    times: dict[int, float] = {}
+    for b in batches:
+        ids = [f"b{b}-{i}" for i in range(b)]
+        for i, rid in enumerate(ids):
+            engine.add_request(rid, [(7 * i + t) % (vocab - 10) + 5 for t in range(prompt_len)],
+                               params)
+        while engine.scheduler.waiting:
+            engine.step()  # prefill
+        samples = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            samples.append(time.perf_counter() - start)
+        for rid in ids:
+            engine.abort(rid)
+        times[b] = statistics.median(samples)
+    return times, engine
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m adrenaline.bench roofline")
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    bandwidth = measure_copy_bandwidth()
+    peak = {d: measure_matmul_peak(getattr(torch, d)) for d in ("bfloat16", "float32")}
+    times, engine = decode_step_times(args.model, args.dtype, batches, args.prompt_len,
+                                      args.steps, args.threads)
+    from adrenaline.engine.kv_pool import kv_bytes_per_token
+
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    params = sum(p.numel() for p in engine.model.parameters())
+    kv_token = kv_bytes_per_token(engine.model_config, engine.dtype)
+    seq = args.prompt_len + args.steps // 2  # mean context during the timed steps
+    rows = []
+    for b, t in times.items():
+        bytes_read = weights + b * seq * kv_token
+        flops = 2 * params * b  # matmuls dominate; attention adds ~4 * seq * hidden per layer
+        rows.append({"batch": b, "step_ms": t * 1e3, "tok_s": b / t,
+                     "bytes_per_step": bytes_read, "achieved_gbs": bytes_read / t / 1e9,
+                     "bandwidth_share": bytes_read / t / 1e9 / bandwidth,
+                     "achieved_gflops": flops / t / 1e9,
+                     "matmul_peak_share": flops / t / 1e9 / peak[args.dtype]})
+    result = {**result_header("roofline"), "threads": args.threads, "model": args.model,
+              "dtype": args.dtype, "copy_bandwidth_gbs": bandwidth,
+              "matmul_peak_gflops": peak, "weight_bytes": weights, "rows": rows}
+    print(f"\nroofline: {args.model} {args.dtype}, {args.threads} threads; copy bandwidth "
+          f"{bandwidth:.1f} GB/s, matmul peak bf16 {peak['bfloat16']:.0f} / fp32 "
+          f"{peak['float32']:.0f} GFLOP/s, weights {weights / 1e6:.0f} MB")
+    print(f"{'batch':>6}{'step ms':>9}{'tok/s':>8}{'GB/s':>7}{'of bw':>7}{'GFLOP/s':>9}{'of peak':>9}")
+    for r in rows:
+        print(f"{r['batch']:>6}{r['step_ms']:>9.1f}{r['tok_s']:>8.0f}{r['achieved_gbs']:>7.1f}"
+              f"{r['bandwidth_share']:>7.2f}{r['achieved_gflops']:>9.0f}{r['matmul_peak_share']:>9.2f}")
+    write_result(result, args.out)
+    return result
