@@ -65,7 +65,8 @@ def bench_system(name: str, args, prompts) -> dict:
     app_args = {
         "model": args.model, "dtype": args.dtype, "policy": policy, "policy_options": options,
         "prefill": {"engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
-        "decode": {"engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens}},
+        "decode": {"engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
+                              "num_threads": args.decode_threads}},
         "executor": {"enabled": name != "none",
                      "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
     }
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-kv-tokens", type=int, default=1536, help="caps the decode batch")
     ap.add_argument("--prefill-kv-tokens", type=int, default=8192)
     ap.add_argument("--executor-kv-tokens", type=int, default=8192)
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="torch threads of the decode worker (prefill and executor get 1)")
     ap.add_argument("--systems", default="none,static,load_aware")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,
               "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len",
                                                          "decode_kv_tokens", "prefill_kv_tokens",
-                                                         "executor_kv_tokens", "seed")},
+                                                         "executor_kv_tokens", "decode_threads",
+                                                         "seed")},
               "rows": rows}
     _print(result)
     write_result(result, args.out)
