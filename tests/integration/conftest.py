@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from tests.integration.serve_helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -16,10 +17,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # HTTP on a free port: a developer's own `serve run` may hold 8000.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     yield ray
     serve.shutdown()
     ray.shutdown()

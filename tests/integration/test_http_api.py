@@ -8,12 +8,12 @@ still serves and every KV block is free.
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
 
 from adrenaline import LLM, SamplingParams
+from tests.integration.serve_helpers import free_port, serve_http_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -33,28 +33,15 @@ def server(request, ray_cluster):
             "decode": {"num_instances": 1, "engine": {"kv_cache_tokens": DECODE_KV_TOKENS}}}
     # A free port, not 8000: another Ray cluster on this machine may hold 8000. If Serve
     # already runs in this cluster (an earlier module), this is a no-op: ask for its port.
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{_serve_http_port()}", timeout=120) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{serve_http_port()}", timeout=120) as client:
         deadline = time.monotonic() + 120
         while client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "the app never became healthy"
             time.sleep(0.5)
         yield client
     serve.delete(APP_NAME)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_http_port() -> int:
-    import ray
-    from ray.serve.context import _get_global_client
-
-    return ray.get(_get_global_client()._controller.get_http_config.remote()).port
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from tests.integration.serve_helpers import free_port, serve_http_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -33,28 +33,15 @@ def base_url(ray_cluster):
 
     from adrenaline.serve.app import build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # no-op if running
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if running
     serve.run(build_app({"model": "tiny"}), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{_serve_http_port()}"
+    url = f"http://127.0.0.1:{serve_http_port()}"
     deadline = time.monotonic() + 120
     while httpx.get(url + "/health", timeout=10).status_code != 200:
         assert time.monotonic() < deadline, "the app never became healthy"
         time.sleep(0.5)
     yield url
     serve.delete(APP_NAME)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_http_port() -> int:
-    import ray
-    from ray.serve.context import _get_global_client
-
-    return ray.get(_get_global_client()._controller.get_http_config.remote()).port
 
 
 @pytest.mark.skipif(not LOCUST.exists(), reason="locust is not installed in this venv")
