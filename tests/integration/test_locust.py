@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.integration.serve_helpers import free_port, serve_http_port
 
 httpx = pytest.importorskip("httpx")
