@@ -7,7 +7,10 @@ one), so several Ingress instances in one process (tests) do not collide.
   TTFT, TPOT = (e2e - ttft) / (n_out - 1) (only when n_out > 1), e2e latency,
   requests by finish reason, prompt and generation token counters.
 * Per worker (refreshed from ``router.metrics()`` on each scrape, labels
-  ``role`` and ``index``): running and waiting requests, KV blocks used and free.
+  ``role`` and ``index``, roles prefill, decode and executor): running and waiting
+  requests, KV blocks used and free, offloaded requests, and the workers' cumulative
+  steps, busy seconds (compute use), executor KV bytes read (bandwidth use) and
+  decode time waiting on executors.
   Workers absent from the latest poll are dropped, so no stale series remain.
 """
 
@@ -57,7 +60,25 @@ class IngressMetrics:
                              "KV cache blocks in use on a worker", _WORKER_LABELS, registry=r)
         self.kv_free = Gauge("adrenaline_worker_kv_blocks_free",
                              "KV cache blocks free on a worker", _WORKER_LABELS, registry=r)
-        self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free)
+        # Offloading and compute use; cumulative values are gauges set from the workers'
+        # own totals (use rate() on them), since a restarted worker restarts its totals.
+        self.offloaded = Gauge("adrenaline_worker_offloaded_requests",
+                               "Decode: running requests whose attention is on an executor",
+                               _WORKER_LABELS, registry=r)
+        self.steps = Gauge("adrenaline_worker_steps", "Engine steps run (cumulative)",
+                           _WORKER_LABELS, registry=r)
+        self.busy = Gauge("adrenaline_worker_busy_seconds",
+                          "Time in decode steps or executor attention (cumulative; compute use)",
+                          _WORKER_LABELS, registry=r)
+        self.attn_bytes = Gauge("adrenaline_worker_attention_kv_bytes_read",
+                                "Executor: KV bytes attention read (cumulative; bandwidth use)",
+                                _WORKER_LABELS, registry=r)
+        self.remote_wait = Gauge("adrenaline_worker_remote_attention_wait_seconds",
+                                 "Decode: time waiting on executors' outputs (cumulative)",
+                                 _WORKER_LABELS, registry=r)
+        self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free,
+                               self.offloaded, self.steps, self.busy, self.attn_bytes,
+                               self.remote_wait)
 
     def track(self, num_prompt_tokens: int, start: float | None = None) -> RequestTracker:
         """A tracker for one request that arrived at ``start`` (time.perf_counter())."""
@@ -74,6 +95,11 @@ class IngressMetrics:
             self.waiting.labels(*labels).set(w.num_waiting)
             self.kv_used.labels(*labels).set(w.kv_blocks_used)
             self.kv_free.labels(*labels).set(w.kv_blocks_total - w.kv_blocks_used)
+            self.offloaded.labels(*labels).set(w.num_offloaded)
+            self.steps.labels(*labels).set(w.num_steps)
+            self.busy.labels(*labels).set(w.step_time_s + w.busy_s)
+            self.attn_bytes.labels(*labels).set(w.kv_bytes_read)
+            self.remote_wait.labels(*labels).set(w.remote_wait_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

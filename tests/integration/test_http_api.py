@@ -271,3 +271,5 @@ def test_still_serving_and_all_kv_free(server, router, offline):
     assert "adrenaline_time_to_first_token_seconds_count" in text
     assert 'adrenaline_worker_kv_blocks_used{index="0",role="decode"} 0.0' in text
     assert 'adrenaline_worker_kv_blocks_free{index="0",role="decode"}' in text
+    assert 'adrenaline_worker_offloaded_requests{index="0",role="decode"} 0.0' in text
+    assert 'adrenaline_worker_steps{index="0",role="decode"}' in text
