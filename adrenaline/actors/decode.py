@@ -22,9 +22,8 @@ from adrenaline.actors.comm_thread import CommThread
 from adrenaline.actors.engine_thread import EngineThread
 from adrenaline.engine.remote_attention import RemoteAttention
 from adrenaline.engine.request import Request
-from adrenaline.policy.profile import measure_copy_bandwidth
+from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
 from adrenaline.protocol import GenerateRequest, PrefillResult, TokenDelta, WorkerInfo, WorkerMetrics
-from adrenaline.sampling_params import SamplingParams
 from adrenaline.serve.config import AppArgs
 
 
@@ -94,30 +93,8 @@ class DecodeWorker:
     async def profile_steps(self, batch_sizes: list[int], prompt_len: int = 8,
                             repeats: int = 3) -> dict[int, float]:
         """Start-up only: median decode step seconds at each batch size (synthetic requests)."""
-        return await self.engine.run(self._profile_steps, batch_sizes, prompt_len, repeats)
-
-    def _profile_steps(self, batch_sizes, prompt_len, repeats):
-        engine = self.engine.engine
-        params = SamplingParams(max_tokens=repeats + 2, temperature=0, ignore_eos=True)
-        per_request = engine.block_manager.blocks_for(prompt_len + repeats + 2)
-        times: dict[int, float] = {}
-        for b in batch_sizes:
-            if b * per_request > engine.num_kv_blocks:
-                break  # the pool cannot hold this batch even with short sequences
-            ids = [f"profile-{b}-{i}" for i in range(b)]
-            for i, rid in enumerate(ids):
-                engine.add_request(rid, [10 + (i + t) % 100 for t in range(prompt_len)], params)
-            while engine.scheduler.waiting:
-                engine.step()  # prefill
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                engine.step()
-                samples.append(time.perf_counter() - start)
-            for rid in ids:
-                engine.abort(rid)
-            times[b] = sorted(samples)[len(samples) // 2]
-        return times
+        return await self.engine.run(profile_decode_steps, self.engine.engine, batch_sizes,
+                                     prompt_len, repeats)
 
     async def measure_bandwidth(self) -> float:
         return await self.engine.run(measure_copy_bandwidth)

@@ -13,13 +13,12 @@ time as a share of the measured matmul peak.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from adrenaline.bench.report import result_header, write_result
-from adrenaline.policy.profile import measure_copy_bandwidth
+from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
@@ -40,30 +39,11 @@ def decode_step_times(model: str, dtype: str, batches: list[int], prompt_len: in
     """Median decode step seconds per batch size, on one EngineCore."""
     from adrenaline.config import EngineConfig
     from adrenaline.engine.core import EngineCore
-    from adrenaline.sampling_params import SamplingParams
 
     engine = EngineCore(model, dtype=dtype, config=EngineConfig(
         num_threads=threads, max_num_seqs=max(batches),
         kv_cache_tokens=max(batches) * (prompt_len + steps + 32)))
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
-    vocab = engine.model_config.vocab_size
-    times: dict[int, float] = {}
-    for b in batches:
-        ids = [f"b{b}-{i}" for i in range(b)]
-        for i, rid in enumerate(ids):
-            engine.add_request(rid, [(7 * i + t) % (vocab - 10) + 5 for t in range(prompt_len)],
-                               params)
-        while engine.scheduler.waiting:
-            engine.step()  # prefill
-        samples = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            engine.step()
-            samples.append(time.perf_counter() - start)
-        for rid in ids:
-            engine.abort(rid)
-        times[b] = statistics.median(samples)
-    return times, engine
+    return profile_decode_steps(engine, batches, prompt_len, steps), engine
 
 
 def main(argv: list[str] | None = None) -> dict:

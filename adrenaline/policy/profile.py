@@ -43,6 +43,41 @@ def profile_cluster(cluster, args) -> ClusterProfile:
         executor_capacity_tokens=list(cluster.executor_capacity_tokens))
 
 
+def profile_decode_steps(engine, batch_sizes: list[int], prompt_len: int, steps: int
+                         ) -> dict[int, float]:
+    """Median decode step seconds of ``engine`` (an idle EngineCore) at each batch size.
+
+    Synthetic requests of ``prompt_len`` tokens are prefilled, timed over ``steps``
+    decode steps, then aborted, so the engine is left as it was. Batch sizes the
+    pool cannot hold are skipped, along with every larger one after them.
+    """
+    import statistics
+    import time
+
+    from adrenaline.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    per_request = engine.block_manager.blocks_for(prompt_len + steps + 2)
+    times: dict[int, float] = {}
+    for b in batch_sizes:
+        if b * per_request > engine.num_kv_blocks:
+            break
+        ids = [f"profile-{b}-{i}" for i in range(b)]
+        for i, rid in enumerate(ids):
+            engine.add_request(rid, [10 + (7 * i + t) % 100 for t in range(prompt_len)], params)
+        while engine.scheduler.waiting:
+            engine.step()  # prefill
+        samples = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            samples.append(time.perf_counter() - start)
+        for rid in ids:
+            engine.abort(rid)
+        times[b] = statistics.median(samples)
+    return times
+
+
 def measure_copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 3) -> float:
     """GB/s of a large tensor copy with the calling thread's torch thread budget."""
     import time
