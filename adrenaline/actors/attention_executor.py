@@ -75,7 +75,7 @@ class AttentionExecutor:
     async def measure_bandwidth(self) -> float:
         def run() -> float:
             torch.set_num_threads(self.num_threads)
-            return measure_copy_bandwidth()
+            return measure_copy_bandwidth(device=self.service.device)
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 

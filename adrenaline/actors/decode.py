@@ -97,7 +97,8 @@ class DecodeWorker:
                                      prompt_len, repeats)
 
     async def measure_bandwidth(self) -> float:
-        return await self.engine.run(measure_copy_bandwidth)
+        return await self.engine.run(measure_copy_bandwidth, 256 << 20, 3,
+                                     self.engine.engine.device)
 
     async def poll(self) -> list[TokenDelta]:
         """All deltas since the previous poll (waits until there is at least one)."""

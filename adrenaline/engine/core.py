@@ -82,12 +82,21 @@ class EngineCore:
         self.model = load_model(self.model_dir, mc, self.dtype, self.device, self.max_model_len)
         self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs)
+        use_graphs = (graph_batch > 0 and self.device.type == "cuda"
+                      and self.backend.supports_cuda_graphs)
         self.pool = KVPool(mc.num_hidden_layers, self.num_kv_blocks, config.block_size,
-                           self.backend, self.dtype, self.device)
+                           self.backend, self.dtype, self.device, scratch_blocks=int(use_graphs))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.backend, self.pool, self.block_manager,
                                   Sampler(config.seed), self.device)
+        if use_graphs:
+            from adrenaline.engine.cuda_graphs import DecodeGraphs
+            self.runner.graphs = DecodeGraphs(
+                self.model, self.backend, self.pool, scratch_block=self.num_kv_blocks,
+                max_batch=graph_batch, max_blocks_per_seq=-(-self.max_model_len // config.block_size),
+                device=self.device)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefilled, blocks kept until export_kv + release
         self._arrivals = itertools.count()

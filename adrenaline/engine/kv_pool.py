@@ -37,10 +37,11 @@ class KVPool:
     """One key and one value page tensor per layer, in the backend's layout."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, backend: AttentionBackend,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, scratch_blocks: int = 0):
+        # Blocks num_blocks.. are scratch (CUDA-graph padding writes there), never handed out.
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = backend.kv_cache_shape(num_blocks, block_size)
+        shape = backend.kv_cache_shape(num_blocks + scratch_blocks, block_size)
         self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device)
                                       for _ in range(num_layers)]
         self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device)

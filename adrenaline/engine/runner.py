@@ -19,6 +19,8 @@ class ModelRunner:
                  block_manager: BlockManager, sampler: Sampler, device: torch.device):
         # Set by a decode worker that offloads: attention of offloaded requests runs there.
         self.remote: RemoteAttention | None = None
+        # Set by EngineCore on CUDA: captured decode steps (engine/cuda_graphs.py).
+        self.graphs = None
         self.model = model
         self.backend = backend
         self.pool = pool
@@ -47,8 +49,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> tuple[list[int], list[dict[int, float] | None]]:
         """Run one step; returns the next token (and logprobs) of every request in it."""
-        input_ids, positions = self.build_inputs(step)
         local = [i for i, r in enumerate(step.requests) if not r.is_offloaded]
+        if (self.graphs is not None and not step.is_prefill and len(local) == len(step.requests)
+                and len(local) <= self.graphs.max_batch):
+            return self.sampler(self._replay_decode(step), step.requests)
+        input_ids, positions = self.build_inputs(step)
         if len(local) == len(step.requests):
             attention = self._local_attention(self.build_metadata(step, local))
         else:  # decode step with offloaded requests (they are never prefilled here)
@@ -61,6 +66,12 @@ class ModelRunner:
         last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last])
         return self.sampler(logits, step.requests)
+
+    def _replay_decode(self, step: SchedulerOutput) -> torch.Tensor:
+        """A decode step (one new token per request) through the captured graphs: logits [n, V]."""
+        ctx = list(step.context_lens)
+        return self.graphs.run([r.token_ids[c] for r, c in zip(step.requests, ctx)], ctx, ctx,
+                               [self.bm.block_table(r.request_id) for r in step.requests])
 
     def _local_attention(self, meta: AttentionMetadata):
         self.backend.prepare(meta)

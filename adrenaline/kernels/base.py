@@ -24,6 +24,8 @@ class AttentionBackend(ABC):
 
     # Which dimension of a page tensor indexes blocks (KV handoff copies whole blocks along it).
     block_dim: int = 0
+    # Whether make_graph_state / plan_graph_state / forward_graph exist (engine/cuda_graphs.py).
+    supports_cuda_graphs: bool = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
         self.num_heads = num_heads

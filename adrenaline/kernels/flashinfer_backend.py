@@ -40,6 +40,16 @@ class _FlashInferState:
     dtypes: tuple[torch.dtype, torch.dtype] | None = None  # (q, kv) dtypes it was planned for
 
 
+@dataclass
+class GraphDecodeState:
+    """One CUDA-graph bucket's decode wrapper and the fixed buffers its kernels read."""
+
+    batch_size: int
+    max_pages: int
+    wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # indptr, indices, last_page_len
+
+
 class FlashInferAttention(AttentionBackend):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
                  *, device: torch.device | str = "cuda", dtype: torch.dtype | None = None):
@@ -65,6 +75,12 @@ class FlashInferAttention(AttentionBackend):
         if meta.num_seqs == 0:
             meta.backend_state = None
             return
+        state = self._page_table(meta)
+        meta.backend_state = state
+        if self.dtype is not None:
+            self._plan(meta, state, self.dtype, self.dtype)
+
+    def _page_table(self, meta: AttentionMetadata) -> _FlashInferState:
         bs = meta.block_size
         seq_lens = [c + q for c, q in zip(meta.context_lens, meta.query_lens)]
         num_pages = [-(-n // bs) for n in seq_lens]
@@ -83,10 +99,7 @@ class FlashInferAttention(AttentionBackend):
         qo_indptr = torch.zeros(meta.num_seqs + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.tensor(meta.query_lens, dtype=torch.int32).cumsum(0)
         last = torch.tensor([n - (p - 1) * bs for n, p in zip(seq_lens, num_pages)], dtype=torch.int32)
-        state = _FlashInferState(qo_indptr, kv_indptr, kv_indices, last)
-        meta.backend_state = state
-        if self.dtype is not None:
-            self._plan(meta, state, self.dtype, self.dtype)
+        return _FlashInferState(qo_indptr, kv_indptr, kv_indices, last)
 
     def _wrapper(self, meta: AttentionMetadata) -> _Wrapper:
         return self._prefill if meta.is_prefill else self._decode
@@ -128,3 +141,40 @@ class FlashInferAttention(AttentionBackend):
             # re-planned for another meta in between: plan again (once per step normally).
             self._plan(meta, st, q.dtype, k_cache.dtype)
         return wrapper.run(q.contiguous(), (k_cache, v_cache))
+
+    # ---- CUDA graphs (engine/cuda_graphs.py): decode steps of a fixed batch size
+
+    supports_cuda_graphs = True
+
+    def make_graph_state(self, batch_size: int, max_pages: int) -> GraphDecodeState:
+        """A decode wrapper whose page table lives in fixed device buffers (graph-safe)."""
+        dev = self.device
+        indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=dev)
+        indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
+        last = torch.ones(batch_size, dtype=torch.int32, device=dev)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
+            paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
+        return GraphDecodeState(batch_size, max_pages, wrapper, (indptr, indices, last))
+
+    def plan_graph_state(self, state: GraphDecodeState, meta: AttentionMetadata,
+                         dtype: torch.dtype) -> None:
+        """Re-plan ``state`` for ``meta`` (a decode step of exactly ``state.batch_size`` seqs).
+
+        Runs before each replay: plan() copies the page table into the fixed buffers
+        the captured kernels read.
+        """
+        assert not meta.is_prefill and meta.num_seqs == state.batch_size
+        st = self._page_table(meta)
+        if st.kv_indices.numel() > state.max_pages:
+            raise ValueError(f"graph page table holds {state.max_pages} pages, "
+                             f"the step needs {st.kv_indices.numel()}")
+        state.wrapper.plan(st.kv_indptr, st.kv_indices, st.kv_last_page_len,
+                           self.num_heads, self.num_kv_heads, self.head_dim, meta.block_size,
+                           sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
+
+    def forward_graph(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      state: GraphDecodeState) -> torch.Tensor:
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return state.wrapper.run(q.contiguous(), (k_cache, v_cache))

@@ -61,6 +61,18 @@ def builtin_path(name: str) -> Path:
 
 def _write_checkpoint(name: str, out: Path) -> None:
     spec = BUILTINS[name]
+    write_random_checkpoint(out, spec)
+    _write_tokenizer(out, spec["vocab_size"], spec["max_position_embeddings"])
+
+
+def write_random_checkpoint(out: Path, spec: dict) -> Path:
+    """An HF-format Llama directory (config.json + weights, no tokenizer) with seeded random weights.
+
+    ``spec`` holds the config fields of BUILTINS' entries; prompts to such a model
+    are token ids.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
@@ -68,9 +80,9 @@ def _write_checkpoint(name: str, out: Path) -> None:
         **spec,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(out, spec["vocab_size"], spec["max_position_embeddings"])
     dtype = getattr(torch, spec["torch_dtype"])
     save_file(_random_weights(spec, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def _random_weights(spec: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ray
-
 
 @dataclass(frozen=True)
 class ClusterProfile:
@@ -32,6 +30,8 @@ PROFILE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def profile_cluster(cluster, args) -> ClusterProfile:
+    import ray
+
     decode = cluster.decode
     steps = ray.get(decode[0].profile_steps.remote(list(PROFILE_BATCHES)))
     dec_bw = ray.get([d.measure_bandwidth.remote() for d in decode])
@@ -78,18 +78,22 @@ def profile_decode_steps(engine, batch_sizes: list[int], prompt_len: int, steps:
     return times
 
 
-def measure_copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 3) -> float:
-    """GB/s of a large tensor copy with the calling thread's torch thread budget."""
+def measure_copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 3, device="cpu") -> float:
+    """GB/s of a large tensor copy on ``device`` (on CPU, with the calling thread's torch threads)."""
     import time
 
     import torch
 
-    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * num_bytes / best / 1e9  # read + write

@@ -1,0 +1,56 @@
+"""Compile flashinfer's JIT modules for the GPU check's shapes, all at once, in parallel.
+
+flashinfer compiles one module per (kind, dtype, head_dim, ...) on first use,
+under a file lock, into FLASHINFER_WORKSPACE_BASE. Triggering every module
+the check needs from its own process at start-up overlaps those compiles
+with each other and with the check's first stages; the check then finds
+them built (or waits on their locks).
+
+    python -m adrenaline.bench.flashinfer_warmup            # all modules, one process each
+    python -m adrenaline.bench.flashinfer_warmup decode 64  # one module (what each child runs)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import torch
+
+HEAD_DIMS = (128, 64)
+KINDS = ("decode", "prefill")
+
+
+def build_one(kind: str, head_dim: int) -> None:
+    from adrenaline.kernels.flashinfer_backend import FlashInferAttention
+    from adrenaline.kernels.metadata import AttentionMetadata
+
+    dev = torch.device("cuda")
+    backend = FlashInferAttention(8, 2, head_dim, device=dev, dtype=torch.bfloat16)
+    qlen = 1 if kind == "decode" else 5
+    meta = AttentionMetadata.build(is_prefill=kind == "prefill", query_lens=[qlen],
+                                   context_lens=[3], block_tables=[[0]], block_size=16, device=dev)
+    backend.prepare(meta)
+    shape = backend.kv_cache_shape(1, 16)
+    kc = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
+    vc = torch.zeros_like(kc)
+    q = torch.randn(qlen, 8, head_dim, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(qlen, 2, head_dim, device=dev, dtype=torch.bfloat16)
+    backend.forward(q, k, k.clone(), kc, vc, meta)
+    torch.cuda.synchronize()
+
+
+def main(argv: list[str]) -> int:
+    if argv:
+        start = time.perf_counter()
+        build_one(argv[0], int(argv[1]))
+        print(f"built {argv[0]} head_dim={argv[1]} in {time.perf_counter() - start:.1f}s", flush=True)
+        return 0
+    procs = [subprocess.Popen([sys.executable, "-m", __spec__.name, kind, str(d)])
+             for kind in KINDS for d in HEAD_DIMS]
+    return max(p.wait() for p in procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
