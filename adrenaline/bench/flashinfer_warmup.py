@@ -19,7 +19,8 @@ import time
 import torch
 
 HEAD_DIMS = (128, 64)
-KINDS = ("decode", "prefill")
+# decode: a 4-head query group (CUDA-core kernel); decode_tc: an 8-head group (tensor cores).
+KINDS = ("decode", "decode_tc", "prefill")
 
 
 def build_one(kind: str, head_dim: int) -> None:
@@ -27,15 +28,16 @@ def build_one(kind: str, head_dim: int) -> None:
     from adrenaline.kernels.metadata import AttentionMetadata
 
     dev = torch.device("cuda")
-    backend = FlashInferAttention(8, 2, head_dim, device=dev, dtype=torch.bfloat16)
-    qlen = 1 if kind == "decode" else 5
+    hq = 16 if kind == "decode_tc" else 8
+    backend = FlashInferAttention(hq, 2, head_dim, device=dev, dtype=torch.bfloat16)
+    qlen = 5 if kind == "prefill" else 1
     meta = AttentionMetadata.build(is_prefill=kind == "prefill", query_lens=[qlen],
                                    context_lens=[3], block_tables=[[0]], block_size=16, device=dev)
     backend.prepare(meta)
     shape = backend.kv_cache_shape(1, 16)
     kc = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
     vc = torch.zeros_like(kc)
-    q = torch.randn(qlen, 8, head_dim, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(qlen, hq, head_dim, device=dev, dtype=torch.bfloat16)
     k = torch.randn(qlen, 2, head_dim, device=dev, dtype=torch.bfloat16)
     backend.forward(q, k, k.clone(), kc, vc, meta)
     torch.cuda.synchronize()

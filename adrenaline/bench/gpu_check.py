@@ -318,6 +318,10 @@ def stage_engine(plan: Plan, ctx: dict) -> dict:
                      "roofline_share": moved / t / 1e9 / copy if copy else None})
     out = {"params_m": params / 1e6, "weight_mb": weights / 1e6, "load_s": load_s, "rows": rows,
            "graphs": graphs is not None}
+    if graphs is not None:  # the replay alone, without the step's host work (schedule, plan, sample)
+        for row in rows:
+            g = graphs.graphs[graphs.bucket_for(row["batch"])]
+            row["replay_ms"] = time_median(g.replay, plan.device, repeats=20) * 1e3
     if graphs is None:
         out["graph_check"] = "skipped (no CUDA graphs on this device/backend)"
         return out
@@ -437,6 +441,7 @@ def summary_lines(results: dict) -> list[str]:
         elif name == "engine" and res:
             key = "; ".join(f"b{x['batch']} {x['eager_ms']:.1f}"
                             + (f"/{x['graph_ms']:.1f}ms graph" if x["graph_ms"] else "ms")
+                            + (f" (replay {x['replay_ms']:.2f})" if "replay_ms" in x else "")
                             + (f" {x['roofline_share']:.2f} bw" if x["roofline_share"] else "")
                             for x in res["rows"])
         elif name == "offload" and res:

@@ -62,7 +62,12 @@ class FlashInferAttention(AttentionBackend):
         self.dtype = dtype
         # One float workspace shared by both wrappers: their runs never overlap (one stream).
         self._workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
+        # flashinfer's CUDA-core decode kernel is instantiated for query groups of 1-4, 6
+        # and 8 heads only (seen on an H200: group 7 fails to plan); larger groups run the
+        # tensor-core (prefill-kernel) decode, which takes any group and is faster there.
+        self._decode_tensor_cores = num_heads // num_kv_heads > 4
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=self._decode_tensor_cores)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         # A wrapper holds only its latest plan: _live[is_prefill] is the state that plan was
         # built from, so a meta whose plan was displaced by another meta's is re-planned.
@@ -153,7 +158,8 @@ class FlashInferAttention(AttentionBackend):
         indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
         last = torch.ones(batch_size, dtype=torch.int32, device=dev)
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=indptr,
+            self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self._decode_tensor_cores,
+            paged_kv_indptr_buffer=indptr,
             paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
         return GraphDecodeState(batch_size, max_pages, wrapper, (indptr, indices, last))
 

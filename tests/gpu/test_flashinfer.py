@@ -96,6 +96,7 @@ def test_write_kv_matches_torch_layout():
 
 HEADS = [(8, 8), (8, 2), (16, 2)]  # GQA group sizes 1, 4, 8
 DTYPES = [torch.bfloat16, torch.float16]
+DTYPE_IDS = ["bf16", "fp16"]  # select with -k (e.g. -k "not fp16")
 TOL = 2e-2
 
 
@@ -150,7 +151,7 @@ def _setup(hq, hkv, d, dtype, num_blocks, layers=1, seed=0):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv", HEADS)
 def test_decode_matches_torch(hq, hkv, d, dtype):
@@ -160,7 +161,7 @@ def test_decode_matches_torch(hq, hkv, d, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("specs", [
@@ -173,7 +174,7 @@ def test_prefill_matches_torch(specs, hq, hkv, d, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_wrapper_reuse_across_steps_and_layers(dtype):
     hq, hkv, d, nb = 16, 4, 128, 96
     fi, ref, fc, rc = _setup(hq, hkv, d, dtype, num_blocks=nb, layers=2)
