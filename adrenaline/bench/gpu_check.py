@@ -16,6 +16,8 @@ Stages (each one timed, its failure recorded without stopping the rest):
   offload      prefill + attention executor + decode on one device (engine/colocated.py):
                greedy tokens against the offline engine (float32, torch attention:
                exact; bf16, flashinfer, executor on an SM partition: reported)
+  offload_tput decode throughput with the decode KV budget capping the batch: all local
+               (none) vs local-then-executor placement (offload), side by side
   nccl         the cupy NCCL communicator up to what one GPU allows (id, 1-rank world)
 
 In --dry-run every stage runs on CPU with tiny shapes and the torch backend in
@@ -397,6 +399,62 @@ def stage_offload(plan: Plan, ctx: dict) -> dict:
     return out
 
 
+def stage_offload_tput(plan: Plan, ctx: dict) -> dict:
+    """Decode throughput on one device when the decode KV budget caps the batch.
+
+    The decode pool holds ``cap`` requests' final KV; the executor beside it holds
+    3 x cap more. ``none`` keeps every request local (batch <= cap); ``offload``
+    places requests locally while they fit, then on the executor (its kernels on
+    a green-context SM partition on CUDA). Same prompts, greedy, both in one run.
+    """
+    from adrenaline.config import EngineConfig
+    from adrenaline.engine.colocated import ColocatedPD
+    from adrenaline.sampling_params import SamplingParams
+
+    cap, prompt_len, out_len = (4, 24, 8) if plan.dry_run else (32, 512, 128)
+    n = 4 * cap
+    rng = random.Random(5)
+    vocab = plan.model["vocab_size"]
+    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(n)]
+    params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    per_req = -(-(prompt_len + out_len) // 16) * 16
+    stream, sms = None, None
+    if plan.device.type == "cuda":
+        from flashinfer.green_ctx import split_device_green_ctx_by_sm_count
+
+        streams, resources = split_device_green_ctx_by_sm_count(plan.device, [64])
+        stream, sms = streams[0], resources[0].sm.smCount
+    common = dict(max_model_len=2048, max_num_seqs=n)
+    pd = ColocatedPD(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
+                     prefill=EngineConfig(kv_cache_tokens=n * per_req, cuda_graph_max_batch=0,
+                                          **common),
+                     decode=EngineConfig(kv_cache_tokens=cap * per_req, **common),
+                     executor=EngineConfig(kv_cache_tokens=3 * cap * per_req, **common),
+                     executor_stream=stream)
+    rows = {}
+    try:
+        for name, how in (("none", lambda i: False), ("offload", "capacity")):
+            pd.generate(prompts[:cap + 2], params, offload=how)  # warm-up: graphs, plans
+            _sync(plan.device)
+            t0 = time.perf_counter()
+            done = pd.generate(prompts, params, offload=how)
+            _sync(plan.device)
+            wall = time.perf_counter() - t0
+            tokens = sum(r.num_output_tokens for r in done)
+            rows[name] = {"output_tok_s": tokens / wall, "wall_s": wall,
+                          "mean_decode_batch": pd.batch_size_sum / pd.num_steps,
+                          "decode_steps": pd.num_steps, "step_ms": wall / pd.num_steps * 1e3,
+                          "outputs": [r.output_token_ids for r in done]}
+        left = pd.blocks_in_use()
+    finally:
+        pd.close()
+    same = sum(a == b for a, b in zip(rows["none"].pop("outputs"), rows["offload"].pop("outputs")))
+    return {"requests": n, "prompt_len": prompt_len, "output_len": out_len,
+            "decode_capacity_requests": cap, "executor_sms": sms, "rows": rows,
+            "speedup": rows["offload"]["output_tok_s"] / rows["none"]["output_tok_s"],
+            "same_tokens": same, "blocks_left": left, "ok": not any(left.values())}
+
+
 def stage_nccl(plan: Plan, ctx: dict) -> dict:
     if plan.device.type != "cuda":
         return {"status": "skipped (CPU)"}
@@ -411,7 +469,7 @@ def stage_nccl(plan: Plan, ctx: dict) -> dict:
 
 STAGES = [("env", stage_env), ("ceilings", stage_ceilings), ("kernels", stage_kernels),
           ("attn_bw", stage_attn_bw), ("engine", stage_engine), ("offload", stage_offload),
-          ("nccl", stage_nccl)]
+          ("offload_tput", stage_offload_tput), ("nccl", stage_nccl)]
 
 
 def _verdict(result) -> str:
@@ -422,7 +480,7 @@ def _verdict(result) -> str:
 
 def summary_lines(results: dict) -> list[str]:
     """The short table printed last."""
-    lines = [f"{'stage':<10}{'status':<10}{'seconds':>8}  key numbers"]
+    lines = [f"{'stage':<13}{'status':<10}{'seconds':>8}  key numbers"]
     for name, r in results["stages"].items():
         res = r.get("result") or {}
         key = ""
@@ -450,9 +508,16 @@ def summary_lines(results: dict) -> list[str]:
             if isinstance(res.get("bf16_flashinfer"), dict):
                 bf = res["bf16_flashinfer"]
                 key += f"; bf16 {bf['equal']}/{bf['requests']} equal"
+        elif name == "offload_tput" and res:
+            rw = res["rows"]
+            key = (f"none {rw['none']['output_tok_s']:.0f} tok/s (batch "
+                   f"{rw['none']['mean_decode_batch']:.0f}), offload "
+                   f"{rw['offload']['output_tok_s']:.0f} tok/s (batch "
+                   f"{rw['offload']['mean_decode_batch']:.0f}): {res['speedup']:.2f}x; "
+                   f"same tokens {res['same_tokens']}/{res['requests']}")
         elif name == "nccl" and res:
             key = res.get("status") or res.get("one_rank_world", "")
-        lines.append(f"{name:<10}{r['status']:<10}{r['seconds']:>8.1f}  {key}")
+        lines.append(f"{name:<13}{r['status']:<10}{r['seconds']:>8.1f}  {key}")
     return lines
 
 

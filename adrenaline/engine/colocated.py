@@ -69,25 +69,59 @@ class ColocatedPD:
             self._executor_error = e
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
-                 offload: Callable[[int], bool] = lambda i: False) -> list[Request]:
-        """Run every prompt through prefill -> handoff -> decode; ``offload(i)`` picks prompt i's side.
+                 offload: Callable[[int], bool] | str = lambda i: False) -> list[Request]:
+        """Run every prompt through prefill -> handoff -> decode; returns them finished, in order.
 
-        Returns the finished requests in prompt order.
+        ``offload(i)`` fixes prompt i's side (True: the executor). ``offload="capacity"``
+        places each request, in arrival order, locally while the decode pool has room
+        for its whole output, else on the executor while that has room, else it waits.
+        A request is admitted only when its side can hold its final length, so decode
+        never preempts; its KV waits in the prefill pool until then.
         """
         reqs = [self.prefill.add_request(f"colo-{next(self._ids)}", list(p), params)
                 for p in prompts]
         while self.prefill.scheduler.waiting:
             self.prefill.prefill_step()
-        for i, r in enumerate(reqs):
-            if r.finish_reason is None:
-                self._handoff(r, offload(i))
-        while self.decode.has_unfinished:
+        pending = [(i, r) for i, r in enumerate(reqs) if r.finish_reason is None]
+        reserved = {False: 0, True: 0}  # blocks promised to admitted requests, per side
+        owner: dict[str, tuple[bool, int]] = {}
+        self.num_steps, self.batch_size_sum = 0, 0
+        while pending or self.decode.has_unfinished:
+            while pending:
+                i, r = pending[0]
+                need = self.decode.block_manager.blocks_for(
+                    min(r.num_prompt_tokens + params.max_tokens, self.decode.max_model_len))
+                side = self._side(i, need, reserved, offload)
+                if side is None:
+                    break
+                pending.pop(0)
+                reserved[side] += need
+                owner[r.request_id] = (side, need)
+                self._handoff(r, side)
+            if not self.decode.has_unfinished:
+                raise RuntimeError("a request fits neither the decode nor the executor KV budget")
             if self._executor_error is not None:
                 raise RuntimeError("attention executor failed") from self._executor_error
-            for r in self.decode.step():
-                if r.finish_reason is not None and r.is_offloaded:
+            stepped = self.decode.step()
+            self.num_steps += 1
+            self.batch_size_sum += len(stepped)
+            for r in stepped:
+                if r.finish_reason is None:
+                    continue
+                side, need = owner.pop(r.request_id)
+                reserved[side] -= need
+                if r.is_offloaded:
                     self.executor.free(r.remote_handle)
         return reqs
+
+    def _side(self, i: int, need: int, reserved: dict[bool, int], offload) -> bool | None:
+        """Where request i goes now (True: executor), or None to wait for room."""
+        room = {False: self.decode.num_kv_blocks - reserved[False],
+                True: self.executor.num_kv_blocks - reserved[True]}
+        if offload == "capacity":
+            return False if room[False] >= need else (True if room[True] >= need else None)
+        side = bool(offload(i))
+        return side if room[side] >= need else None
 
     def _handoff(self, r: Request, offloaded: bool) -> None:
         """Move a prefilled request's KV, on the device, into the decode or the executor pool."""

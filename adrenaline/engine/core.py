@@ -83,15 +83,18 @@ class EngineCore:
         self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
         graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs)
-        use_graphs = (graph_batch > 0 and self.device.type == "cuda"
-                      and self.backend.supports_cuda_graphs)
+        on_cuda = graph_batch > 0 and self.device.type == "cuda"
+        # One scratch block past the block manager's range: graph padding rows write there.
         self.pool = KVPool(mc.num_hidden_layers, self.num_kv_blocks, config.block_size,
-                           self.backend, self.dtype, self.device, scratch_blocks=int(use_graphs))
+                           self.backend, self.dtype, self.device, scratch_blocks=1)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.backend, self.pool, self.block_manager,
                                   Sampler(config.seed), self.device)
-        if use_graphs:
+        if on_cuda:
+            from adrenaline.engine.cuda_graphs import PiecewiseDecodeGraphs
+            self.runner.piecewise = PiecewiseDecodeGraphs(self.model, graph_batch, self.device)
+        if on_cuda and self.backend.supports_cuda_graphs:
             from adrenaline.engine.cuda_graphs import DecodeGraphs
             self.runner.graphs = DecodeGraphs(
                 self.model, self.backend, self.pool, scratch_block=self.num_kv_blocks,

@@ -117,3 +117,114 @@ class DecodeGraphs:
         self.graphs[b].replay()
         self.num_replays += 1
         return self.logits[b][:n]
+
+
+class PiecewiseDecodeGraphs:
+    """Decode steps with offloaded requests: per-layer graph segments around eager attention.
+
+    The per-layer exchange with the executors needs host calls between layers,
+    so such a step cannot be one graph. Segment 0 embeds and runs layer 0's
+    pre-attention; segment i (1..L-1) runs layer i-1's post-attention and layer
+    i's pre-attention; segment L runs layer L-1's post-attention, the final
+    norm and the logits. Between segments the runner's split attention (local
+    rows here, offloaded rows on the executors) runs eagerly, reading q/k/v
+    from and writing ``attn_out`` into static buffers.
+
+    Invariants: a bucket's segments depend only on the padded batch B, not on
+    the local/offloaded split (the split lives in the eager attention); padding
+    rows are local rows on the scratch block (as in DecodeGraphs); a bucket is
+    captured on its first use, while no other thread launches work on this
+    engine's stream (capture_error_mode="thread_local" leaves other threads,
+    such as a colocated executor's, free to run). With ``capture=False``
+    (CPU, tests) the segments run eagerly through the same buffers.
+    """
+
+    def __init__(self, model: LlamaModel, max_batch: int, device: torch.device,
+                 capture: bool = True):
+        cfg = model.cfg
+        self.model = model
+        self.device = device
+        self.capture = capture and device.type == "cuda"
+        self.buckets = graph_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        b, dt = self.max_batch, model.dtype
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.input_ids = torch.zeros(b, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=device)
+        self.residual = torch.zeros(b, cfg.hidden_size, dtype=dt, device=device)  # layer input
+        self.q = torch.zeros(b, hq, d, dtype=dt, device=device)
+        self.k = torch.zeros(b, hkv, d, dtype=dt, device=device)
+        self.v = torch.zeros(b, hkv, d, dtype=dt, device=device)
+        self.attn_out = torch.zeros(b, hq, d, dtype=dt, device=device)
+        self.segments: dict[int, list] = {}  # bucket -> L + 1 callables (replays or eager)
+        self._logits: dict[int, torch.Tensor] = {}
+        self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.num_replays = 0
+
+    def bucket_for(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _segment(self, n: int, i: int):
+        m, last = self.model, len(self.model.layers)
+
+        def run():
+            if i == 0:
+                hidden = m.embed_tokens(self.input_ids[:n])
+            else:
+                hidden = m.layers[i - 1].post_attention(self.attn_out[:n], self.residual[:n])
+            if i == last:
+                return m.compute_logits(m.final_hidden(hidden))
+            q, k, v = m.layers[i].pre_attention(hidden, self.positions[:n])
+            self.residual[:n].copy_(hidden)
+            self.q[:n].copy_(q)
+            self.k[:n].copy_(k)
+            self.v[:n].copy_(v)
+            return None
+
+        return run
+
+    def _ensure(self, n: int) -> list:
+        if n in self.segments:
+            return self.segments[n]
+        fns = [self._segment(n, i) for i in range(len(self.model.layers) + 1)]
+        if not self.capture:
+            self.segments[n] = fns
+            return fns
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graphs
+            for fn in fns:
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        replays = []
+        for i, fn in enumerate(fns):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+                out = fn()
+            if out is not None:
+                self._logits[n] = out
+            replays.append(graph.replay)
+        logits = self._logits[n]
+        last_replay = replays[-1]
+        replays[-1] = lambda: (last_replay(), logits)[1]
+        self.segments[n] = replays
+        return replays
+
+    @torch.inference_mode()
+    def run(self, input_ids: list[int], positions: list[int], attention) -> torch.Tensor:
+        """Logits [n, V] of a decode step; ``attention(layer, q, k, v)`` sees the padded batch."""
+        n = len(input_ids)
+        b = self.bucket_for(n)
+        segments = self._ensure(b)
+        pad = b - n
+        host = torch.tensor([list(input_ids) + [0] * pad, list(positions) + [0] * pad],
+                            dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True)
+        self.input_ids[:b].copy_(dev[0])
+        self.positions[:b].copy_(dev[1])
+        segments[0]()
+        for layer in range(len(self.model.layers)):
+            self.attn_out[:b].copy_(attention(layer, self.q[:b], self.k[:b], self.v[:b]))
+            out = segments[layer + 1]()
+        self.num_replays += 1
+        return out[:n]

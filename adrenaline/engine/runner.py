@@ -19,8 +19,12 @@ class ModelRunner:
                  block_manager: BlockManager, sampler: Sampler, device: torch.device):
         # Set by a decode worker that offloads: attention of offloaded requests runs there.
         self.remote: RemoteAttention | None = None
-        # Set by EngineCore on CUDA: captured decode steps (engine/cuda_graphs.py).
+        # Set by EngineCore on CUDA (engine/cuda_graphs.py): captured all-local decode steps,
+        # and per-layer segments for decode steps with offloaded requests.
         self.graphs = None
+        self.piecewise = None
+        # The pool's scratch block (past the block manager's range): padding rows write there.
+        self.scratch_block = block_manager.num_blocks
         self.model = model
         self.backend = backend
         self.pool = pool
@@ -53,6 +57,9 @@ class ModelRunner:
         if (self.graphs is not None and not step.is_prefill and len(local) == len(step.requests)
                 and len(local) <= self.graphs.max_batch):
             return self.sampler(self._replay_decode(step), step.requests)
+        if (self.piecewise is not None and not step.is_prefill and len(local) < len(step.requests)
+                and len(step.requests) <= self.piecewise.max_batch):
+            return self.sampler(self._replay_offloaded(step, local), step.requests)
         input_ids, positions = self.build_inputs(step)
         if len(local) == len(step.requests):
             attention = self._local_attention(self.build_metadata(step, local))
@@ -73,6 +80,17 @@ class ModelRunner:
         return self.graphs.run([r.token_ids[c] for r, c in zip(step.requests, ctx)], ctx, ctx,
                                [self.bm.block_table(r.request_id) for r in step.requests])
 
+    def _replay_offloaded(self, step: SchedulerOutput, local: list[int]) -> torch.Tensor:
+        """A decode step with offloaded requests through the piecewise graphs: logits [n, V]."""
+        ctx = list(step.context_lens)
+        attention = self._split_attention(step, local,
+                                          pad_to=self.piecewise.bucket_for(len(step.requests)))
+        try:
+            return self.piecewise.run([r.token_ids[c] for r, c in zip(step.requests, ctx)], ctx,
+                                      attention)
+        finally:
+            self.remote.end_step()
+
     def _local_attention(self, meta: AttentionMetadata):
         self.backend.prepare(meta)
         pool = self.pool
@@ -82,8 +100,12 @@ class ModelRunner:
 
         return attention
 
-    def _split_attention(self, step: SchedulerOutput, local: list[int]):
-        """Per layer: post each executor its rows' q, k, v; attend local rows; merge in order."""
+    def _split_attention(self, step: SchedulerOutput, local: list[int], pad_to: int | None = None):
+        """Per layer: post each executor its rows' q, k, v; attend local rows; merge in order.
+
+        With ``pad_to``, rows len(step.requests)..pad_to-1 are padding: attended locally,
+        on the scratch block, at position 0.
+        """
         if self.remote is None:
             raise RuntimeError("offloaded requests in a step, but no remote attention is set")
         groups: dict[int, list[int]] = {}
@@ -92,8 +114,17 @@ class ModelRunner:
                 groups.setdefault(r.executor, []).append(i)
         self.remote.begin_step({e: [step.requests[i] for i in rows] for e, rows in groups.items()})
         index = {e: torch.tensor(rows, device=self.device) for e, rows in groups.items()}
-        local_index = torch.tensor(local, dtype=torch.int64, device=self.device)
-        local_attention = self._local_attention(self.build_metadata(step, local)) if local else None
+        pads = list(range(len(step.requests), pad_to or 0))
+        local_index = torch.tensor(local + pads, dtype=torch.int64, device=self.device)
+        local_attention = None
+        if local or pads:
+            meta = AttentionMetadata.build(
+                is_prefill=False, query_lens=[1] * (len(local) + len(pads)),
+                context_lens=[step.context_lens[i] for i in local] + [0] * len(pads),
+                block_tables=[self.bm.block_table(step.requests[i].request_id) for i in local]
+                + [[self.scratch_block]] * len(pads),
+                block_size=self.bm.block_size, device=self.device)
+            local_attention = self._local_attention(meta)
 
         def attention(layer: int, q, k, v):
             pending = {e: self.remote.start(e, q[ix], k[ix], v[ix]) for e, ix in index.items()}

@@ -16,6 +16,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [B, V] float32, row i for requests[i] -> (token ids, per-row logprobs)."""
+        if logits.device.type != "cpu" and all(r.params.greedy and r.params.logprobs is None
+                                               for r in requests):
+            # Greedy on an accelerator: only B token ids cross to the host, not B x V logits.
+            return logits.argmax(dim=-1).tolist(), [None] * len(requests)
         logits = logits.cpu()
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]

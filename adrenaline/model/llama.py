@@ -84,10 +84,17 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attention: AttentionFn) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, H] (normed)."""
-        hidden = F.embedding(input_ids, self.embed)
+        hidden = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.pre_attention(hidden, positions)
             hidden = layer.post_attention(attention(i, q, k, v), hidden)
+        return self.final_hidden(hidden)
+
+    # The pieces of forward(), for callers that run attention between them (piecewise graphs).
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
+
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

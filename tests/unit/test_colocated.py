@@ -9,13 +9,15 @@ import torch
 
 from adrenaline.config import EngineConfig
 from adrenaline.engine.colocated import ColocatedPD
+from adrenaline.engine.cuda_graphs import PiecewiseDecodeGraphs
 from adrenaline.engine.llm import LLM
 from adrenaline.sampling_params import SamplingParams
 from adrenaline.transport.local import LocalWorld
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_colocated_offload_matches_offline(dtype):
+@pytest.mark.parametrize("dtype,piecewise", [("float32", False), ("bfloat16", False),
+                                              ("float32", True)])
+def test_colocated_offload_matches_offline(dtype, piecewise):
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -23,8 +25,13 @@ def test_colocated_offload_matches_offline(dtype):
     pd = ColocatedPD("tiny", dtype=dtype, prefill=EngineConfig(kv_cache_tokens=2048),
                      decode=EngineConfig(kv_cache_tokens=1024),
                      executor=EngineConfig(kv_cache_tokens=1024))
+    if piecewise:  # the offloaded steps' per-layer segments, run eagerly, with 2 padding rows
+        pd.decode.runner.piecewise = PiecewiseDecodeGraphs(pd.decode.model, 8, pd.decode.device,
+                                                           capture=False)
     try:
         got = pd.generate(prompts, params, offload=lambda i: i % 2 == 0)
+        if piecewise:
+            assert pd.decode.runner.piecewise.num_replays > 0
         assert [r.output_token_ids for r in got] == expected
         assert pd.num_offloaded == 3
         assert pd.blocks_in_use() == {"prefill": 0, "decode": 0, "executor": 0}
@@ -50,3 +57,23 @@ def test_local_transport_orders_messages_and_wakes_on_close():
     world.close()
     with pytest.raises(RuntimeError):
         pending.wait()
+
+
+def test_capacity_placement_offloads_what_decode_cannot_hold():
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(30)] for _ in range(8)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM("tiny").generate(prompts, params)]
+    # 40 tokens -> 3 blocks of 16 per request: decode holds 2 requests, the executor 4.
+    pd = ColocatedPD("tiny", prefill=EngineConfig(kv_cache_tokens=1024),
+                     decode=EngineConfig(kv_cache_tokens=96),
+                     executor=EngineConfig(kv_cache_tokens=192))
+    try:
+        got = pd.generate(prompts, params, offload="capacity")
+        assert [r.output_token_ids for r in got] == expected
+        assert pd.num_offloaded >= 4
+        assert pd.batch_size_sum / pd.num_steps > 2  # more than the decode pool alone holds
+        assert pd.blocks_in_use() == {"prefill": 0, "decode": 0, "executor": 0}
+        assert pd.decode.scheduler.num_preemptions == 0
+    finally:
+        pd.close()

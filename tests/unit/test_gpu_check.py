@@ -27,7 +27,8 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = result["stages"]
-    assert list(stages) == ["env", "ceilings", "kernels", "attn_bw", "engine", "offload", "nccl"]
+    assert list(stages) == ["env", "ceilings", "kernels", "attn_bw", "engine", "offload",
+                           "offload_tput", "nccl"]
     assert {n: s["status"] for n, s in stages.items()} == {n: "ok" for n in stages}
     assert stages["kernels"]["result"]["max_rel_err"] < 2e-2
     assert all(r["kv_append_exact"] for r in stages["kernels"]["result"]["rows"])
@@ -42,4 +43,4 @@ def test_gpu_check_script_dry_run():
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--stages", "env,kernels"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "kernels   ok" in proc.stdout
+    assert "kernels      ok" in proc.stdout
