@@ -26,8 +26,9 @@ import time
 
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
-from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets, random_requests,
-                                               sharegpt_requests, synthetic_sharegpt_requests)
+from adrenaline.bench.serving_workloads import (DatasetError, SampleRequest, arrival_offsets,
+                                               random_requests, sharegpt_requests,
+                                               synthetic_sharegpt_requests)
 
 # system name -> (policy, policy options) in sweep mode; the same as the offload benchmark's
 SYSTEMS: dict[str, tuple[str, dict]] = {
@@ -149,8 +150,11 @@ def build_requests(args) -> list[SampleRequest]:
     if args.dataset == "sharegpt":
         if not args.dataset_path:
             raise SystemExit("--dataset sharegpt needs --dataset-path")
-        return sharegpt_requests(args.dataset_path, args.num_prompts, _encoder(args),
-                                 fixed_output_len=args.sharegpt_output_len, seed=args.seed)
+        try:
+            return sharegpt_requests(args.dataset_path, args.num_prompts, _encoder(args),
+                                     fixed_output_len=args.sharegpt_output_len, seed=args.seed)
+        except DatasetError as e:
+            raise SystemExit(str(e)) from None
     vocab = args.vocab_size or _vocab_size(args.tokenizer or args.model)
     if args.dataset == "random":
         return random_requests(args.num_prompts, args.input_len, args.output_len, vocab,
