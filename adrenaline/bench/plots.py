@@ -4,6 +4,8 @@
   system (goodput only when the sweep had an SLO).
 - ``serving_ttft_cdf.png`` / ``serving_tpot_cdf.png``: per-request latency CDFs, one line per
   (system, rate).
+- ``serving_over_time.png``: for each system's highest-rate run, the ``/metrics`` samples over
+  time: offload ratio, KV use per instance, executor attention bandwidth (GB/s).
 Invariant: drawing never needs a display (Agg backend) and only reads the result dict.
 """
 
@@ -57,11 +59,44 @@ def plot_cdf(rows: list[dict], key: str, label: str, path: Path) -> Path:
     return path
 
 
+def plot_over_time(rows: list[dict], path: Path) -> Path:
+    fig, (ax_o, ax_kv, ax_bw) = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"decode": "-", "prefill": ":", "executor": "--", "vllm": "-."}
+    for i, s in enumerate(_systems(rows)):
+        row = max((r for r in rows if r["system"] == s), key=lambda r: r["request_rate"])
+        samples, color = row.get("samples") or [], colors[i % len(colors)]
+        label = f"{s} @ {row['request_rate']:g}"
+        ts = [x["t"] for x in samples]
+        if any(x.get("offload_ratio") is not None for x in samples):
+            ax_o.plot(ts, [x.get("offload_ratio") for x in samples], color=color, label=label)
+        for inst in dict.fromkeys(k for x in samples for k in x.get("kv_use", {})):
+            pts = [(x["t"], x["kv_use"][inst]) for x in samples if inst in x.get("kv_use", {})]
+            ax_kv.plot(*zip(*pts), styles.get(inst.rstrip("0123456789"), "-"), color=color,
+                       label=f"{s} {inst}")
+        for inst in dict.fromkeys(k for x in samples for k in x.get("attn_gbs", {})):
+            pts = [(x["t"], x["attn_gbs"][inst]) for x in samples if inst in x.get("attn_gbs", {})]
+            ax_bw.plot(*zip(*pts), "--", color=color, label=f"{s} {inst}")
+    ax_o.set_ylabel("offload ratio\n(running decode reqs)")
+    ax_kv.set_ylabel("KV capacity used")
+    ax_bw.set_ylabel("executor attention\nKV read (GB/s)")
+    ax_bw.set_xlabel("time since the run started (s)")
+    for ax in (ax_o, ax_kv, ax_bw):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(result: dict, out_dir: str | Path = "docs") -> list[Path]:
-    """Write the three figures into ``out_dir``; returns their paths."""
+    """Write the four figures into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
     return [plot_throughput(rows, out / "serving_throughput.png"),
             plot_cdf(rows, "ttfts_ms", "TTFT", out / "serving_ttft_cdf.png"),
-            plot_cdf(rows, "tpots_ms", "TPOT", out / "serving_tpot_cdf.png")]
+            plot_cdf(rows, "tpots_ms", "TPOT", out / "serving_tpot_cdf.png"),
+            plot_over_time(rows, out / "serving_over_time.png")]

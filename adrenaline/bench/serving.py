@@ -8,7 +8,9 @@ requested length; ``stream_options.include_usage`` so the token counts are exact
 ``serving_workloads.arrival_offsets`` and capped by ``--max-concurrency``. Each request's
 timeline (start, arrival of every token chunk, end of stream) feeds
 ``serving_metrics.compute_metrics``. The benchmark's duration runs from the first send to the
-last request's end.
+last request's end. Meanwhile ``metrics_sampler`` scrapes the server's ``/metrics`` every
+``--sample-interval`` s (offload ratio, KV use per instance, executor attention bandwidth);
+the samples go into the JSON row.
 
 Sweep mode (``--sweep-rates 0.5,1,2 --systems none,static,load_aware,vllm``) starts each system
 itself (``serving_sweep.py``: adrenaline apps in this process's Ray cluster, vLLM CPU's OpenAI
@@ -28,6 +30,7 @@ import socket
 import sys
 import time
 
+from adrenaline.bench.metrics_sampler import add_bandwidth, sample_metrics
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
 from adrenaline.bench.serving_sweep import (ADRENALINE_SYSTEMS, VLLM_SYSTEM, Endpoint, Launcher,
@@ -209,15 +212,34 @@ def _result(args, rate: float, m: ServingMetrics, timelines: list[RequestTimelin
             "errors": [t.error for t in timelines if t.error][:20]}
 
 
+async def _run_sampled(args, ep: Endpoint, requests: list[SampleRequest], rate: float
+                       ) -> tuple[list[RequestTimeline], float, list[dict]]:
+    """run_benchmark while ``metrics_sampler`` scrapes the server every --sample-interval s."""
+    import httpx
+
+    stop = asyncio.Event()
+    async with httpx.AsyncClient() as client:
+        sampler = None
+        if args.sample_interval > 0:
+            sampler = asyncio.create_task(sample_metrics(client, ep.base_url, stop,
+                                                         args.sample_interval))
+        try:
+            timelines, duration = await run_benchmark(
+                ep.base_url, ep.model, requests, rate, args.burstiness, args.max_concurrency,
+                args.seed, progress=not args.no_progress)
+        finally:
+            stop.set()
+        samples = await sampler if sampler is not None else []
+    return timelines, duration, add_bandwidth(samples)
+
+
 def bench_rate(args, requests: list[SampleRequest], slo: Slo, ep: Endpoint, rate: float,
                title: str = "") -> dict:
     """One run of ``requests`` at ``rate`` against ``ep``: a result row (metrics, samples)."""
-    timelines, duration = asyncio.run(run_benchmark(
-        ep.base_url, ep.model, requests, rate, args.burstiness, args.max_concurrency,
-        args.seed, progress=not args.no_progress))
+    timelines, duration, samples = asyncio.run(_run_sampled(args, ep, requests, rate))
     m = compute_metrics(timelines, duration, slo)
     print_table(m, title or "Serving Benchmark Result")
-    return _result(args, rate, m, timelines)
+    return {**_result(args, rate, m, timelines), "samples": samples}
 
 
 def sweep_launchers(args, port: int) -> dict[str, Launcher]:
@@ -300,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vllm-dtype", default="bfloat16", help="sweep mode: vLLM's --dtype")
     ap.add_argument("--vllm-max-model-len", type=int, default=2048, help="sweep mode")
     ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
+    ap.add_argument("--sample-interval", type=float, default=1.0,
+                    help="seconds between /metrics scrapes during a run (0: none)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

@@ -29,7 +29,7 @@ def _broken():
 
 @pytest.fixture(scope="module")
 def sweep_result(tmp_path_factory):
-    args = serving.parse_args(["--out", "unused.json", "--no-progress"])
+    args = serving.parse_args(["--out", "unused.json", "--no-progress", "--sample-interval", "0.02"])
     reqs = random_requests(NUM, input_len=16, output_len=OUT, vocab_size=1000)
     slo = Slo(tpot_ms=20)
     fast, slow = FakeServer(ttft_s=0.01, itl_s=0.005), FakeServer(ttft_s=0.01, itl_s=0.04)
@@ -77,11 +77,39 @@ def test_offload_ratio_only_where_the_endpoint_has_stats(sweep_result):
                          {"num_placed": 3, "num_offloaded": 1}) == 0.0
 
 
+def test_metrics_sampled_over_time(sweep_result):
+    """The slow runs last ~0.25 s: several scrapes of the fake /metrics land inside them."""
+    for r in sweep_result["rows"]:
+        samples = r["samples"]
+        assert samples and samples[0]["t"] < 0.05
+        assert all(b["t"] > a["t"] for a, b in zip(samples, samples[1:]))
+        assert all(s["offload_ratio"] == 0.5 for s in samples)
+        assert all(0 <= s["kv_use"]["decode0"] <= 1 and s["kv_use"]["executor0"] == 0
+                   for s in samples)
+    slow = [r for r in sweep_result["rows"] if r["system"] == "slow"]
+    for r in slow:
+        samples = r["samples"]
+        assert len(samples) >= 4
+        # Streams in flight show as decode KV use (4 requests of 10 blocks at most).
+        assert max(s["kv_use"]["decode0"] for s in samples) >= 0.1
+        gbs = [s["attn_gbs"]["executor0"] for s in samples[1:]]
+        assert not samples[0]["attn_gbs"] and len(gbs) == len(samples) - 1
+        assert sorted(gbs)[len(gbs) // 2] == pytest.approx(1.0, rel=0.3)  # 1e9 B/s
+
+
+def test_parse_metrics_reads_vllm_and_skips_nan():
+    from adrenaline.bench.metrics_sampler import parse_metrics
+
+    s = parse_metrics('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+                      "adrenaline_offload_ratio NaN\n")
+    assert s == {"offload_ratio": None, "kv_use": {"vllm0": 0.25}, "attn_kv_bytes": {}}
+
+
 def test_plots_are_written(sweep_result):
     from adrenaline.bench.plots import plot_sweep
 
     paths = plot_sweep({"rows": sweep_result["rows"]}, sweep_result["plot_dir"])
-    assert len(paths) >= 3
+    assert len(paths) == 4 and paths[-1].name == "serving_over_time.png"
     for p in paths:
         assert p.suffix == ".png" and p.stat().st_size > 5000
 
