@@ -15,8 +15,8 @@ import argparse
 import asyncio
 import time
 
-from adrenaline.bench.metrics import RequestTiming, summarize
 from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.serving_metrics import RequestTimeline, summarize
 from adrenaline.bench.workloads import random_token_prompts
 
 SYSTEMS = {
@@ -26,8 +26,8 @@ SYSTEMS = {
 }
 
 
-async def _one(client, prompt, params) -> RequestTiming:
-    timing = RequestTiming(start=time.perf_counter())
+async def _one(client, prompt, params) -> RequestTimeline:
+    timing = RequestTimeline(start=time.perf_counter())
     seen = 0
     async for out in client.stream(prompt, params):
         now = time.perf_counter()

@@ -262,7 +262,8 @@ def _vllm_launch(args):
     from adrenaline.engine.core import resolve_model_dir
 
     return vllm_openai_server(str(resolve_model_dir(args.model)), args.model, _free_port(),
-                              dtype=args.vllm_dtype, max_model_len=args.vllm_max_model_len)
+                              dtype=args.vllm_dtype, max_model_len=args.vllm_max_model_len,
+                              cpus=args.vllm_cpus)
 
 
 def _free_port() -> int:
@@ -321,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--executor-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--vllm-dtype", default="bfloat16", help="sweep mode: vLLM's --dtype")
     ap.add_argument("--vllm-max-model-len", type=int, default=2048, help="sweep mode")
+    ap.add_argument("--vllm-cpus", default=None,
+                    help="sweep mode: CPUs vLLM's OpenMP threads bind to, e.g. 1 (default: all)")
     ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
     ap.add_argument("--sample-interval", type=float, default=1.0,
                     help="seconds between /metrics scrapes during a run (0: none)")

