@@ -34,7 +34,7 @@ from adrenaline.bench.metrics_sampler import add_bandwidth, sample_metrics
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
 from adrenaline.bench.serving_sweep import (ADRENALINE_SYSTEMS, VLLM_SYSTEM, Endpoint, Launcher,
-                                            adrenaline_system, ray_serve, run_sweep)
+                                            adrenaline_system, ray_serve, run_sweep, sweep_table)
 from adrenaline.bench.serving_workloads import (DatasetError, SampleRequest, arrival_offsets,
                                                random_requests, sharegpt_requests,
                                                synthetic_sharegpt_requests)
@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(bench_rate(args, requests, slo, ep, args.request_rate))
     write_result(result, args.out)
     if args.sweep_rates:
+        print(sweep_table(result["rows"]))
         try:
             from adrenaline.bench.plots import plot_sweep
         except ImportError as e:

@@ -75,6 +75,35 @@ def run_sweep(launchers: dict[str, Launcher], rates: list[float],
     return rows, skipped
 
 
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """The sweep as a markdown table: throughput, goodput, latencies, offloading, prefill-side use.
+
+    ``offload`` is the share of the run's requests placed offloaded (router counters); the
+    ``peak`` columns come from the /metrics samples: the highest KV use of any executor or
+    prefill instance, and the highest executor attention bandwidth over one interval."""
+    head = ("| system | rate req/s | req/s | output tok/s | goodput req/s | TTFT p50 ms | "
+            "TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | offload | peak prefill-side KV use | "
+            "peak executor GB/s |")
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for r in rows:
+        m, samples = r["metrics"], r.get("samples") or []
+        side = [v for x in samples for k, v in x.get("kv_use", {}).items()
+                if k.startswith(("prefill", "executor"))]
+        gbs = [v for x in samples for v in x.get("attn_gbs", {}).values()]
+        cells = [r["system"], f"{r['request_rate']:g}", f"{m['request_throughput']:.2f}",
+                 f"{m['output_throughput']:.1f}", _fmt(m.get("request_goodput"), ".2f"),
+                 f"{m['ttft_p50_ms']:.0f}", f"{m['ttft_p99_ms']:.0f}",
+                 f"{m['tpot_p50_ms']:.1f}", f"{m['tpot_p99_ms']:.1f}",
+                 _fmt(r.get("offload_ratio"), ".2f"), _fmt(max(side, default=None), ".2f"),
+                 _fmt(max(gbs, default=None), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def wait_healthy(base_url: str, timeout_s: float = 300,
                  alive: Callable[[], bool] = lambda: True) -> None:
     """Until ``GET /health`` answers 200; SystemUnavailable on timeout or when not alive()."""

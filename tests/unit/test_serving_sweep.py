@@ -105,6 +105,18 @@ def test_parse_metrics_reads_vllm_and_skips_nan():
     assert s == {"offload_ratio": None, "kv_use": {"vllm0": 0.25}, "attn_kv_bytes": {}}
 
 
+def test_sweep_table(sweep_result):
+    from adrenaline.bench.serving_sweep import sweep_table
+
+    lines = sweep_table(sweep_result["rows"]).splitlines()
+    assert len(lines) == 2 + len(sweep_result["rows"])
+    fast = lines[2].split(" | ")
+    assert fast[0] == "| fast" and fast[1] == "inf"
+    assert fast[9] == "0.50"  # offload ratio from the fake router counters
+    assert lines[4].split(" | ")[9] == "-"  # slow: no counters
+    assert lines[4].rstrip(" |").split(" | ")[-1] != "-"  # executor GB/s sampled (slow run)
+
+
 def test_plots_are_written(sweep_result):
     from adrenaline.bench.plots import plot_sweep
 
