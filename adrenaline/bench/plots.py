@@ -1,9 +1,9 @@
 """Figures of a serving sweep (the JSON ``serving.py --sweep-rates`` writes), matplotlib Agg.
 
-- ``serving_throughput.png``: request throughput and goodput vs request rate, one line per
-  system (goodput only when the sweep had an SLO).
-- ``serving_ttft_cdf.png`` / ``serving_tpot_cdf.png``: per-request latency CDFs, one line per
-  (system, rate).
+- ``serving_throughput.png``: request throughput and goodput (only when the sweep had an SLO)
+  vs request rate, and output token throughput vs request rate; one color per system.
+- ``serving_ttft_cdf.png`` / ``serving_tpot_cdf.png``: per-request latency CDFs, one panel per
+  system, one line per rate.
 - ``serving_over_time.png``: for each system's highest-rate run, the ``/metrics`` samples over
   time: offload ratio, KV use per instance, executor attention bandwidth (GB/s).
 Invariant: drawing never needs a display (Agg backend) and only reads the result dict.
@@ -25,36 +25,55 @@ def _systems(rows: list[dict]) -> list[str]:
 
 
 def plot_throughput(rows: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in _systems(rows):
+    """Left: request throughput (solid) and goodput (dashed) per system; right: output tok/s."""
+    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(_systems(rows)):
         rs = sorted((r for r in rows if r["system"] == s), key=lambda r: r["request_rate"])
-        rates = [r["request_rate"] for r in rs]
-        ax.plot(rates, [r["metrics"]["request_throughput"] for r in rs], "o-", label=f"{s} throughput")
+        rates, color = [r["request_rate"] for r in rs], colors[i % len(colors)]
+        ax_r.plot(rates, [r["metrics"]["request_throughput"] for r in rs], "o-", color=color,
+                  label=f"{s} throughput")
         if all(r["metrics"].get("request_goodput") is not None for r in rs):
-            ax.plot(rates, [r["metrics"]["request_goodput"] for r in rs], "s--", label=f"{s} goodput")
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("req/s")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            ax_r.plot(rates, [r["metrics"]["request_goodput"] for r in rs], "s--", color=color,
+                      mfc="none", label=f"{s} goodput")
+        ax_t.plot(rates, [r["metrics"]["output_throughput"] for r in rs], "o-", color=color,
+                  label=s)
+    ax_r.set_ylabel("req/s")
+    ax_t.set_ylabel("output tok/s")
+    for ax in (ax_r, ax_t):
+        ax.set_xlabel("request rate (req/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 def plot_cdf(rows: list[dict], key: str, label: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        xs = np.sort(np.asarray(r.get(key, []), dtype=float))
-        if xs.size:
-            ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post",
-                    label=f"{r['system']} @ {r['request_rate']:g} req/s")
-    ax.set_xlabel(f"{label} (ms)")
-    ax.set_ylabel("fraction of requests")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    """One panel per system (shared x axis), one line per request rate."""
+    systems = _systems(rows)
+    ncols = min(2, len(systems))
+    nrows = -(-len(systems) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), sharex=True,
+                             sharey=True, squeeze=False)
+    for ax, s in zip(axes.flat, systems):
+        for r in sorted((r for r in rows if r["system"] == s), key=lambda r: r["request_rate"]):
+            xs = np.sort(np.asarray(r.get(key, []), dtype=float))
+            if xs.size:
+                ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post",
+                        label=f"{r['request_rate']:g} req/s")
+        ax.set_title(s, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel(f"{label} (ms)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("fraction of requests")
+    for ax in list(axes.flat)[len(systems):]:
+        ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
