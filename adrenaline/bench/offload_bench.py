@@ -17,13 +17,10 @@ import time
 
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, summarize
+from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.bench.workloads import random_token_prompts
 
-SYSTEMS = {
-    "none": ("none", {}),
-    "static": ("static", {"ratio": 0.75}),
-    "load_aware": ("load_aware", {"tpot_slo_ms": 250}),
-}
+SYSTEMS = ADRENALINE_SYSTEMS  # the serving sweep's policies and options
 
 
 async def _one(client, prompt, params) -> RequestTimeline:

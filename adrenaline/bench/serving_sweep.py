@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
-# system name -> (policy, policy options) of the adrenaline systems; as the offload benchmark's
+# system name -> (policy, policy options) of the adrenaline systems; the offload benchmark's too
 ADRENALINE_SYSTEMS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "static": ("static", {"ratio": 0.75}),
