@@ -15,19 +15,16 @@ import argparse
 import asyncio
 import time
 
-from adrenaline.bench.metrics import RequestTiming, summarize
 from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.serving_metrics import RequestTimeline, summarize
+from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.bench.workloads import random_token_prompts
 
-SYSTEMS = {
-    "none": ("none", {}),
-    "static": ("static", {"ratio": 0.75}),
-    "load_aware": ("load_aware", {"tpot_slo_ms": 250}),
-}
+SYSTEMS = ADRENALINE_SYSTEMS  # the serving sweep's policies and options
 
 
-async def _one(client, prompt, params) -> RequestTiming:
-    timing = RequestTiming(start=time.perf_counter())
+async def _one(client, prompt, params) -> RequestTimeline:
+    timing = RequestTimeline(start=time.perf_counter())
     seen = 0
     async for out in client.stream(prompt, params):
         now = time.perf_counter()

@@ -16,15 +16,16 @@ import json
 import time
 
 
-from adrenaline.bench.metrics import RequestTiming, summarize
 from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.serving_metrics import RequestTimeline, summarize
 from adrenaline.bench.workloads import random_token_prompts
 
 PORT = 8000
 
 
-async def _stream_one(client, model: str, prompt: list[int], output_len: int) -> RequestTiming:
-    timing = RequestTiming(start=time.perf_counter())
+async def _stream_one(client, model: str, prompt: list[int], output_len: int
+                      ) -> RequestTimeline:
+    timing = RequestTimeline(start=time.perf_counter())
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", f"http://127.0.0.1:{PORT}/v1/completions", json=body) as resp:
@@ -34,7 +35,7 @@ async def _stream_one(client, model: str, prompt: list[int], output_len: int) ->
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                timing.num_tokens = chunk["usage"]["completion_tokens"]
+                timing.num_output_tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 # One chunk may stand for several tokens (text held back at a partial
                 # UTF-8 sequence); usage gives the exact count for TPOT.
@@ -83,12 +84,12 @@ def bench_offline(args, prompts: list[list[int]]) -> dict:
         kv_cache_tokens=2 * args.kv_cache_tokens, num_threads=2, max_num_seqs=len(prompts)))
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
 
-    def run(batch: list[list[int]], tag: str) -> tuple[list[RequestTiming], float]:
+    def run(batch: list[list[int]], tag: str) -> tuple[list[RequestTimeline], float]:
         start = time.perf_counter()
         timings = {}
         for i, p in enumerate(batch):
             engine.add_request(f"{tag}{i}", p, params)
-            timings[f"{tag}{i}"] = RequestTiming(start=start)
+            timings[f"{tag}{i}"] = RequestTimeline(start=start)
         while engine.has_unfinished:
             stepped = engine.step()
             now = time.perf_counter()

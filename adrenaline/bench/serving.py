@@ -8,10 +8,13 @@ requested length; ``stream_options.include_usage`` so the token counts are exact
 ``serving_workloads.arrival_offsets`` and capped by ``--max-concurrency``. Each request's
 timeline (start, arrival of every token chunk, end of stream) feeds
 ``serving_metrics.compute_metrics``. The benchmark's duration runs from the first send to the
-last request's end.
+last request's end. Meanwhile ``metrics_sampler`` scrapes the server's ``/metrics`` every
+``--sample-interval`` s (offload ratio, KV use per instance, executor attention bandwidth);
+the samples go into the JSON row.
 
-Sweep mode (``--sweep-rates 0.5,1,2 --systems none,static,load_aware``) starts the app itself in
-this process's Ray cluster once per system and runs the benchmark at every rate; with
+Sweep mode (``--sweep-rates 0.5,1,2 --systems none,static,load_aware,vllm``) starts each system
+itself (``serving_sweep.py``: adrenaline apps in this process's Ray cluster, vLLM CPU's OpenAI
+server from its own venv), one after another, and runs the same requests at every rate; with
 matplotlib installed it also draws the figures of ``plots.py`` (``--plot-dir``).
 """
 
@@ -19,28 +22,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import math
+import socket
 import sys
 import time
 
+from adrenaline.bench.metrics_sampler import add_bandwidth, sample_metrics
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
-from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets, random_requests,
-                                               sharegpt_requests, synthetic_sharegpt_requests)
-
-# system name -> (policy, policy options) in sweep mode; the same as the offload benchmark's
-SYSTEMS: dict[str, tuple[str, dict]] = {
-    "none": ("none", {}),
-    "static": ("static", {"ratio": 0.75}),
-    "load_aware": ("load_aware", {"tpot_slo_ms": 250}),
-}
-
+from adrenaline.bench.serving_sweep import (ADRENALINE_SYSTEMS, VLLM_SYSTEM, Endpoint, Launcher,
+                                            adrenaline_system, ray_serve, run_sweep, sweep_table)
+from adrenaline.bench.serving_workloads import (DatasetError, SampleRequest, arrival_offsets,
+                                               random_requests, sharegpt_requests,
+                                               synthetic_sharegpt_requests)
 
 def sweep_app_args(args, system: str) -> dict:
     """A KV-capacity-bound 1P1D layout: the decode budget caps its batch; the
     executor's budget stands for the prefill GPU's idle memory."""
-    policy, options = SYSTEMS[system]
+    policy, options = ADRENALINE_SYSTEMS[system]
     engine = {"num_threads": 1}
     return {"model": args.model, "dtype": args.dtype, "policy": policy,
             "policy_options": options,
@@ -149,8 +151,11 @@ def build_requests(args) -> list[SampleRequest]:
     if args.dataset == "sharegpt":
         if not args.dataset_path:
             raise SystemExit("--dataset sharegpt needs --dataset-path")
-        return sharegpt_requests(args.dataset_path, args.num_prompts, _encoder(args),
-                                 fixed_output_len=args.sharegpt_output_len, seed=args.seed)
+        try:
+            return sharegpt_requests(args.dataset_path, args.num_prompts, _encoder(args),
+                                     fixed_output_len=args.sharegpt_output_len, seed=args.seed)
+        except DatasetError as e:
+            raise SystemExit(str(e)) from None
     vocab = args.vocab_size or _vocab_size(args.tokenizer or args.model)
     if args.dataset == "random":
         return random_requests(args.num_prompts, args.input_len, args.output_len, vocab,
@@ -196,9 +201,10 @@ def print_table(m: ServingMetrics, title: str) -> None:
         print(f"{k:<40}{v:>12}")
 
 
-def _result(args, m: ServingMetrics, timelines: list[RequestTimeline], **extra) -> dict:
+def _result(args, rate: float, m: ServingMetrics, timelines: list[RequestTimeline],
+            **extra) -> dict:
     ok = [t for t in timelines if t.success and t.token_times]
-    return {**extra, "request_rate": args.request_rate, "burstiness": args.burstiness,
+    return {**extra, "request_rate": rate, "burstiness": args.burstiness,
             "max_concurrency": args.max_concurrency, "metrics": m.flat(),
             "ttfts_ms": [t.ttft * 1e3 for t in ok],
             "tpots_ms": [t.tpot * 1e3 for t in ok if t.tpot is not None],
@@ -206,64 +212,82 @@ def _result(args, m: ServingMetrics, timelines: list[RequestTimeline], **extra) 
             "errors": [t.error for t in timelines if t.error][:20]}
 
 
-def _bench_once(args, requests: list[SampleRequest], base_url: str, slo: Slo, **extra) -> dict:
-    timelines, duration = asyncio.run(run_benchmark(
-        base_url, args.served_model or args.model, requests, args.request_rate, args.burstiness,
-        args.max_concurrency, args.seed, progress=not args.no_progress))
-    m = compute_metrics(timelines, duration, slo)
-    print_table(m, " ".join(f"{k}={v}" for k, v in extra.items()) or "Serving Benchmark Result")
-    return _result(args, m, timelines, **extra)
-
-
-def run_sweep(args, requests: list[SampleRequest], slo: Slo) -> list[dict]:
-    """Start the app once per system in this process's Ray cluster; benchmark at every rate."""
-    import socket
-
-    import ray
-    from ray import serve
-
-    from adrenaline.serve.app import build_app
-
-    rates = [float(r) for r in args.sweep_rates.split(",")]
-    systems = args.systems.split(",")
-    for s in systems:
-        if s not in SYSTEMS:
-            raise SystemExit(f"unknown system {s!r} (known: {', '.join(SYSTEMS)})")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    rows = []
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base_url = f"http://127.0.0.1:{port}"
-        for system in systems:
-            serve.run(build_app(sweep_app_args(args, system)), name=f"sweep-{system}", route_prefix="/")
-            _wait_healthy(base_url)
-            asyncio.run(run_benchmark(base_url, args.model, requests[:2], progress=False))  # warm-up
-            for rate in rates:
-                args.request_rate = rate
-                rows.append(_bench_once(args, requests, base_url, slo, system=system))
-            serve.delete(f"sweep-{system}")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return rows
-
-
-def _wait_healthy(base_url: str, timeout_s: float = 300) -> None:
+async def _run_sampled(args, ep: Endpoint, requests: list[SampleRequest], rate: float
+                       ) -> tuple[list[RequestTimeline], float, list[dict]]:
+    """run_benchmark while ``metrics_sampler`` scrapes the server every --sample-interval s."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
-    while True:
+    stop = asyncio.Event()
+    async with httpx.AsyncClient() as client:
+        sampler = None
+        if args.sample_interval > 0:
+            sampler = asyncio.create_task(sample_metrics(client, ep.base_url, stop,
+                                                         args.sample_interval))
         try:
-            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{base_url} never became healthy")
-        time.sleep(0.5)
+            timelines, duration = await run_benchmark(
+                ep.base_url, ep.model, requests, rate, args.burstiness, args.max_concurrency,
+                args.seed, progress=not args.no_progress)
+        finally:
+            stop.set()
+        samples = await sampler if sampler is not None else []
+    return timelines, duration, add_bandwidth(samples)
+
+
+def bench_rate(args, requests: list[SampleRequest], slo: Slo, ep: Endpoint, rate: float,
+               title: str = "") -> dict:
+    """One run of ``requests`` at ``rate`` against ``ep``: a result row (metrics, samples)."""
+    timelines, duration, samples = asyncio.run(_run_sampled(args, ep, requests, rate))
+    m = compute_metrics(timelines, duration, slo)
+    print_table(m, title or "Serving Benchmark Result")
+    return {**_result(args, rate, m, timelines), "samples": samples}
+
+
+def sweep_launchers(args, port: int) -> dict[str, Launcher]:
+    """--systems as launchers: adrenaline apps on Serve's port; vLLM on a port of its own."""
+    out: dict[str, Launcher] = {}
+    for s in args.systems.split(","):
+        if s == VLLM_SYSTEM:
+            out[s] = functools.partial(_vllm_launch, args)
+        elif s in ADRENALINE_SYSTEMS:
+            out[s] = functools.partial(adrenaline_system, sweep_app_args(args, s), s, port,
+                                       args.model)
+        else:
+            raise SystemExit(f"unknown system {s!r} (known: "
+                             f"{', '.join([*ADRENALINE_SYSTEMS, VLLM_SYSTEM])})")
+    return out
+
+
+def _vllm_launch(args):
+    from adrenaline.bench.vllm_server import vllm_openai_server
+    from adrenaline.engine.core import resolve_model_dir
+
+    return vllm_openai_server(str(resolve_model_dir(args.model)), args.model, _free_port(),
+                              dtype=args.vllm_dtype, max_model_len=args.vllm_max_model_len,
+                              cpus=args.vllm_cpus)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sweep(args, requests: list[SampleRequest], slo: Slo) -> tuple[list[dict], dict[str, str]]:
+    """Every --systems entry at every --sweep-rates rate (Ray only when an adrenaline app runs)."""
+    rates = [float(r) for r in args.sweep_rates.split(",")]
+    port = _free_port()
+    launchers = sweep_launchers(args, port)
+
+    def warmup(ep: Endpoint) -> None:
+        asyncio.run(run_benchmark(ep.base_url, ep.model, requests[:2], progress=False))
+
+    def bench(system: str, ep: Endpoint, rate: float) -> dict:
+        return bench_rate(args, requests, slo, ep, rate, title=f"{system} @ {rate:g} req/s")
+
+    with contextlib.ExitStack() as stack:
+        if any(s in ADRENALINE_SYSTEMS for s in launchers):
+            stack.enter_context(ray_serve(args.num_cpus, port))
+        return run_sweep(launchers, rates, bench, warmup)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -290,12 +314,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slo-tpot-ms", type=float, default=None)
     ap.add_argument("--slo-e2e-ms", type=float, default=None)
     ap.add_argument("--sweep-rates", default=None, help="e.g. 0.5,1,2: sweep mode")
-    ap.add_argument("--systems", default="none,static,load_aware")
+    ap.add_argument("--systems", default="none,static,load_aware",
+                    help="sweep mode: none, static, load_aware (adrenaline policies), vllm")
     ap.add_argument("--num-cpus", type=int, default=2, help="sweep mode: ray.init num_cpus")
     ap.add_argument("--decode-kv-tokens", type=int, default=1536, help="sweep mode")
     ap.add_argument("--prefill-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--executor-kv-tokens", type=int, default=8192, help="sweep mode")
+    ap.add_argument("--vllm-dtype", default="bfloat16", help="sweep mode: vLLM's --dtype")
+    ap.add_argument("--vllm-max-model-len", type=int, default=2048, help="sweep mode")
+    ap.add_argument("--vllm-cpus", default=None,
+                    help="sweep mode: CPUs vLLM's OpenMP threads bind to, e.g. 1 (default: all)")
     ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
+    ap.add_argument("--sample-interval", type=float, default=1.0,
+                    help="seconds between /metrics scrapes during a run (0: none)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -314,11 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
                            "range_ratio": args.range_ratio, "seed": args.seed},
               "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms}}
     if args.sweep_rates:
-        result["rows"] = run_sweep(args, requests, slo)
+        result["rows"], result["skipped"] = sweep(args, requests, slo)
     else:
-        result.update(_bench_once(args, requests, args.base_url, slo))
+        ep = Endpoint(args.base_url, args.served_model or args.model)
+        result.update(bench_rate(args, requests, slo, ep, args.request_rate))
     write_result(result, args.out)
     if args.sweep_rates:
+        print(sweep_table(result["rows"]))
         try:
             from adrenaline.bench.plots import plot_sweep
         except ImportError as e:

@@ -14,6 +14,9 @@ Definitions (all latencies reported in milliseconds, rates per second):
 - goodput (DistServe)      = successful requests meeting *every* given SLO / duration; for the
   TPOT SLO a request with n_out <= 1 counts as TPOT 0 (vLLM's ``all_tpots``).
 
+``summarize`` gives the same numbers under the field names the engine, serve and offload
+benchmarks' JSON uses (``output_tok_s``, ``ttft_p50_ms``, ``tpot_p99_ms``, ...).
+
 Invariants: a request that failed or never received a token chunk (vLLM: "never received a
 valid chunk") is failed; failed requests count in ``num_failed`` only and never enter a latency statistic
 or a token count; statistics of an empty sample are 0 (vLLM's ``np.mean(x or 0)``);
@@ -167,3 +170,16 @@ def compute_metrics(timelines: list[RequestTimeline], duration_s: float, slo: Sl
         total_token_throughput=(n_in + n_out) / duration_s, request_goodput=goodput,
         ttft_ms=LatencyStats.of(ttfts, percentiles), tpot_ms=LatencyStats.of(tpots, percentiles),
         itl_ms=LatencyStats.of(itls, percentiles), e2e_ms=LatencyStats.of(e2es, percentiles))
+
+
+def summarize(timelines: list[RequestTimeline], elapsed_s: float) -> dict:
+    """num_requests, num_output_tokens, elapsed_s, output_tok_s and TTFT/TPOT mean, p50, p99 (ms)
+    of successful requests, from ``compute_metrics``: the offline/offload benchmarks' fields."""
+    m = compute_metrics(timelines, elapsed_s)
+    f = m.flat()
+    out = {"num_requests": len(timelines), "num_output_tokens": m.total_output_tokens,
+           "elapsed_s": elapsed_s, "output_tok_s": m.output_throughput}
+    for name in ("ttft", "tpot"):
+        for stat in ("mean", "p50", "p99"):
+            out[f"{name}_{stat}_ms"] = f[f"{name}_{stat}_ms"]
+    return out

@@ -91,18 +91,51 @@ def synthetic_sharegpt_requests(num_prompts: int, vocab_size: int, input_median:
                                        max_model_len=max_model_len)]
 
 
+class DatasetError(ValueError):
+    """A dataset file that cannot be read as the format it claims; the message names the file."""
+
+
+def load_sharegpt(path: str) -> list[tuple[str, str]]:
+    """(prompt, completion) texts: the first two turns of every conversation with >= 2 turns.
+
+    Raises DatasetError naming the file and the entry for a file that is not JSON, not a list,
+    or has an entry without ``conversations`` (a list of ``{"value": str}`` turns)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise DatasetError(f"cannot read ShareGPT file {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not JSON ({e})") from None
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: a ShareGPT file is a JSON list of conversations, "
+                           f"got {type(data).__name__}")
+    pairs = []
+    for i, entry in enumerate(data):
+        conv = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(conv, list):
+            raise DatasetError(f"{path}: entry {i} has no \"conversations\" list")
+        if len(conv) < 2:
+            continue
+        turns = []
+        for j, turn in enumerate(conv[:2]):
+            value = turn.get("value") if isinstance(turn, dict) else None
+            if not isinstance(value, str):
+                raise DatasetError(f"{path}: entry {i}, turn {j} has no string \"value\"")
+            turns.append(value)
+        pairs.append((turns[0], turns[1]))
+    return pairs
+
+
 def sharegpt_requests(path: str, num_prompts: int, encode: Callable[[str], list[int]],
                       fixed_output_len: int | None = None, seed: int = 0) -> list[SampleRequest]:
     """Text prompts from a ShareGPT JSON file, filtered as vLLM does (see module docstring)."""
-    with open(path) as f:
-        data = json.load(f)
-    convs = [d["conversations"] for d in data if len(d.get("conversations", [])) >= 2]
+    convs = load_sharegpt(path)
     random.Random(seed).shuffle(convs)
     out: list[SampleRequest] = []
-    for conv in convs:
+    for prompt, completion in convs:
         if len(out) == num_prompts:
             break
-        prompt, completion = conv[0]["value"], conv[1]["value"]
         prompt_len = len(encode(prompt))
         output_len = fixed_output_len or len(encode(completion))
         if prompt_len < MIN_TOKENS or output_len < MIN_TOKENS:

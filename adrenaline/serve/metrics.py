@@ -12,6 +12,10 @@ one), so several Ingress instances in one process (tests) do not collide.
   steps, busy seconds (compute use), executor KV bytes read (bandwidth use) and
   decode time waiting on executors.
   Workers absent from the latest poll are dropped, so no stale series remain.
+* Cluster-wide, from the same poll: ``adrenaline_offload_ratio``, the share of the requests
+  running on decode instances whose attention is offloaded onto an executor (sum of decode
+  ``num_offloaded`` / sum of decode ``num_running``; 0 while none runs, NaN after a failed
+  poll), and per worker ``adrenaline_worker_kv_usage_ratio`` (KV blocks used / total).
 """
 
 from __future__ import annotations
@@ -76,9 +80,15 @@ class IngressMetrics:
         self.remote_wait = Gauge("adrenaline_worker_remote_attention_wait_seconds",
                                  "Decode: time waiting on executors' outputs (cumulative)",
                                  _WORKER_LABELS, registry=r)
+        self.kv_usage = Gauge("adrenaline_worker_kv_usage_ratio",
+                              "KV cache blocks in use / blocks in the pool", _WORKER_LABELS,
+                              registry=r)
+        self.offload_ratio = Gauge("adrenaline_offload_ratio",
+                                   "Share of running decode requests whose attention is "
+                                   "offloaded onto an executor", registry=r)
         self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free,
                                self.offloaded, self.steps, self.busy, self.attn_bytes,
-                               self.remote_wait)
+                               self.remote_wait, self.kv_usage)
 
     def track(self, num_prompt_tokens: int, start: float | None = None) -> RequestTracker:
         """A tracker for one request that arrived at ``start`` (time.perf_counter())."""
@@ -100,9 +110,18 @@ class IngressMetrics:
             self.busy.labels(*labels).set(w.step_time_s + w.busy_s)
             self.attn_bytes.labels(*labels).set(w.kv_bytes_read)
             self.remote_wait.labels(*labels).set(w.remote_wait_s)
+            self.kv_usage.labels(*labels).set(w.kv_blocks_used / max(w.kv_blocks_total, 1))
+        self.offload_ratio.set(float("nan") if workers is None else offload_ratio(workers))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def offload_ratio(workers: list[WorkerMetrics]) -> float:
+    """Offloaded / running requests over the decode workers (0 when none runs)."""
+    decode = [w for w in workers if w.role == "decode"]
+    running = sum(w.num_running for w in decode)
+    return sum(w.num_offloaded for w in decode) / running if running else 0.0
 
 
 class RequestTracker:

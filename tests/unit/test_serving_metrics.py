@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from adrenaline.bench.serving_metrics import RequestTimeline, Slo, compute_metrics
+from adrenaline.bench.serving_metrics import RequestTimeline, Slo, compute_metrics, summarize
 
 EXACT = dict(rel=1e-9, abs=1e-9)
 
@@ -91,3 +91,19 @@ def test_empty_and_all_failed():
     assert (m.completed, m.num_failed) == (0, 1)
     with pytest.raises(ValueError):
         compute_metrics([], 0.0)
+
+
+def test_summarize_keeps_the_other_benchmarks_field_names():
+    """The engine/serve/offload JSON fields, from the same definitions (successful requests)."""
+    ok = _timelines()[:3]
+    s = summarize(ok, elapsed_s=2.0)
+    assert s["num_requests"] == 3 and s["num_output_tokens"] == 9
+    assert s["elapsed_s"] == 2.0 and s["output_tok_s"] == pytest.approx(4.5, **EXACT)
+    assert s["ttft_mean_ms"] == pytest.approx(150, **EXACT)
+    assert s["ttft_p50_ms"] == pytest.approx(100, **EXACT)
+    assert s["ttft_p99_ms"] == pytest.approx(296, **EXACT)
+    assert (s["tpot_mean_ms"], s["tpot_p50_ms"]) == pytest.approx((100, 100), **EXACT)
+    assert s["tpot_p99_ms"] == pytest.approx(149, **EXACT)
+    # Token marks only (no stream end, no usage count): TPOT = (last - first) / (marks - 1).
+    marks = RequestTimeline(start=0.0, token_times=[0.5, 0.6, 0.9])
+    assert summarize([marks], 1.0)["tpot_mean_ms"] == pytest.approx(200, **EXACT)

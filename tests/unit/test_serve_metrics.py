@@ -1,0 +1,46 @@
+"""Prometheus gauges of serve/metrics.py that the sweep samples: offload ratio, KV usage."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from adrenaline.protocol import WorkerMetrics
+from adrenaline.serve.metrics import IngressMetrics, offload_ratio
+
+
+def _w(role: str, index: int, running: int, offloaded: int = 0, used: int = 0, total: int = 8):
+    return WorkerMetrics(role=role, index=index, num_running=running, num_waiting=0,
+                         kv_blocks_used=used, kv_blocks_total=total, num_offloaded=offloaded)
+
+
+def _samples(m: IngressMetrics) -> dict[tuple, float]:
+    out = {}
+    for fam in text_string_to_metric_families(m.render().decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_offload_ratio_counts_decode_workers_only():
+    workers = [_w("decode", 0, running=3, offloaded=1), _w("decode", 1, running=1, offloaded=1),
+               _w("executor", 0, running=9), _w("prefill", 0, running=5)]
+    assert offload_ratio(workers) == 0.5  # (1 + 1) / (3 + 1); executor and prefill ignored
+    assert offload_ratio([_w("decode", 0, running=0), _w("executor", 0, running=2)]) == 0.0
+
+
+def test_gauges_follow_each_poll():
+    m = IngressMetrics()
+    m.set_workers([_w("decode", 0, running=4, offloaded=3, used=2, total=8),
+                   _w("executor", 0, running=3, used=6, total=8)])
+    s = _samples(m)
+    assert s[("adrenaline_offload_ratio", ())] == 0.75
+    assert s[("adrenaline_worker_kv_usage_ratio", (("index", "0"), ("role", "decode")))] == 0.25
+    assert s[("adrenaline_worker_kv_usage_ratio", (("index", "0"), ("role", "executor")))] == 0.75
+    m.set_workers([_w("decode", 0, running=2, offloaded=0)])
+    s = _samples(m)
+    assert s[("adrenaline_offload_ratio", ())] == 0.0
+    assert ("adrenaline_worker_kv_usage_ratio", (("index", "0"), ("role", "executor"))) not in s
+    m.set_workers(None)  # a failed poll: unknown, not 0
+    assert math.isnan(_samples(m)[("adrenaline_offload_ratio", ())])

@@ -1,0 +1,110 @@
+"""serving_workloads: the ShareGPT loader on a hand-made file, and arrival times.
+
+The encoder splits on whitespace, so a turn's token count is its word count and every
+expected length below can be read off the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from adrenaline.bench.serving_workloads import (DatasetError, arrival_offsets, load_sharegpt,
+                                               random_requests, sharegpt_requests)
+
+
+def words(n: int, w: str = "w") -> str:
+    return " ".join([w] * n)
+
+
+def encode(text: str) -> list[int]:
+    return [len(t) for t in text.split()]
+
+
+# (prompt words, output words) -> kept or dropped, and why
+CONVERSATIONS = [
+    ([words(5, "a"), words(6)], True),           # kept: (5, 6)
+    ([words(10, "b"), words(4), words(99)], True),  # kept: (10, 4); only two turns count
+    ([words(3, "c"), words(50)], False),          # prompt < 4 tokens
+    ([words(8, "d"), words(3)], False),           # output < 4 tokens
+    ([words(1025, "e"), words(10)], False),       # prompt > 1024
+    ([words(1000, "f"), words(1049)], False),     # prompt + output > 2048
+    ([words(1000, "g"), words(1048)], True),      # kept: exactly 2048
+    ([words(7, "h")], False),                     # one turn
+]
+
+
+@pytest.fixture
+def sharegpt_file(tmp_path):
+    data = [{"id": str(i), "conversations": [
+        {"from": "human" if j % 2 == 0 else "gpt", "value": v} for j, v in enumerate(turns)]}
+        for i, (turns, _) in enumerate(CONVERSATIONS)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_sharegpt_lengths_and_filters(sharegpt_file):
+    reqs = sharegpt_requests(sharegpt_file, 100, encode, seed=3)
+    assert sorted((r.prompt_len, r.output_len) for r in reqs) == [(5, 6), (10, 4), (1000, 1048)]
+    for r in reqs:
+        assert isinstance(r.prompt, str) and len(encode(r.prompt)) == r.prompt_len
+    # The prompt is the first turn's text itself, not the second's.
+    assert {r.prompt.split()[0] for r in reqs} == {"a", "b", "g"}
+
+
+def test_sharegpt_fixed_output_len_and_num_prompts(sharegpt_file):
+    reqs = sharegpt_requests(sharegpt_file, 100, encode, fixed_output_len=32)
+    # With 32 output tokens the 3-token prompt is still too short; (8 -> 3) and both
+    # 1000-token prompts now pass; 1025 tokens is still too long.
+    assert sorted((r.prompt_len, r.output_len) for r in reqs) == [
+        (5, 32), (8, 32), (10, 32), (1000, 32), (1000, 32)]
+    two = sharegpt_requests(sharegpt_file, 2, encode, seed=1)
+    assert len(two) == 2
+    assert two == sharegpt_requests(sharegpt_file, 2, encode, seed=1)  # deterministic
+
+
+def test_load_sharegpt_keeps_first_two_turns(sharegpt_file):
+    pairs = load_sharegpt(sharegpt_file)
+    assert len(pairs) == len(CONVERSATIONS) - 1  # the one-turn conversation is skipped
+    assert pairs[1] == (words(10, "b"), words(4))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not JSON"),
+    ('{"conversations": []}', "JSON list of conversations, got dict"),
+    ('[{"id": "x"}]', 'entry 0 has no "conversations" list'),
+    ('[{"conversations": [{"value": "hi there"}, {"from": "gpt"}]}]',
+     'entry 0, turn 1 has no string "value"'),
+    ('[{"conversations": [{"value": "a b c d"}, {"value": "e f g h"}]}, "oops"]',
+     'entry 1 has no "conversations" list'),
+])
+def test_bad_sharegpt_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message) as info:
+        sharegpt_requests(str(path), 4, encode)
+    assert str(path) in str(info.value)
+
+
+def test_missing_sharegpt_file(tmp_path):
+    with pytest.raises(DatasetError, match="cannot read ShareGPT file"):
+        load_sharegpt(str(tmp_path / "nope.json"))
+
+
+def test_arrival_offsets():
+    assert arrival_offsets(3, math.inf) == [0.0, 0.0, 0.0]
+    offs = arrival_offsets(4000, 5.0, burstiness=1.0, seed=0)
+    assert offs[0] == 0.0 and all(b >= a for a, b in zip(offs, offs[1:]))
+    assert offs[-1] / (len(offs) - 1) == pytest.approx(0.2, rel=0.05)  # mean gap 1 / rate
+    with pytest.raises(ValueError):
+        arrival_offsets(2, 0.0)
+
+
+def test_random_requests_lengths():
+    reqs = random_requests(50, input_len=100, output_len=20, vocab_size=300, range_ratio=0.5)
+    assert all(50 <= r.prompt_len <= 150 and 10 <= r.output_len <= 30 for r in reqs)
+    assert all(len(r.prompt) == r.prompt_len and 10 <= min(r.prompt) and max(r.prompt) < 290
+               for r in reqs)
