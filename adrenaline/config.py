@@ -87,6 +87,9 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Decode steps of up to this many requests replay captured CUDA graphs (CUDA with a
     # backend that supports them, i.e. flashinfer); 0 runs every step eagerly.
     cuda_graph_max_batch: int = 256
+    # On CUDA in bf16/fp16: flashinfer's fused RMSNorm, residual-add + RMSNorm, RoPE and
+    # SiLU-and-mul instead of plain torch ops (same math, fewer kernels, float32 inside).
+    fused_ops: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,

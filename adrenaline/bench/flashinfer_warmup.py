@@ -23,7 +23,27 @@ HEAD_DIMS = (128, 64)
 KINDS = ("decode", "decode_tc", "prefill")
 
 
+def build_ops(head_dim: int) -> None:
+    """The fused norm / activation / RoPE modules (kernels/flashinfer_ops.py)."""
+    from adrenaline.kernels.flashinfer_ops import FlashInferOps
+    from adrenaline.kernels.ops import RotaryEmbedding
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    ops = FlashInferOps()
+    x = torch.randn(4, 256, device=dev, dtype=dt)
+    w = torch.ones(256, device=dev, dtype=dt)
+    ops.rms_norm(x, w, 1e-5)
+    ops.add_rms_norm(x.clone(), x.clone(), w, 1e-5)
+    ops.silu_and_mul(x)
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0, None, dt, dev)
+    q = torch.randn(4, 8, head_dim, device=dev, dtype=dt)
+    ops.rope(rotary, torch.arange(4, device=dev), q, q[:, :2].clone())
+    torch.cuda.synchronize()
+
+
 def build_one(kind: str, head_dim: int) -> None:
+    if kind == "ops":
+        return build_ops(head_dim)
     from adrenaline.kernels.flashinfer_backend import FlashInferAttention
     from adrenaline.kernels.metadata import AttentionMetadata
 
@@ -51,6 +71,7 @@ def main(argv: list[str]) -> int:
         return 0
     procs = [subprocess.Popen([sys.executable, "-m", __spec__.name, kind, str(d)])
              for kind in KINDS for d in HEAD_DIMS]
+    procs.append(subprocess.Popen([sys.executable, "-m", __spec__.name, "ops", "64"]))
     return max(p.wait() for p in procs)
 
 

@@ -213,11 +213,51 @@ def check_attention(plan: Plan, hq: int, hkv: int, d: int, prefill: bool, seed: 
             "rel_err": rel, "kv_append_exact": append_ok, "ok": ok}
 
 
+def check_ops(plan: Plan, head_dim: int, seed: int) -> list[dict]:
+    """The fused elementwise ops (bf16) against TorchOps in float32 on the same inputs."""
+    from adrenaline.kernels.ops import RotaryEmbedding, TorchOps
+
+    if plan.dry_run:
+        test_ops = TorchOps()  # flashinfer's ops need CUDA: the dry run checks the harness
+    else:
+        from adrenaline.kernels.flashinfer_ops import FlashInferOps
+        test_ops = FlashInferOps()
+    ref, dev, bf = TorchOps(), plan.device, torch.bfloat16
+    torch.manual_seed(seed)
+    t, h = 37, plan.model["hidden_size"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev).to(bf)
+
+    def rel(got, want):
+        return float((got.float() - want).norm() / want.norm())
+
+    x, res, w = rnd(t, h), rnd(t, h), rnd(h)
+    rows = [("rms_norm", rel(test_ops.rms_norm(x, w, 1e-5), ref.rms_norm(x.float(), w.float(), 1e-5)))]
+    got_x, got_res = test_ops.add_rms_norm(x.clone(), res.clone(), w, 1e-5)
+    want_x, want_res = ref.add_rms_norm(x.float(), res.float(), w.float(), 1e-5)
+    rows.append(("add_rms_norm", max(rel(got_x, want_x), rel(got_res, want_res))))
+    gu = rnd(t, 2 * h)
+    rows.append(("silu_and_mul", rel(test_ops.silu_and_mul(gu), ref.silu_and_mul(gu.float()))))
+    max_pos = plan.model["max_position_embeddings"]
+    rot32 = RotaryEmbedding(head_dim, max_pos, 10000.0, None, torch.float32, dev)
+    rot = RotaryEmbedding(head_dim, max_pos, 10000.0, None, bf, dev)
+    pos = torch.randint(0, max_pos, (t,), device=dev)
+    q, k = rnd(t, 8, head_dim), rnd(t, 2, head_dim)
+    gq, gk = test_ops.rope(rot, pos, q.clone(), k.clone())
+    wq, wk = ref.rope(rot32, pos, q.float(), k.float())
+    rows.append((f"rope d={head_dim}", max(rel(gq, wq), rel(gk, wk))))
+    return [{"op": name, "rel_err": err, "ok": err < 1e-2} for name, err in rows]
+
+
 def stage_kernels(plan: Plan, ctx: dict) -> dict:
     rows = [check_attention(plan, hq, hkv, d, prefill, seed=i)
             for i, (hq, hkv, d) in enumerate(plan.head_shapes) for prefill in (False, True)]
-    bad = [r for r in rows if not r["ok"]]
-    return {"rows": rows, "ok": not bad, "max_rel_err": max(r["rel_err"] for r in rows)}
+    ops = [r for d in sorted({d for _, _, d in plan.head_shapes}) for r in check_ops(plan, d, d)]
+    bad = [r for r in rows + ops if not r["ok"]]
+    return {"rows": rows, "ops": ops, "ok": not bad,
+            "max_rel_err": max(r["rel_err"] for r in rows),
+            "ops_max_rel_err": max(r["rel_err"] for r in ops)}
 
 
 def _decode_case(plan: Plan, hq: int, hkv: int, d: int):
@@ -319,7 +359,18 @@ def stage_engine(plan: Plan, ctx: dict) -> dict:
                      "tok_s": b / t, "gbs": moved / t / 1e9,
                      "roofline_share": moved / t / 1e9 / copy if copy else None})
     out = {"params_m": params / 1e6, "weight_mb": weights / 1e6, "load_s": load_s, "rows": rows,
-           "graphs": graphs is not None}
+           "graphs": graphs is not None, "ops": engine.model.layers[0].ops.name}
+    if plan.device.type == "cuda":  # the same model with plain torch ops, graphs on
+        plain = EngineCore(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
+                           config=EngineConfig(max_num_seqs=top, max_model_len=2048,
+                                               kv_cache_tokens=top * (plan.prompt_len + 64),
+                                               cuda_graph_max_batch=top, fused_ops=False))
+        unfused = profile_decode_steps(plain, plan.batches, plan.prompt_len, plan.steps)
+        for row in rows:
+            row["torch_ops_graph_ms"] = unfused[row["batch"]] * 1e3
+            pg = plain.runner.graphs.graphs[plain.runner.graphs.bucket_for(row["batch"])]
+            row["torch_ops_replay_ms"] = time_median(pg.replay, plan.device, repeats=20) * 1e3
+        del plain
     if graphs is not None:  # the replay alone, without the step's host work (schedule, plan, sample)
         for row in rows:
             g = graphs.graphs[graphs.bucket_for(row["batch"])]
@@ -361,7 +412,8 @@ def _offload_run(plan: Plan, ctx: dict, dtype: str, backend: str, executor_strea
                for _ in range(plan.offload_prompts)]
     params = SamplingParams(max_tokens=plan.offload_tokens, temperature=0, ignore_eos=True)
     model, dev = str(_model_dir(plan, ctx)), str(plan.device)
-    opts = dict(attention_backend=backend, kv_cache_tokens=16384, max_model_len=2048)
+    opts = dict(attention_backend=backend, kv_cache_tokens=16384, max_model_len=2048,
+                max_num_seqs=16)
     llm = LLM(model, dtype=dtype, device=dev, **opts)
     want = [o.token_ids for o in llm.generate(prompts, params)]
     del llm
@@ -434,7 +486,9 @@ def stage_offload_tput(plan: Plan, ctx: dict) -> dict:
     rows = {}
     try:
         for name, how in (("none", lambda i: False), ("offload", "capacity")):
-            pd.generate(prompts[:cap + 2], params, offload=how)  # warm-up: graphs, plans
+            # Warm-up over the same batch sizes: captures graphs and plans outside the timing.
+            pd.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                        offload=how)
             _sync(plan.device)
             t0 = time.perf_counter()
             done = pd.generate(prompts, params, offload=how)
@@ -489,7 +543,8 @@ def summary_lines(results: dict) -> list[str]:
         elif name == "ceilings" and res:
             key = f"copy {res['copy_gbs']:.0f} GB/s, bf16 matmul {res['bf16_matmul_tflops']:.1f} TFLOP/s"
         elif name == "kernels" and res:
-            key = f"{len(res['rows'])} cases, max rel err {res['max_rel_err']:.2e}"
+            key = (f"{len(res['rows'])} attention cases, max rel err {res['max_rel_err']:.2e}; "
+                   f"{len(res['ops'])} fused ops, max rel err {res['ops_max_rel_err']:.2e}")
         elif name == "attn_bw" and res:
             share = res["share_of_copy_bw"]
             key = f"{res['gbs']:.0f} GB/s" + (f" = {share:.2f} of copy bw" if share else "")
@@ -500,6 +555,9 @@ def summary_lines(results: dict) -> list[str]:
             key = "; ".join(f"b{x['batch']} {x['eager_ms']:.1f}"
                             + (f"/{x['graph_ms']:.1f}ms graph" if x["graph_ms"] else "ms")
                             + (f" (replay {x['replay_ms']:.2f})" if "replay_ms" in x else "")
+                            + (f" torch-ops {x['torch_ops_graph_ms']:.1f} (replay "
+                               f"{x['torch_ops_replay_ms']:.2f})" if "torch_ops_graph_ms" in x
+                               else "")
                             + (f" {x['roofline_share']:.2f} bw" if x["roofline_share"] else "")
                             for x in res["rows"])
         elif name == "offload" and res:

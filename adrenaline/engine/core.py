@@ -80,6 +80,10 @@ class EngineCore:
                                               mc.num_attention_heads, mc.num_key_value_heads,
                                               mc.head_dim, self.dtype)
         self.model = load_model(self.model_dir, mc, self.dtype, self.device, self.max_model_len)
+        if (config.fused_ops and self.device.type == "cuda"
+                and self.dtype in (torch.bfloat16, torch.float16)):
+            from adrenaline.kernels.flashinfer_ops import FlashInferOps
+            self.model.use_ops(FlashInferOps())
         self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
         graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs)

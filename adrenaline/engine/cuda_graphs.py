@@ -183,7 +183,8 @@ class PiecewiseDecodeGraphs:
 
         return run
 
-    def _ensure(self, n: int) -> list:
+    def ensure(self, n: int) -> list:
+        """Bucket n's segments, captured on first use."""
         if n in self.segments:
             return self.segments[n]
         fns = [self._segment(n, i) for i in range(len(self.model.layers) + 1)]
@@ -215,7 +216,7 @@ class PiecewiseDecodeGraphs:
         """Logits [n, V] of a decode step; ``attention(layer, q, k, v)`` sees the padded batch."""
         n = len(input_ids)
         b = self.bucket_for(n)
-        segments = self._ensure(b)
+        segments = self.ensure(b)
         pad = b - n
         host = torch.tensor([list(input_ids) + [0] * pad, list(positions) + [0] * pad],
                             dtype=torch.int64)

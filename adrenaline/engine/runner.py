@@ -83,8 +83,9 @@ class ModelRunner:
     def _replay_offloaded(self, step: SchedulerOutput, local: list[int]) -> torch.Tensor:
         """A decode step with offloaded requests through the piecewise graphs: logits [n, V]."""
         ctx = list(step.context_lens)
-        attention = self._split_attention(step, local,
-                                          pad_to=self.piecewise.bucket_for(len(step.requests)))
+        bucket = self.piecewise.bucket_for(len(step.requests))
+        self.piecewise.ensure(bucket)  # capture (first use) before the executors get this step
+        attention = self._split_attention(step, local, pad_to=bucket)
         try:
             return self.piecewise.run([r.token_ids[c] for r, c in zip(step.requests, ctx)], ctx,
                                       attention)

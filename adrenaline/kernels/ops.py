@@ -40,6 +40,34 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(medium, blended, scaled)
 
 
+class TorchOps:
+    """The model's elementwise ops in plain torch, with HF transformers' arithmetic.
+
+    The op set a model layer calls (kernels/flashinfer_ops.py has fused CUDA
+    versions): ``add_rms_norm(x, residual, w, eps)`` returns (rms_norm(residual + x),
+    residual + x) and may overwrite both inputs; ``silu_and_mul(gate_up)`` is
+    silu(first half) * second half; ``rope`` rotates q and k and may do so in place.
+    """
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = residual + x
+        return rms_norm(hidden, weight, eps), hidden
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def rope(self, rotary: "RotaryEmbedding", positions: torch.Tensor, q: torch.Tensor,
+             k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary(positions, q, k)
+
+
 class RotaryEmbedding:
     """Non-interleaved (rotate-half) RoPE over a precomputed cos/sin table."""
 
@@ -51,6 +79,9 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, D]
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
+        self.head_dim = head_dim
+        # float32 [max_pos, D]: cos of each frequency, then sin (fused kernels' layout).
+        self.cos_sin_f32 = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
 
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adrenaline.config import ModelConfig
-from adrenaline.kernels.ops import RotaryEmbedding, rms_norm
+from adrenaline.kernels.ops import RotaryEmbedding, TorchOps
 from adrenaline.model.linear import Linear, linear_from
 
 # attention(layer_index, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D]
@@ -43,27 +43,30 @@ class DecoderLayer(nn.Module):
         self.post_norm = _param(h, dtype=dtype, device=device)
         self.gate_up = Linear(h, 2 * m, False, dtype, device)
         self.down = Linear(m, h, False, dtype, device)
+        self.ops = TorchOps()  # LlamaModel.use_ops swaps in fused kernels
 
     def pre_attention(self, hidden: torch.Tensor, positions: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]."""
         cfg = self.cfg
-        x = rms_norm(hidden, self.input_norm, cfg.rms_norm_eps)
+        x = self.ops.rms_norm(hidden, self.input_norm, cfg.rms_norm_eps)
         qkv = self.qkv(x)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = hidden.shape[0]
         q = q.view(t, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(t, cfg.num_key_value_heads, cfg.head_dim)
         v = v.view(t, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = self.ops.rope(self.rope, positions, q, k)
         return q, k, v
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """attn_out [T, Hq, D], residual [T, H] (the layer's input) -> the layer's output [T, H]."""
-        hidden = residual + self.o(attn_out.reshape(attn_out.shape[0], -1))
-        x = rms_norm(hidden, self.post_norm, self.cfg.rms_norm_eps)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return hidden + self.down(F.silu(gate) * up)
+        """attn_out [T, Hq, D], residual [T, H] (the layer's input) -> the layer's output [T, H].
+
+        ``residual`` may be overwritten (fused ops add into it in place).
+        """
+        x, hidden = self.ops.add_rms_norm(self.o(attn_out.reshape(attn_out.shape[0], -1)),
+                                          residual, self.post_norm, self.cfg.rms_norm_eps)
+        return hidden + self.down(self.ops.silu_and_mul(self.gate_up(x)))
 
 
 class LlamaModel(nn.Module):
@@ -95,7 +98,12 @@ class LlamaModel(nn.Module):
         return F.embedding(input_ids, self.embed)
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
+        return self.layers[0].ops.rms_norm(hidden, self.final_norm, self.cfg.rms_norm_eps)
+
+    def use_ops(self, ops) -> None:
+        """Switch every layer's elementwise ops (kernels.ops.TorchOps or a fused set)."""
+        for layer in self.layers:
+            layer.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab]."""
