@@ -59,7 +59,8 @@ def test_local_transport_orders_messages_and_wakes_on_close():
         pending.wait()
 
 
-def test_capacity_placement_offloads_what_decode_cannot_hold():
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_capacity_placement_offloads_what_decode_cannot_hold(piecewise):
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 500) for _ in range(30)] for _ in range(8)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -68,6 +69,9 @@ def test_capacity_placement_offloads_what_decode_cannot_hold():
     pd = ColocatedPD("tiny", prefill=EngineConfig(kv_cache_tokens=1024),
                      decode=EngineConfig(kv_cache_tokens=96),
                      executor=EngineConfig(kv_cache_tokens=192))
+    if piecewise:  # mixed steps of up to 6 requests through segments padded to buckets 4 and 8
+        pd.decode.runner.piecewise = PiecewiseDecodeGraphs(pd.decode.model, 8, pd.decode.device,
+                                                           capture=False)
     try:
         got = pd.generate(prompts, params, offload="capacity")
         assert [r.output_token_ids for r in got] == expected
