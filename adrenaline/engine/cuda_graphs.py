@@ -34,6 +34,17 @@ def graph_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def _load_padded(ids_buf: torch.Tensor, pos_buf: torch.Tensor, input_ids: list[int],
+                 positions: list[int], b: int) -> None:
+    """Fill the first b rows of the static id/position buffers; rows past the inputs get 0."""
+    pad = b - len(input_ids)
+    host = torch.tensor([list(input_ids) + [0] * pad, list(positions) + [0] * pad],
+                        dtype=torch.int64)
+    dev = host.to(ids_buf.device, non_blocking=True)
+    ids_buf[:b].copy_(dev[0])
+    pos_buf[:b].copy_(dev[1])
+
+
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, backend: AttentionBackend, pool, scratch_block: int,
                  max_batch: int, max_blocks_per_seq: int, device: torch.device):
@@ -106,12 +117,7 @@ class DecodeGraphs:
         n = len(input_ids)
         b = self.bucket_for(n)
         meta = self._padding_meta(b, context_lens, tables)
-        pad = b - n
-        host = torch.tensor([list(input_ids) + [0] * pad, list(positions) + [0] * pad],
-                            dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)
-        self.input_ids[:b].copy_(dev[0])
-        self.positions[:b].copy_(dev[1])
+        _load_padded(self.input_ids, self.positions, input_ids, positions, b)
         self.slots[:b].copy_(meta.slot_mapping)
         self.backend.plan_graph_state(self.states[b], meta, self.dtype)
         self.graphs[b].replay()
@@ -217,12 +223,7 @@ class PiecewiseDecodeGraphs:
         n = len(input_ids)
         b = self.bucket_for(n)
         segments = self.ensure(b)
-        pad = b - n
-        host = torch.tensor([list(input_ids) + [0] * pad, list(positions) + [0] * pad],
-                            dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)
-        self.input_ids[:b].copy_(dev[0])
-        self.positions[:b].copy_(dev[1])
+        _load_padded(self.input_ids, self.positions, input_ids, positions, b)
         segments[0]()
         for layer in range(len(self.model.layers)):
             self.attn_out[:b].copy_(attention(layer, self.q[:b], self.k[:b], self.v[:b]))
