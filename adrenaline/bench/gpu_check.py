@@ -476,36 +476,48 @@ def stage_offload_tput(plan: Plan, ctx: dict) -> dict:
         streams, resources = split_device_green_ctx_by_sm_count(plan.device, [64])
         stream, sms = streams[0], resources[0].sm.smCount
     common = dict(max_model_len=2048, max_num_seqs=n)
-    pd = ColocatedPD(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
-                     prefill=EngineConfig(kv_cache_tokens=n * per_req, cuda_graph_max_batch=0,
-                                          **common),
-                     decode=EngineConfig(kv_cache_tokens=cap * per_req, **common),
-                     executor=EngineConfig(kv_cache_tokens=3 * cap * per_req, **common),
-                     executor_stream=stream)
-    rows = {}
-    try:
-        for name, how in (("none", lambda i: False), ("offload", "capacity")):
-            # Warm-up over the same batch sizes: captures graphs and plans outside the timing.
-            pd.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
-                        offload=how)
-            _sync(plan.device)
-            t0 = time.perf_counter()
-            done = pd.generate(prompts, params, offload=how)
-            _sync(plan.device)
-            wall = time.perf_counter() - t0
-            tokens = sum(r.num_output_tokens for r in done)
-            rows[name] = {"output_tok_s": tokens / wall, "wall_s": wall,
-                          "mean_decode_batch": pd.batch_size_sum / pd.num_steps,
-                          "decode_steps": pd.num_steps, "step_ms": wall / pd.num_steps * 1e3,
-                          "outputs": [r.output_token_ids for r in done]}
-        left = pd.blocks_in_use()
-    finally:
-        pd.close()
-    same = sum(a == b for a, b in zip(rows["none"].pop("outputs"), rows["offload"].pop("outputs")))
+    rows, left = {}, {}
+    # (row, executor called in-line by the decode thread?, placement)
+    runs = [("none", False, lambda i: False), ("offload", False, "capacity"),
+            ("offload_inline", True, "capacity")]
+    for inline in (False, True):
+        pd = ColocatedPD(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
+                         prefill=EngineConfig(kv_cache_tokens=n * per_req, cuda_graph_max_batch=0,
+                                              **common),
+                         decode=EngineConfig(kv_cache_tokens=cap * per_req, **common),
+                         executor=EngineConfig(kv_cache_tokens=3 * cap * per_req, **common),
+                         executor_stream=stream, inline=inline)
+        try:
+            for name, how in [(name, how) for name, il, how in runs if il == inline]:
+                # Warm-up over the same batch sizes: captures graphs and plans outside the timing.
+                pd.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                            offload=how)
+                _sync(plan.device)
+                t0 = time.perf_counter()
+                done = pd.generate(prompts, params, offload=how)
+                _sync(plan.device)
+                wall = time.perf_counter() - t0
+                tokens = sum(r.num_output_tokens for r in done)
+                rows[name] = {"output_tok_s": tokens / wall, "wall_s": wall,
+                              "mean_decode_batch": pd.batch_size_sum / pd.num_steps,
+                              "decode_steps": pd.num_steps, "step_ms": wall / pd.num_steps * 1e3,
+                              "outputs": [r.output_token_ids for r in done]}
+            left = {k: left.get(k, 0) + v for k, v in pd.blocks_in_use().items()}
+        finally:
+            pd.close()
+    outputs = {name: row.pop("outputs") for name, row in rows.items()}
+    same = {name: sum(a == b for a, b in zip(outputs["none"], out))
+            for name, out in outputs.items() if name != "none"}
+    # Where each request's tokens first differ from none's (bf16 at other batch shapes).
+    first_diff = {name: [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                         for a, b in zip(outputs["none"], out)]
+                  for name, out in outputs.items() if name != "none"}
     return {"requests": n, "prompt_len": prompt_len, "output_len": out_len,
             "decode_capacity_requests": cap, "executor_sms": sms, "rows": rows,
-            "speedup": rows["offload"]["output_tok_s"] / rows["none"]["output_tok_s"],
-            "same_tokens": same, "blocks_left": left, "ok": not any(left.values())}
+            "speedup": {name: row["output_tok_s"] / rows["none"]["output_tok_s"]
+                        for name, row in rows.items() if name != "none"},
+            "same_tokens_as_none": same, "first_diff_vs_none": first_diff, "blocks_left": left, "ok": not any(left.values())}
+
 
 
 def stage_nccl(plan: Plan, ctx: dict) -> dict:
@@ -567,11 +579,11 @@ def summary_lines(results: dict) -> list[str]:
                 key += f"; bf16 {bf['equal']}/{bf['requests']} equal"
         elif name == "offload_tput" and res:
             rw = res["rows"]
-            key = (f"none {rw['none']['output_tok_s']:.0f} tok/s (batch "
-                   f"{rw['none']['mean_decode_batch']:.0f}), offload "
-                   f"{rw['offload']['output_tok_s']:.0f} tok/s (batch "
-                   f"{rw['offload']['mean_decode_batch']:.0f}): {res['speedup']:.2f}x; "
-                   f"same tokens {res['same_tokens']}/{res['requests']}")
+            key = "; ".join(f"{k} {v['output_tok_s']:.0f} tok/s (batch {v['mean_decode_batch']:.0f}"
+                            + (f", {res['speedup'][k]:.2f}x, same tokens "
+                               f"{res['same_tokens_as_none'][k]}/{res['requests']})"
+                               if k != "none" else ")")
+                            for k, v in rw.items())
         elif name == "nccl" and res:
             key = res.get("status") or res.get("one_rank_world", "")
         lines.append(f"{name:<13}{r['status']:<10}{r['seconds']:>8.1f}  {key}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -80,30 +81,51 @@ class AttentionService:
         n = int(header[0])
         meta = torch.empty(n, 2, dtype=torch.int64)
         comm.recv(meta, src, TAG_META)
-        handles, lens = meta[:, 0].tolist(), meta[:, 1].tolist()
-        start = time.perf_counter()
-        with self.lock:
-            for h, length in zip(handles, lens):
-                self.block_manager.append(str(h), length)  # room for this step's token
-            tables = [list(self.block_manager.block_table(str(h))) for h in handles]
-        attn = AttentionMetadata.build(is_prefill=False, query_lens=[1] * n,
-                                       context_lens=[length - 1 for length in lens],
-                                       block_tables=tables, block_size=self.config.block_size,
-                                       device=self.device)
-        self.backend.prepare(attn)
+        step = self.begin_step(meta[:, 0].tolist(), meta[:, 1].tolist())
         hq, hkv, d = (self.model.num_attention_heads, self.model.num_key_value_heads,
                       self.model.head_dim)
         packed = torch.empty(n, (hq + 2 * hkv) * d, dtype=self.dtype, device=self.device)
         for layer in range(self.model.num_hidden_layers):
-            self.busy_s += time.perf_counter() - start
             comm.recv(packed, src, TAG_QKV)
-            start = time.perf_counter()
             q, k, v = packed.split([hq * d, hkv * d, hkv * d], dim=1)
-            out = self.backend.forward(q.reshape(n, hq, d), k.reshape(n, hkv, d),
-                                       v.reshape(n, hkv, d), self.pool.k[layer],
-                                       self.pool.v[layer], attn)
+            out = self.attend(step, layer, q.reshape(n, hq, d), k.reshape(n, hkv, d),
+                              v.reshape(n, hkv, d))
             comm.send(out.contiguous(), src, TAG_OUT)
+        self.end_step(step)
+
+    # The step's three parts, also called in-line by a decode engine in the same process
+    # (engine/inline_attention.py): begin_step once, attend once per layer in order, end_step.
+
+    def begin_step(self, handles: list[int], lens: list[int]) -> "ExecutorStep":
+        """Room for this step's token of each request (``lens``: tokens incl. the new one)."""
+        start = time.perf_counter()
+        with self.lock:
+            for h, length in zip(handles, lens):
+                self.block_manager.append(str(h), length)
+            tables = [list(self.block_manager.block_table(str(h))) for h in handles]
+        meta = AttentionMetadata.build(is_prefill=False, query_lens=[1] * len(handles),
+                                       context_lens=[length - 1 for length in lens],
+                                       block_tables=tables, block_size=self.config.block_size,
+                                       device=self.device)
+        self.backend.prepare(meta)
         self.busy_s += time.perf_counter() - start
+        return ExecutorStep(meta, list(lens))
+
+    def attend(self, step: "ExecutorStep", layer: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Append this layer's k, v for the step's requests and return their attention."""
+        start = time.perf_counter()
+        out = self.backend.forward(q, k, v, self.pool.k[layer], self.pool.v[layer], step.meta)
+        self.busy_s += time.perf_counter() - start
+        return out
+
+    def end_step(self, step: "ExecutorStep") -> None:
         self.num_steps += 1
-        self.num_requests_served += n
-        self.kv_bytes_read += sum(lens) * kv_bytes_per_token(self.model, self.dtype)
+        self.num_requests_served += len(step.lens)
+        self.kv_bytes_read += sum(step.lens) * kv_bytes_per_token(self.model, self.dtype)
+
+
+@dataclass
+class ExecutorStep:
+    meta: AttentionMetadata
+    lens: list[int]

@@ -25,6 +25,7 @@ import torch
 from adrenaline.config import EngineConfig
 from adrenaline.engine.attention_service import AttentionService
 from adrenaline.engine.core import EngineCore
+from adrenaline.engine.inline_attention import InlineRemoteAttention
 from adrenaline.engine.remote_attention import RemoteAttention
 from adrenaline.engine.request import Request
 from adrenaline.sampling_params import SamplingParams
@@ -36,22 +37,30 @@ DECODE_RANK, EXECUTOR_RANK = 0, 1
 class ColocatedPD:
     def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto",
                  prefill: EngineConfig | None = None, decode: EngineConfig | None = None,
-                 executor: EngineConfig | None = None, executor_stream=None):
+                 executor: EngineConfig | None = None, executor_stream=None,
+                 inline: bool = False):
         self.prefill = EngineCore(model, dtype=dtype, device=device, config=prefill)
         self.decode = EngineCore(model, dtype=dtype, device=device, config=decode)
         mc = self.decode.model_config
         self.executor = AttentionService(mc, executor or EngineConfig(), self.decode.dtype,
                                          self.decode.device)
-        self._world = LocalWorld(2)
-        self.decode.runner.remote = RemoteAttention(
-            self._world.communicator(DECODE_RANK), [EXECUTOR_RANK], mc.num_attention_heads,
-            mc.num_key_value_heads, mc.head_dim)
         # On CUDA, the executor's kernels may run on their own stream: a green-context
         # stream gives it a bounded share of the SMs (its "slice" of the device).
         self._executor_stream = executor_stream
         self._executor_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, name="attention-executor", daemon=True)
-        self._thread.start()
+        self._world = LocalWorld(2)
+        self._thread: threading.Thread | None = None
+        if inline:  # the decode thread launches the executor's attention itself
+            if executor_stream is None and self.decode.device.type == "cuda":
+                executor_stream = torch.cuda.Stream(self.decode.device)
+            self.decode.runner.remote = InlineRemoteAttention([self.executor], [executor_stream])
+        else:  # the executor serves on its own thread, through the in-process communicator
+            self.decode.runner.remote = RemoteAttention(
+                self._world.communicator(DECODE_RANK), [EXECUTOR_RANK], mc.num_attention_heads,
+                mc.num_key_value_heads, mc.head_dim)
+            self._thread = threading.Thread(target=self._serve, name="attention-executor",
+                                            daemon=True)
+            self._thread.start()
         self._ids = itertools.count()
         self.num_offloaded = 0
 
@@ -142,6 +151,7 @@ class ColocatedPD:
 
     def close(self) -> None:
         self._world.close()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         if self.decode.device.type == "cuda":
             torch.cuda.synchronize(self.decode.device)

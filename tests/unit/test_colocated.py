@@ -15,16 +15,17 @@ from adrenaline.sampling_params import SamplingParams
 from adrenaline.transport.local import LocalWorld
 
 
-@pytest.mark.parametrize("dtype,piecewise", [("float32", False), ("bfloat16", False),
-                                              ("float32", True)])
-def test_colocated_offload_matches_offline(dtype, piecewise):
+@pytest.mark.parametrize("dtype,piecewise,inline", [
+    ("float32", False, False), ("bfloat16", False, False), ("float32", True, False),
+    ("float32", True, True)])
+def test_colocated_offload_matches_offline(dtype, piecewise, inline):
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 40))] for _ in range(6)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     expected = [o.token_ids for o in LLM("tiny", dtype=dtype).generate(prompts, params)]
     pd = ColocatedPD("tiny", dtype=dtype, prefill=EngineConfig(kv_cache_tokens=2048),
                      decode=EngineConfig(kv_cache_tokens=1024),
-                     executor=EngineConfig(kv_cache_tokens=1024))
+                     executor=EngineConfig(kv_cache_tokens=1024), inline=inline)
     if piecewise:  # the offloaded steps' per-layer segments, run eagerly, with 2 padding rows
         pd.decode.runner.piecewise = PiecewiseDecodeGraphs(pd.decode.model, 8, pd.decode.device,
                                                            capture=False)
