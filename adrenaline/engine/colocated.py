@@ -69,13 +69,13 @@ class ColocatedPD:
         try:
             if self._executor_stream is not None:
                 torch.cuda.set_stream(self._executor_stream)  # this thread's current stream
-            while not self._world.closed:
-                self.executor.serve_step(comm, DECODE_RANK)
-        except RuntimeError:
-            if not self._world.closed:
-                raise
-        except BaseException as e:  # surfaced by the next generate()
-            self._executor_error = e
+            with torch.inference_mode():
+                while not self._world.closed:
+                    self.executor.serve_step(comm, DECODE_RANK)
+        except BaseException as e:
+            if not self._world.closed:  # a failure, not close(): wake the decode side with it
+                self._executor_error = e
+                self._world.close()
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
                  offload: Callable[[int], bool] | str = lambda i: False) -> list[Request]:
@@ -109,9 +109,12 @@ class ColocatedPD:
                 self._handoff(r, side)
             if not self.decode.has_unfinished:
                 raise RuntimeError("a request fits neither the decode nor the executor KV budget")
-            if self._executor_error is not None:
-                raise RuntimeError("attention executor failed") from self._executor_error
-            stepped = self.decode.step()
+            try:
+                stepped = self.decode.step()
+            except RuntimeError:
+                if self._executor_error is not None:
+                    raise RuntimeError("attention executor failed") from self._executor_error
+                raise
             self.num_steps += 1
             self.batch_size_sum += len(stepped)
             for r in stepped:

@@ -82,3 +82,22 @@ def test_capacity_placement_offloads_what_decode_cannot_hold(piecewise):
         assert pd.decode.scheduler.num_preemptions == 0
     finally:
         pd.close()
+
+
+def test_executor_failure_surfaces_instead_of_hanging():
+    prompts = [[5, 6, 7, 8]] * 2
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    pd = ColocatedPD("tiny", prefill=EngineConfig(kv_cache_tokens=256),
+                     decode=EngineConfig(kv_cache_tokens=256),
+                     executor=EngineConfig(kv_cache_tokens=256))
+
+    def broken(*args):
+        raise ValueError("executor kernel failed")
+
+    pd.executor.attend = broken
+    try:
+        with pytest.raises(RuntimeError, match="attention executor failed") as info:
+            pd.generate(prompts, params, offload=lambda i: True)
+        assert isinstance(info.value.__cause__, ValueError)
+    finally:
+        pd.close()
