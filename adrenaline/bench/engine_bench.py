@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.report import print_table, result_header, write_result
 from adrenaline.bench.workloads import random_token_prompts
 
 
@@ -132,10 +132,9 @@ def _print_table(result: dict) -> None:
     print(f"\nengine benchmark: {result['model']} {result['dtype']}, {w['num_requests']} x "
           f"({w['input_len']} -> {w['output_len']}), {result['cpu_threads']} threads")
     base = next((r["output_tok_s"] for r in result["rows"] if r["system"] == "adrenaline"), None)
-    print(f"{'system':<28}{'output tok/s':>14}{'elapsed s':>11}{'vs adrenaline':>15}")
-    for r in result["rows"]:
-        ratio = f"{r['output_tok_s'] / base:.2f}x" if base else "-"
-        print(f"{r['system']:<28}{r['output_tok_s']:>14.1f}{r['elapsed_s']:>11.2f}{ratio:>15}")
+    rows = [{**r, "vs": r["output_tok_s"] / base if base else None} for r in result["rows"]]
+    print_table(rows, [("output_tok_s", "output tok/s", 14, 1), ("elapsed_s", "elapsed s", 11, 2),
+                       ("vs", "x adrenaline", 14, 2)], label=("system", 28))
     for name, why in result["skipped"].items():
         print(f"{name:<28}skipped: {why}")
     sys.stdout.flush()

@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import time
 
-from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.report import print_table, result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, summarize
 from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.bench.workloads import random_token_prompts
@@ -174,8 +174,4 @@ def _print(result: dict) -> None:
             ("remote_wait_per_layer_ms", "rt/lyr", 7, 2),
             ("remote_wait_share_of_step", "rt%step", 8, 2),
             ("prefill_side_kv_use_max", "pKVmax", 7, 2), ("executor_attention_gbs", "exGB/s", 7, 2)]
-    print(f"{'system':<11}" + "".join(f"{h:>{wd}}" for _, h, wd, _ in cols))
-    for r in result["rows"]:
-        cells = "".join(f"{r[k]:>{wd}.{dp}f}" if r.get(k) is not None else f"{'-':>{wd}}"
-                        for k, _, wd, dp in cols)
-        print(f"{r['system']:<11}" + cells)
+    print_table(result["rows"], cols)

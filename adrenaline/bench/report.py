@@ -17,3 +17,18 @@ def result_header(benchmark: str) -> dict:
 def write_result(result: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, int, int]],
+                label: tuple[str, int] = ("system", 11)) -> None:
+    """One line per row: the label column, then each (key, header, width, decimals) column.
+
+    A missing or None value prints as "-".
+    """
+    key, width = label
+    print(f"{key:<{width}}" + "".join(f"{h:>{wd}}" for _, h, wd, _ in cols))
+    for r in rows:
+        cells = "".join(f"{r[k]:>{wd}.{dp}f}" if r.get(k) is not None else f"{'-':>{wd}}"
+                        for k, _, wd, dp in cols)
+        print(f"{str(r[key]):<{width}}" + cells)
+

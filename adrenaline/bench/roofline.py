@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.report import print_table, result_header, write_result
 from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
 
 
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nroofline: {args.model} {args.dtype}, {args.threads} threads; copy bandwidth "
           f"{bandwidth:.1f} GB/s, matmul peak bf16 {peak['bfloat16']:.0f} / fp32 "
           f"{peak['float32']:.0f} GFLOP/s, weights {weights / 1e6:.0f} MB")
-    print(f"{'batch':>6}{'step ms':>9}{'tok/s':>8}{'GB/s':>7}{'of bw':>7}{'GFLOP/s':>9}{'of peak':>9}")
-    for r in rows:
-        print(f"{r['batch']:>6}{r['step_ms']:>9.1f}{r['tok_s']:>8.0f}{r['achieved_gbs']:>7.1f}"
-              f"{r['bandwidth_share']:>7.2f}{r['achieved_gflops']:>9.0f}{r['matmul_peak_share']:>9.2f}")
+    print_table(rows, [("step_ms", "step ms", 9, 1), ("tok_s", "tok/s", 8, 0),
+                       ("achieved_gbs", "GB/s", 7, 1), ("bandwidth_share", "of bw", 7, 2),
+                       ("achieved_gflops", "GFLOP/s", 9, 0), ("matmul_peak_share", "of peak", 9, 2)],
+                label=("batch", 6))
     write_result(result, args.out)
     return result

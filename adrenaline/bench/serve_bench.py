@@ -16,7 +16,7 @@ import json
 import time
 
 
-from adrenaline.bench.report import result_header, write_result
+from adrenaline.bench.report import print_table, result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, summarize
 from adrenaline.bench.workloads import random_token_prompts
 
@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows}
     print(f"\nserve benchmark: {args.model} {args.dtype}, {args.num_requests} x "
           f"({args.input_len} -> {args.output_len}), all at once")
-    print(f"{'system':<40}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}")
-    for r in rows:
-        print(f"{r['system']:<40}{r['output_tok_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
-              f"{r['ttft_p99_ms']:>10.0f}{r.get('tpot_p50_ms', 0):>10.1f}{r.get('tpot_p99_ms', 0):>10.1f}")
+    print_table(rows, [("output_tok_s", "tok/s", 9, 1), ("ttft_p50_ms", "TTFT p50", 10, 0),
+                       ("ttft_p99_ms", "TTFT p99", 10, 0), ("tpot_p50_ms", "TPOT p50", 10, 1),
+                       ("tpot_p99_ms", "TPOT p99", 10, 1)], label=("system", 40))
     write_result(result, args.out)
     return result
