@@ -9,12 +9,15 @@ send_kv (to a decode worker) or release (finished or aborted).
 from __future__ import annotations
 
 import asyncio
+import os
 
 from adrenaline.actors.comm_thread import CommThread
 from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.engine.kv_transfer import kv_export_shape
 from adrenaline.engine.request import Request
-from adrenaline.protocol import GenerateRequest, PrefillResult, WorkerInfo, WorkerMetrics
+from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, WorkerInfo,
+                                 WorkerMetrics)
 from adrenaline.serve.config import AppArgs
 
 
@@ -68,6 +71,17 @@ class PrefillWorker:
                              num_waiting=len(e.scheduler.waiting) + len(self._queue),
                              kv_blocks_used=e.block_manager.num_used_blocks,
                              kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps)
+
+    async def check_kv(self) -> KVReport:
+        """Audit: every page is owned by a queued, prefilling or held request, or free."""
+        def audit() -> KVReport:
+            e = self.engine.engine
+            return audit_kv("prefill", self.index, e.block_manager, set(e.requests), set(e.held))
+
+        return await self.engine.run(audit)
+
+    async def pid(self) -> int:
+        return os.getpid()
 
     def _export_and_release(self, request_id: str):
         kv = self.engine.engine.export_kv(request_id)
