@@ -43,7 +43,7 @@ fastapi_app = FastAPI(title="adrenaline", docs_url=None, redoc_url=None, openapi
 
 def error_response(err: APIError) -> Response:
     return Response(json_bytes(err.body()), status_code=err.status,
-                    media_type="application/json")
+                    media_type="application/json", headers=err.headers)
 
 
 @fastapi_app.exception_handler(APIError)
@@ -93,7 +93,7 @@ class _RouterStream:
             raise APIError(500, "the router ended the stream without a finish reason") from None
         except Exception as e:
             err = router_error(e)
-            self._reason = "rejected" if err.status == 400 else "error"
+            self._reason = {400: "rejected", 429: "overloaded"}.get(err.status, "error")
             raise err from None
         self._tracker.tokens(len(delta.token_ids))
         if delta.finish_reason is not None:
@@ -146,7 +146,8 @@ def _describe(e: BaseException) -> str:
 
 # Last in the module: @serve.deployment pickles the class by value when it is decorated, so
 # every module-level name its methods use must already be defined. max_ongoing_requests:
-# Serve's default (5) would cap concurrent streams; the router allows 4096 as well.
+# Serve's default (5) would cap concurrent streams; build_app replaces these defaults with
+# the YAML's limits (AppArgs.serve_options).
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 @serve.ingress(fastapi_app)
 class Ingress:

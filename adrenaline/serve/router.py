@@ -25,9 +25,9 @@ import ray.exceptions
 from ray import serve
 
 from adrenaline.actors.cluster import Cluster
-from adrenaline.errors import InvalidRequestError
+from adrenaline.errors import InvalidRequestError, OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, make_policy
-from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, WorkerMetrics
+from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics
 from adrenaline.serve.config import AppArgs
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,18 @@ class Router:
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: list[asyncio.Task] = []
         self._waiters: list[asyncio.Future] = []  # requests waiting for admission, FIFO
+        # Admission limits (args.limits): requests held now, and those not yet decoding.
+        self.num_ongoing = 0
+        self.num_queued = 0
+        self.num_refused = 0  # refused at the limits since start
         self.num_placed = 0  # requests placed since start
         self.num_offloaded = 0  # of which offloaded
 
     async def stats(self) -> dict:
         """Router-level counters (placement decisions), for benchmarks and metrics."""
         return {"num_placed": self.num_placed, "num_offloaded": self.num_offloaded,
+                "num_ongoing": self.num_ongoing, "num_queued": self.num_queued,
+                "num_refused": self.num_refused,
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
@@ -84,6 +90,10 @@ class Router:
 
     async def metrics(self) -> list[WorkerMetrics]:
         return list(await asyncio.gather(*[w.metrics.remote() for w in self.cluster.workers]))
+
+    async def check_kv(self) -> list[KVReport]:
+        """Every actor's KV accounting audit (prefill, decode, executor order)."""
+        return list(await asyncio.gather(*[w.check_kv.remote() for w in self.cluster.workers]))
 
     async def abort(self, request_id: str) -> None:
         q = self._streams.get(request_id)
@@ -104,9 +114,23 @@ class Router:
         if req.request_id in self._streams:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
 
+    def refuse_if_overloaded(self) -> None:
+        """Raise OverloadedError when one more request would pass the limits (args.limits)."""
+        lim = self.args.limits
+        if self.num_ongoing >= lim.max_ongoing_requests:
+            why = f"{self.num_ongoing} requests in flight (limit {lim.max_ongoing_requests})"
+        elif self.num_queued >= lim.max_queued_requests:
+            why = f"{self.num_queued} requests queued (limit {lim.max_queued_requests})"
+        else:
+            return
+        self.num_refused += 1
+        raise OverloadedError(f"the server is overloaded: {why}; retry later",
+                              retry_after_s=lim.retry_after_s)
+
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDelta for one request (call with stream=True)."""
         self.validate(req)
+        self.refuse_if_overloaded()
         self._start_pollers()
         where = self.policy.place(req, self.load)
         p, d = where.prefill, where.decode
@@ -121,6 +145,9 @@ class Router:
         # Pending load is counted at placement, so placements made meanwhile see it.
         self.load.prefill_inflight[p] += 1
         self.load.decode_pending_tokens[d] += reserved
+        self.num_ongoing += 1
+        self.num_queued += 1
+        queued = True  # counted in num_queued until admitted to decode
         try:
             try:
                 pre = await prefill.prefill.remote(req)
@@ -135,6 +162,8 @@ class Router:
             stage = "admission"
             decision = await self._admit(req, where)
             offload, admitted = decision.offload, True
+            self.num_queued -= 1
+            queued = False
             self.load.decode_pending_tokens[d] -= reserved
             self.load.decode_active[d] += 1
             if offload:
@@ -166,6 +195,9 @@ class Router:
                     stage = "done"
                     break
         finally:
+            self.num_ongoing -= 1
+            if queued:
+                self.num_queued -= 1
             self._streams.pop(req.request_id, None)
             if not admitted:
                 self.load.decode_pending_tokens[d] -= reserved
