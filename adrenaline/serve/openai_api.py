@@ -197,6 +197,10 @@ def _decode_body(body: bytes, struct: type, unsupported: dict[str, tuple]):
         obj = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON body: {e}", code="invalid_json") from None
+    except RecursionError:  # msgspec's nesting limit: hostile input, not a server fault
+        raise bad_request("malformed JSON body: nested too deeply", code="invalid_json") from None
+    except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 in a string
+        raise bad_request(f"malformed JSON body: invalid UTF-8: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
     _check_options(obj, struct, unsupported)

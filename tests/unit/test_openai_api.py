@@ -547,3 +547,20 @@ def test_overload_errors_map_to_429_and_503_with_retry_after():
     err = router_error(ServiceUnavailableError("decode worker 0 died"))
     assert err.status == 503 and "Retry-After" in err.headers
     assert "decode worker 0 died" in err.body()["error"]["message"]
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    from adrenaline.serve.openai_api import APIError, parse_completion_request
+
+    with pytest.raises(APIError) as e:
+        parse_completion_request(b"[" * 5000 + b"]" * 5000, None, None)
+    assert e.value.status == 400 and "nested too deeply" in e.value.message
+
+
+@pytest.mark.parametrize("body", [b'{"\x80odel": "tiny"}', b'{"model": "\xed\xa0\x80"}'])
+def test_invalid_utf8_is_a_400(body):
+    from adrenaline.serve.openai_api import APIError, parse_completion_request
+
+    with pytest.raises(APIError) as e:
+        parse_completion_request(body, None, None)
+    assert e.value.status == 400 and "UTF-8" in e.value.message
