@@ -84,6 +84,10 @@ class AttentionExecutor:
     async def free(self, handle: int) -> None:
         self.service.free(handle)
 
+    async def free_request(self, request_id: str) -> None:
+        """Free a finished or cancelled request's pages, even if its adopt is still in flight."""
+        self.service.free_request(request_id)
+
     async def check_kv(self) -> KVReport:
         """Audit: every page is owned by an adopted (not yet freed) request, or free."""
         s = self.service

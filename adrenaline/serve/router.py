@@ -139,7 +139,7 @@ class Router:
         self._streams[req.request_id] = queue
         prefill, decode = self.cluster.prefill[p], self.cluster.decode[d]
         offload, admitted = False, False
-        handle = None  # the executor's name for the request once it holds its KV
+        on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
         self.num_placed += 1
         # Pending load is counted at placement, so placements made meanwhile see it.
@@ -178,13 +178,15 @@ class Router:
             if offload:
                 # The KV goes to the executor beside the prefill instance (same node: the
                 # object moves through shared memory), never to the decode instance.
+                on_executor = True  # from here the executor may hold pages, whatever happens
                 handle = await executor.adopt.remote(req.request_id, pre,
                                                      prefill.take_kv.remote(req.request_id))
                 await decode.adopt_offloaded.remote(req, pre, p, handle)
             else:
                 await asyncio.gather(
                     decode.adopt.remote(req, pre, self.cluster.prefill_rank(p), tag),
-                    prefill.send_kv.remote(req.request_id, self.cluster.decode_rank(d), tag))
+                    prefill.send_kv.remote(req.request_id, self.cluster.decode_rank(d), tag,
+                                           tuple(pre.kv_shape), pre.kv_dtype))
             stage = "decode"
             while True:
                 delta = await queue.get()
@@ -209,7 +211,7 @@ class Router:
                 else:
                     self.load.decode_reserved_tokens[d] -= reserved
                 self._capacity_freed()
-            if stage != "done" or handle is not None:
+            if stage != "done" or on_executor:
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
                 executor = self.cluster.executors[p] if offload else None
@@ -217,7 +219,7 @@ class Router:
                 # unknown id would be remembered there as aborted-in-flight).
                 reached_decode = stage in ("handoff", "decode")
                 _detached(self._cleanup(req.request_id, p, d, stage != "done", reached_decode,
-                                        executor, handle))
+                                        executor if on_executor else None))
 
     async def _admit(self, req: GenerateRequest, where: Placement) -> Placement:
         """Wait until the policy admits the request; waiters retry in arrival order."""
@@ -242,15 +244,15 @@ class Router:
         return profile_cluster(self.cluster, args)
 
     async def _cleanup(self, request_id: str, p: int, d: int, abort: bool, on_decode: bool,
-                       executor, handle: int | None) -> None:
+                       executor) -> None:
         try:
             if abort:  # decode first: the executor's pages are freed only after its last step
                 calls = [self.cluster.prefill[p].release.remote(request_id)]
                 if on_decode:
                     calls.append(self.cluster.decode[d].abort.remote(request_id))
                 await asyncio.gather(*calls)
-            if handle is not None:
-                await executor.free.remote(handle)
+            if executor is not None:  # by id: also covers an adopt still in flight
+                await executor.free_request.remote(request_id)
         except Exception:  # the actor may be gone; nothing more to free then
             log.exception("cleanup of %s failed", request_id)
 
