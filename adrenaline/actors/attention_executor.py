@@ -98,6 +98,10 @@ class AttentionExecutor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def watch(self) -> None:
+        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
+        await asyncio.Event().wait()
+
     async def metrics(self) -> WorkerMetrics:
         s = self.service
         return WorkerMetrics(role="executor", index=self.index, num_running=len(s.ids),

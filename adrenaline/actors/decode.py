@@ -137,6 +137,10 @@ class DecodeWorker:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def watch(self) -> None:
+        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
+        await asyncio.Event().wait()
+
     async def metrics(self) -> WorkerMetrics:
         e = self.engine.engine
         remote = e.runner.remote

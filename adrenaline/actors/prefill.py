@@ -100,6 +100,10 @@ class PrefillWorker:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def watch(self) -> None:
+        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
+        await asyncio.Event().wait()
+
     def _drop(self, request_id: str) -> bool:
         """Engine thread: abort a request the engine knows; False when it does not know it."""
         e = self.engine.engine

@@ -57,6 +57,23 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("limits.retry_after_s: must be >= 0")
 
 
+class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Replacing the cluster when an actor dies (see serve/supervisor.py).
+
+    ``timeout_s`` bounds one replacement's start-up; past it the affected requests
+    end with an error (HTTP 503) and new ones are refused at once while the router
+    tries again every ``retry_interval_s``.
+    """
+
+    enabled: bool = True
+    timeout_s: float = 120.0
+    retry_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.retry_interval_s <= 0:
+            raise ConfigError("recovery: timeout_s and retry_interval_s must be > 0")
+
+
 # Serve slots beyond the generation limit, for control calls (health, metrics, abort, checks).
 CONTROL_SLOTS = 64
 
@@ -76,6 +93,7 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     policy_options: dict[str, float] = {}
     transport: str = "auto"  # "auto" | "gloo" | "nccl"
     limits: LimitsConfig = LimitsConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
