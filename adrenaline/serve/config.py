@@ -49,12 +49,15 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_ongoing_requests: int = 512
     max_queued_requests: int = 256
     retry_after_s: int = 1  # the Retry-After a refused client gets
+    max_request_bytes: int = 4 << 20  # HTTP body size; larger bodies get 413
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 1:
             raise ConfigError("limits: max_ongoing_requests and max_queued_requests must be >= 1")
         if self.retry_after_s < 0:
             raise ConfigError("limits.retry_after_s: must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("limits.max_request_bytes: must be >= 1024")
 
 
 class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -139,6 +139,22 @@ class _SSEResponse(StreamingResponse):
             self._stream.close()
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (never read whole into memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _describe(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1] if text else ''}".rstrip(": ")
@@ -218,7 +234,7 @@ class Ingress:
 
     async def _generate(self, request: Request, parse: Parser) -> Response:
         start = time.perf_counter()
-        body = await request.body()
+        body = await _read_body(request, self._args.limits.max_request_bytes)
         parsed = parse(body, await self._model_info(), self._tokenizer)  # raises APIError
         stream = _RouterStream(self._router, parsed.request,
                                self._metrics.track(parsed.num_prompt_tokens, start),

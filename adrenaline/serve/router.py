@@ -61,6 +61,11 @@ def _app_name() -> str:
         return "adrenaline"
 
 
+def _consume_error(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequest:
     """The request that continues ``req`` after ``produced`` tokens were already streamed.
 
@@ -139,7 +144,10 @@ class Router:
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
     async def model_info(self) -> ModelInfo:
+        """The model's facts; ServiceUnavailableError while no cluster can be started
+        (so /health answers 503 then)."""
         self.supervisor.start()
+        self.supervisor.raise_if_down()
         return self.info
 
     async def metrics(self) -> list[WorkerMetrics]:
@@ -274,20 +282,13 @@ class Router:
             else:
                 load.decode_reserved_tokens[d] += reserved
             stage = "handoff"
-            tag = next(self._tags)
-            if offload:
-                # The KV goes to the executor beside the prefill instance (same node: the
-                # object moves through shared memory), never to the decode instance.
-                executor = cluster.executors[p]
-                on_executor = True  # from here the executor may hold pages, whatever happens
-                handle = await self._call(gen, executor.adopt.remote(
-                    req.request_id, pre, prefill.take_kv.remote(req.request_id)))
-                await self._call(gen, decode.adopt_offloaded.remote(req, pre, p, handle))
-            else:
-                await self._call(gen, asyncio.gather(
-                    decode.adopt.remote(req, pre, cluster.prefill_rank(p), tag),
-                    prefill.send_kv.remote(req.request_id, cluster.decode_rank(d), tag,
-                                           tuple(pre.kv_shape), pre.kv_dtype)))
+            on_executor = offload  # from here the executor may hold pages, whatever happens
+            # Detached and shielded: a handoff's calls pair up (a gloo send with its receive,
+            # an executor adopt with the decode side), so a cancellation must never stop one
+            # half; the cleanup frees whatever arrives (see actors' tombstones).
+            handoff = _detached(self._handoff(cluster, req, pre, p, d, offload))
+            handoff.add_done_callback(_consume_error)  # its error matters only if awaited
+            await self._call(gen, asyncio.shield(handoff))
             stage = "decode"
             while True:
                 delta = await queue.get()
@@ -322,6 +323,22 @@ class Router:
                 _detached(self._cleanup(cluster, req.request_id, p, d, stage != "done",
                                         reached_decode,
                                         cluster.executors[p] if on_executor else None))
+
+    async def _handoff(self, cluster: Cluster, req: GenerateRequest, pre, p: int, d: int,
+                       offload: bool) -> None:
+        prefill, decode = cluster.prefill[p], cluster.decode[d]
+        if offload:
+            # The KV goes to the executor beside the prefill instance (same node: the
+            # object moves through shared memory), never to the decode instance.
+            handle = await cluster.executors[p].adopt.remote(
+                req.request_id, pre, prefill.take_kv.remote(req.request_id))
+            await decode.adopt_offloaded.remote(req, pre, p, handle)
+        else:
+            tag = next(self._tags)
+            await asyncio.gather(
+                decode.adopt.remote(req, pre, cluster.prefill_rank(p), tag),
+                prefill.send_kv.remote(req.request_id, cluster.decode_rank(d), tag,
+                                       tuple(pre.kv_shape), pre.kv_dtype))
 
     async def _admit(self, req: GenerateRequest, where: Placement, gen: int,
                      load: ClusterLoad) -> Placement:

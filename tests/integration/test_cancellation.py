@@ -84,3 +84,37 @@ def test_serving_is_exact_after_cancellations(client):
         return [o.token_ids for o in outs]
 
     assert asyncio.run(run()) == expected
+
+
+def test_abort_and_free_release_pages_before_the_next_step(client):
+    """At the actors: once decode.abort / executor.free_request return, the pages are free
+    (both run between steps, on the thread that owns the pool), with the request mid-stream."""
+    import ray
+
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def run():
+        decode = ray.get_actor(f"{APP}-decode-0")
+        executors = [ray.get_actor(f"{APP}-executor-{i}") for i in range(2)]
+        agens = [client.stream(list(range(10 + i, 40 + i)), params) for i in range(4)]
+        rids = []
+        for agen in agens:  # each one decoding
+            rids.append((await agen.__anext__()).request_id)
+            await agen.__anext__()
+        before = [await e.check_kv.remote() for e in executors]
+        for rid in rids:
+            await decode.abort.remote(rid)
+            rep = await decode.check_kv.remote()
+            assert rid not in rep.owners and rep.ok, rep
+            for e in executors:
+                await e.free_request.remote(rid)
+        for e in executors:
+            rep = await e.check_kv.remote()
+            assert rep.ok and rep.num_used == 0, rep
+        for agen in agens:
+            await agen.aclose()
+        await assert_kv_sound_async(client, idle=True)
+        return before
+
+    before = asyncio.run(run())
+    assert sum(rep.num_used for rep in before) > 0  # some of them really were offloaded

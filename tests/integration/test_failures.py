@@ -88,6 +88,63 @@ def test_kill_mid_stream_every_request_exact(client, offline, role):
     assert outs == expected  # exact greedy tokens: none repeated, none lost
 
 
+def test_http_streams_survive_a_decode_kill(ray_cluster, client, offline):
+    """Over HTTP (SSE): a decode worker killed mid-stream; every stream's text is the offline
+    engine's, so no token was repeated or lost on the wire."""
+    import json
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from adrenaline.serve.app import build_app
+    from tests.integration.serve_helpers import free_port, serve_http_port
+
+    name = "failures-http"
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if running
+    serve.run(build_app({"model": "tiny"}), name=name, route_prefix="/")
+    router = serve.get_deployment_handle("Router", app_name=name)
+    base = f"http://127.0.0.1:{serve_http_port()}"
+    prompts = _prompts(6, seed=4)
+    expected = [o.text for o in offline.generate(prompts, PARAMS)]
+    texts: list[str | None] = [None] * len(prompts)
+    chunks_seen = [0]
+
+    def stream(i: int) -> None:
+        body = {"model": "tiny", "prompt": prompts[i], "max_tokens": PARAMS.max_tokens,
+                "temperature": 0, "stream": True}
+        out = []
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    out.append(json.loads(line[6:])["choices"][0]["text"])
+                    chunks_seen[0] += 1
+        texts[i] = "".join(out)
+
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(base + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        pid = router.worker_pids.remote().result()["decode"][0]
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        while chunks_seen[0] < 3 * len(prompts):
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(300)
+        assert texts == expected
+        assert router.stats.remote().result()["num_recoveries"] == 1
+        from tests.integration.kv_checks import assert_kv_sound
+
+        assert_kv_sound(router, idle=True)
+    finally:
+        serve.delete(name)
+
+
 def test_serves_normally_after_recoveries(client, offline):
     prompts = _prompts(4, seed=99)
     expected = [o.token_ids for o in offline.generate(prompts, PARAMS)]

@@ -181,6 +181,21 @@ def test_fuzz_raw_bodies(http):
     run()
 
 
+def test_oversized_bodies_get_413(http):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}'
+    SENT.append(1)
+    r = http.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(6):
+            yield b"x" * (1 << 20)
+
+    SENT.append(1)
+    r = http.post("/v1/chat/completions", content=chunks())
+    assert r.status_code == 413, r.text
+
+
 def test_alive_exact_and_leak_free_after_fuzz(http):
     from ray import serve
 

@@ -54,3 +54,17 @@ def test_limits_set_serve_options():
     opts = args.serve_options
     assert opts["max_ongoing_requests"] > 10  # room for control calls beside generation
     assert opts["max_queued_requests"] == opts["max_ongoing_requests"]  # a bounded backstop
+
+
+def test_recompute_request_continues_after_streamed_tokens():
+    from adrenaline import SamplingParams
+    from adrenaline.protocol import GenerateRequest
+    from adrenaline.serve.router import recompute_request
+
+    req = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3],
+                          params=SamplingParams(max_tokens=10, temperature=0))
+    assert recompute_request(req, []) is req
+    again = recompute_request(req, [7, 8, 9, 10])
+    assert again.prompt_token_ids == [1, 2, 3, 7, 8, 9, 10] and again.request_id == "r"
+    assert again.params.max_tokens == 6 and again.params.temperature == 0
+    assert req.prompt_token_ids == [1, 2, 3]  # the original is untouched
