@@ -15,7 +15,7 @@ from ray import serve
 
 from adrenaline.errors import InvalidRequestError
 from adrenaline.model.tokenizer import Tokenizer
-from adrenaline.protocol import GenerateRequest, ModelInfo, WorkerMetrics
+from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, WorkerMetrics
 from adrenaline.sampling_params import RequestOutput, SamplingParams
 
 
@@ -33,6 +33,10 @@ class Client:
     async def metrics(self) -> list[WorkerMetrics]:
         """Every worker's current metrics (KV blocks, running and waiting requests)."""
         return await self._handle.metrics.remote()
+
+    async def check_kv(self) -> list[KVReport]:
+        """Every worker's KV accounting audit: each page owned by a live request or free."""
+        return await self._handle.check_kv.remote()
 
     async def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):

@@ -89,3 +89,22 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     eos_token_ids: tuple[int, ...]
     num_kv_blocks: int
     block_size: int
+
+
+class KVReport(msgspec.Struct, kw_only=True):
+    """One actor's KV accounting audit (see engine/kv_audit.py); ``problems`` empty when sound."""
+
+    role: str  # "prefill" | "decode" | "executor"
+    index: int
+    num_blocks: int
+    num_free: int
+    owners: dict[str, int]  # owner (request id or executor handle) -> pages held
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free

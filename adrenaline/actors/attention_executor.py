@@ -12,6 +12,7 @@ pages when it finishes or is cancelled.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import threading
 
@@ -23,7 +24,8 @@ from adrenaline.engine.core import resolve_device, resolve_model_dir
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import resolve_dtype
 from adrenaline.policy.profile import measure_copy_bandwidth
-from adrenaline.protocol import PrefillResult, WorkerMetrics
+from adrenaline.engine.kv_audit import audit_kv
+from adrenaline.protocol import KVReport, PrefillResult, WorkerMetrics
 from adrenaline.serve.config import AppArgs
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,24 @@ class AttentionExecutor:
 
     async def free(self, handle: int) -> None:
         self.service.free(handle)
+
+    async def free_request(self, request_id: str) -> None:
+        """Free a finished or cancelled request's pages, even if its adopt is still in flight."""
+        self.service.free_request(request_id)
+
+    async def check_kv(self) -> KVReport:
+        """Audit: every page is owned by an adopted (not yet freed) request, or free."""
+        s = self.service
+        with s.lock:
+            live = {str(h) for h in s.ids}
+            return audit_kv("executor", self.index, s.block_manager, live, live)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def watch(self) -> None:
+        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
+        await asyncio.Event().wait()
 
     async def metrics(self) -> WorkerMetrics:
         s = self.service

@@ -13,6 +13,7 @@ The router collects all of a step's deltas with one poll() call.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import numpy as np
@@ -20,10 +21,12 @@ import torch
 
 from adrenaline.actors.comm_thread import CommThread
 from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.engine.remote_attention import RemoteAttention
 from adrenaline.engine.request import Request
 from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
-from adrenaline.protocol import GenerateRequest, PrefillResult, TokenDelta, WorkerInfo, WorkerMetrics
+from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, TokenDelta, WorkerInfo,
+                                 WorkerMetrics)
 from adrenaline.serve.config import AppArgs
 
 
@@ -118,6 +121,26 @@ class DecodeWorker:
             self._aborted.add(request_id)  # not here yet: drop it on arrival
         await self.engine.run(self.engine.engine.abort, request_id)
         self._reported.pop(request_id, None)
+
+    async def check_kv(self) -> KVReport:
+        """Audit: every page is owned by a running local request, or free.
+
+        Offloaded requests own no pages here; preempted (waiting) ones own none until
+        they are prefilled again.
+        """
+        def audit() -> KVReport:
+            e = self.engine.engine
+            local = {r.request_id for r in e.scheduler.running if not r.is_offloaded}
+            return audit_kv("decode", self.index, e.block_manager, local, local)
+
+        return await self.engine.run(audit)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def watch(self) -> None:
+        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
+        await asyncio.Event().wait()
 
     async def metrics(self) -> WorkerMetrics:
         e = self.engine.engine

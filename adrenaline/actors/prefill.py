@@ -9,12 +9,18 @@ send_kv (to a decode worker) or release (finished or aborted).
 from __future__ import annotations
 
 import asyncio
+import os
+
+import torch
 
 from adrenaline.actors.comm_thread import CommThread
 from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.engine.kv_transfer import kv_export_shape
 from adrenaline.engine.request import Request
-from adrenaline.protocol import GenerateRequest, PrefillResult, WorkerInfo, WorkerMetrics
+from adrenaline.engine.tombstones import Tombstones
+from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, WorkerInfo,
+                                 WorkerMetrics)
 from adrenaline.serve.config import AppArgs
 
 
@@ -25,6 +31,7 @@ class PrefillWorker:
         self.comm = CommThread()
         self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
         self._waiting: dict[str, asyncio.Future] = {}
+        self._released = Tombstones()  # released before they reached the engine
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
@@ -42,9 +49,20 @@ class PrefillWorker:
         self._wake.set()
         return await fut
 
-    async def send_kv(self, request_id: str, dst: int, tag: int) -> None:
-        """Send a held request's KV to rank ``dst`` and free it here (the copy is what travels)."""
-        kv = await self.engine.run(self._export_and_release, request_id)
+    async def send_kv(self, request_id: str, dst: int, tag: int, shape: tuple[int, ...] = (),
+                      dtype: str = "") -> None:
+        """Send a held request's KV to rank ``dst`` and free it here (the copy is what travels).
+
+        Invariant: once the router has asked for this send, a message of ``shape``/``dtype``
+        always goes out, because the decode worker has posted (or will post) the matching
+        receive and a gloo receive cannot be taken back. A request released meanwhile
+        (cancelled) sends zeros, which the decode worker drops as aborted.
+        """
+        kv = await self.engine.run(self._export_and_release_or_none, request_id)
+        if kv is None:
+            if not shape:
+                return
+            kv = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.engine.engine.device)
         self._wake.set()  # freed blocks may admit waiting prompts
         await self.comm.send(kv, dst, tag)
 
@@ -55,7 +73,9 @@ class PrefillWorker:
         return kv
 
     async def release(self, request_id: str) -> None:
-        await self.engine.run(self.engine.engine.abort, request_id)
+        """Free a request wherever it is here; one not yet in the engine is dropped on arrival."""
+        if not await self.engine.run(self._drop, request_id):
+            self._released.add(request_id)  # still queued (or never coming): drop it later
         fut = self._waiting.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.cancel()
@@ -68,6 +88,33 @@ class PrefillWorker:
                              num_waiting=len(e.scheduler.waiting) + len(self._queue),
                              kv_blocks_used=e.block_manager.num_used_blocks,
                              kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps)
+
+    async def check_kv(self) -> KVReport:
+        """Audit: every page is owned by a queued, prefilling or held request, or free."""
+        def audit() -> KVReport:
+            e = self.engine.engine
+            return audit_kv("prefill", self.index, e.block_manager, set(e.requests), set(e.held))
+
+        return await self.engine.run(audit)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def watch(self) -> None:
+        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
+        await asyncio.Event().wait()
+
+    def _drop(self, request_id: str) -> bool:
+        """Engine thread: abort a request the engine knows; False when it does not know it."""
+        e = self.engine.engine
+        known = request_id in e.requests or request_id in e.held
+        e.abort(request_id)
+        return known
+
+    def _export_and_release_or_none(self, request_id: str):
+        if request_id not in self.engine.engine.held:  # released (cancelled) already
+            return None
+        return self._export_and_release(request_id)
 
     def _export_and_release(self, request_id: str):
         kv = self.engine.engine.export_kv(request_id)
@@ -86,12 +133,16 @@ class PrefillWorker:
             self._wake.clear()
             queued, self._queue = self._queue, []
             for req, fut in queued:
+                if self._released.consume(req.request_id):
+                    fut.cancel()
+                    continue
                 try:
                     await self.engine.run(engine.add_request, req.request_id, req.prompt_token_ids,
                                           req.params)
                     self._waiting[req.request_id] = fut
                 except Exception as e:  # invalid request: answer it, keep serving
-                    fut.set_exception(e)
+                    if not fut.done():
+                        fut.set_exception(e)
             if not engine.scheduler.waiting:
                 continue
             done = await self.engine.run(engine.prefill_step)
@@ -100,6 +151,8 @@ class PrefillWorker:
                 fut = self._waiting.pop(r.request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(self._result(r))
+                elif r.request_id in engine.held:  # its caller is gone: nobody will take it
+                    await self.engine.run(engine.release, r.request_id)
             if engine.scheduler.waiting and done:
                 self._wake.set()  # more prompts fit right away
 

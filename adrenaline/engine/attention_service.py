@@ -4,7 +4,9 @@ An AttentionService holds the KV of offloaded requests (adopted from a
 prefill worker's handoff) and serves decode steps: for each step it learns
 which of its requests are in the batch, then per layer appends their new
 k, v and returns their attention output. Requests are known by integer
-handles it assigns. ``lock`` guards the block manager: adopt/free calls and
+handles it assigns; the router frees them by request id (``free_request``), which
+also covers a request cancelled while its adopt was still in flight (a tombstone
+makes the late adopt drop its KV). ``lock`` guards the block manager: adopt/free calls and
 the per-decode-worker service threads may run concurrently; pool writes of
 different requests touch disjoint blocks.
 """
@@ -23,6 +25,7 @@ from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool, kv_bytes_per_token, num_blocks_for_budget
 from adrenaline.engine.kv_transfer import import_blocks
 from adrenaline.engine.remote_attention import TAG_HEADER, TAG_META, TAG_OUT, TAG_QKV
+from adrenaline.engine.tombstones import Tombstones
 from adrenaline.kernels import make_attention_backend
 from adrenaline.kernels.metadata import AttentionMetadata
 from adrenaline.transport.base import Communicator
@@ -45,6 +48,8 @@ class AttentionService:
         self.lock = threading.Lock()
         self._handles = itertools.count()
         self.ids: dict[int, str] = {}  # handle -> request id
+        self.handles: dict[str, int] = {}  # request id -> handle (inverse of ids)
+        self._cancelled = Tombstones()  # freed before their adopt arrived
         self.num_steps = 0
         self.num_requests_served = 0  # request-steps, for metrics
         self.kv_bytes_read = 0  # KV bytes attention read (all layers): bandwidth use
@@ -55,8 +60,13 @@ class AttentionService:
         return self.num_kv_blocks * self.config.block_size
 
     def adopt(self, request_id: str, num_tokens: int, num_computed: int, kv: torch.Tensor) -> int:
-        """Take in a prefilled request's KV; returns its handle. Blocks cover ``num_tokens``."""
+        """Take in a prefilled request's KV; returns its handle. Blocks cover ``num_tokens``.
+
+        Returns -1 (and holds nothing) when the request was freed before it arrived.
+        """
         with self.lock:
+            if self._cancelled.consume(request_id):
+                return -1
             handle = next(self._handles)
             key = str(handle)
             blocks = self.block_manager.allocate(key, num_tokens)
@@ -67,12 +77,25 @@ class AttentionService:
                 self.block_manager.free(key)
                 raise
             self.ids[handle] = request_id
+            self.handles[request_id] = handle
             return handle
 
     def free(self, handle: int) -> None:
         with self.lock:
-            if self.ids.pop(handle, None) is not None:
+            request_id = self.ids.pop(handle, None)
+            if request_id is not None:
+                self.handles.pop(request_id, None)
                 self.block_manager.free(str(handle))
+
+    def free_request(self, request_id: str) -> None:
+        """Free a request's pages; if its adopt has not arrived yet, drop it on arrival."""
+        with self.lock:
+            handle = self.handles.pop(request_id, None)
+            if handle is None:
+                self._cancelled.add(request_id)
+                return
+            del self.ids[handle]
+            self.block_manager.free(str(handle))
 
     def serve_step(self, comm: Communicator, src: int) -> None:
         """Serve one decode step of rank ``src`` (blocks until its header arrives)."""

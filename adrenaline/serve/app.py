@@ -12,11 +12,13 @@ def build_app(args: dict | None = None) -> Application:
     from adrenaline.serve.router import Router
 
     app_args = parse_app_args(args)
-    return Ingress.bind(Router.bind(app_args), app_args)
+    opts = app_args.serve_options
+    return Ingress.options(**opts).bind(Router.options(**opts).bind(app_args), app_args)
 
 
 def build_router_app(args: dict | None = None) -> Application:
     """The router alone (no HTTP): for handle clients and tests."""
     from adrenaline.serve.router import Router
 
-    return Router.bind(parse_app_args(args))
+    app_args = parse_app_args(args)
+    return Router.options(**app_args.serve_options).bind(app_args)

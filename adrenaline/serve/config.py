@@ -36,6 +36,51 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     engine: EngineConfig = EngineConfig(kv_cache_tokens=16384)
 
 
+class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Admission limits: beyond them a request is refused at once (HTTP 429 + Retry-After).
+
+    Invariant: the router never holds more than ``max_ongoing_requests`` generation
+    requests, of which at most ``max_queued_requests`` are not yet decoding (in
+    prefill or waiting for admission), so every queue in the system is bounded.
+    Serve's own ``max_ongoing_requests`` on the deployments is set from these
+    (plus room for control calls), and its handle queue is bounded the same way.
+    """
+
+    max_ongoing_requests: int = 512
+    max_queued_requests: int = 256
+    retry_after_s: int = 1  # the Retry-After a refused client gets
+    max_request_bytes: int = 4 << 20  # HTTP body size; larger bodies get 413
+
+    def __post_init__(self) -> None:
+        if self.max_ongoing_requests < 1 or self.max_queued_requests < 1:
+            raise ConfigError("limits: max_ongoing_requests and max_queued_requests must be >= 1")
+        if self.retry_after_s < 0:
+            raise ConfigError("limits.retry_after_s: must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("limits.max_request_bytes: must be >= 1024")
+
+
+class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Replacing the cluster when an actor dies (see serve/supervisor.py).
+
+    ``timeout_s`` bounds one replacement's start-up; past it the affected requests
+    end with an error (HTTP 503) and new ones are refused at once while the router
+    tries again every ``retry_interval_s``.
+    """
+
+    enabled: bool = True
+    timeout_s: float = 120.0
+    retry_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.retry_interval_s <= 0:
+            raise ConfigError("recovery: timeout_s and retry_interval_s must be > 0")
+
+
+# Serve slots beyond the generation limit, for control calls (health, metrics, abort, checks).
+CONTROL_SLOTS = 64
+
+
 class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything `build_app` needs. See serve_configs/local.yaml for a commented example."""
 
@@ -50,6 +95,8 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Options of the policy (e.g. {"ratio": 0.5} for static, {"tpot_slo_ms": 100} for load_aware).
     policy_options: dict[str, float] = {}
     transport: str = "auto"  # "auto" | "gloo" | "nccl"
+    limits: LimitsConfig = LimitsConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -60,6 +107,14 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    @property
+    def serve_options(self) -> dict:
+        """Serve deployment options matching the limits (router and ingress alike)."""
+        # Serve's handle queue is only a backstop (a burst waits there briefly while it is
+        # assigned to the replica): the router's own limits refuse first, with a 429.
+        n = self.limits.max_ongoing_requests + CONTROL_SLOTS
+        return {"max_ongoing_requests": n, "max_queued_requests": n}
 
 
 def parse_app_args(raw: dict | None) -> AppArgs:

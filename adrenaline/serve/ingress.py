@@ -43,7 +43,7 @@ fastapi_app = FastAPI(title="adrenaline", docs_url=None, redoc_url=None, openapi
 
 def error_response(err: APIError) -> Response:
     return Response(json_bytes(err.body()), status_code=err.status,
-                    media_type="application/json")
+                    media_type="application/json", headers=err.headers)
 
 
 @fastapi_app.exception_handler(APIError)
@@ -93,7 +93,7 @@ class _RouterStream:
             raise APIError(500, "the router ended the stream without a finish reason") from None
         except Exception as e:
             err = router_error(e)
-            self._reason = "rejected" if err.status == 400 else "error"
+            self._reason = {400: "rejected", 429: "overloaded"}.get(err.status, "error")
             raise err from None
         self._tracker.tokens(len(delta.token_ids))
         if delta.finish_reason is not None:
@@ -139,6 +139,22 @@ class _SSEResponse(StreamingResponse):
             self._stream.close()
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (never read whole into memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _describe(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1] if text else ''}".rstrip(": ")
@@ -146,7 +162,8 @@ def _describe(e: BaseException) -> str:
 
 # Last in the module: @serve.deployment pickles the class by value when it is decorated, so
 # every module-level name its methods use must already be defined. max_ongoing_requests:
-# Serve's default (5) would cap concurrent streams; the router allows 4096 as well.
+# Serve's default (5) would cap concurrent streams; build_app replaces these defaults with
+# the YAML's limits (AppArgs.serve_options).
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 @serve.ingress(fastapi_app)
 class Ingress:
@@ -217,7 +234,7 @@ class Ingress:
 
     async def _generate(self, request: Request, parse: Parser) -> Response:
         start = time.perf_counter()
-        body = await request.body()
+        body = await _read_body(request, self._args.limits.max_request_bytes)
         parsed = parse(body, await self._model_info(), self._tokenizer)  # raises APIError
         stream = _RouterStream(self._router, parsed.request,
                                self._metrics.track(parsed.num_prompt_tokens, start),

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from adrenaline.errors import InvalidRequestError
+from adrenaline.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
 from adrenaline.sampling_params import SamplingParams
@@ -38,9 +38,11 @@ class APIError(Exception):
     """An error the client sees as ``{"error": {message, type, param, code}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None):
+                 code: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}  # e.g. Retry-After on 429/503
         self.message = message
         self.param = param
         self.code = code
@@ -55,6 +57,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def overloaded(message: str, retry_after_s: float) -> APIError:
+    """429 with Retry-After: the router refused the request at its admission limits."""
+    return APIError(429, message, code="overloaded", type="rate_limit_error",
+                    headers={"Retry-After": str(max(0, math.ceil(retry_after_s)))})
+
+
+def _is_backpressure(exc: BaseException) -> bool:
+    try:
+        from ray.serve.exceptions import BackPressureError
+    except ImportError:  # an older Serve
+        return False
+    return isinstance(exc, BackPressureError)
+
+
 def router_error(exc: BaseException) -> APIError:
     """Map an exception raised through the router's handle to an APIError.
 
@@ -67,6 +83,13 @@ def router_error(exc: BaseException) -> APIError:
         cause = cause.cause  # type: ignore[attr-defined]
     if isinstance(cause, InvalidRequestError):
         return bad_request(str(cause))
+    if isinstance(cause, OverloadedError):
+        return overloaded(str(cause), cause.retry_after_s)
+    if _is_backpressure(cause):  # Serve's own queue to the router is full
+        return APIError(503, "the server is overloaded: its request queue is full; retry later",
+                        code="overloaded", type="server_error", headers={"Retry-After": "1"})
+    if isinstance(cause, ServiceUnavailableError):
+        return APIError(503, str(cause), code="unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, InvalidRequestError):  # wrapped, cause lost: the traceback's last line
         last = (str(exc).strip().splitlines() or ["invalid request"])[-1]
         return bad_request(last.split("InvalidRequestError: ", 1)[-1])
@@ -174,6 +197,10 @@ def _decode_body(body: bytes, struct: type, unsupported: dict[str, tuple]):
         obj = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON body: {e}", code="invalid_json") from None
+    except RecursionError:  # msgspec's nesting limit: hostile input, not a server fault
+        raise bad_request("malformed JSON body: nested too deeply", code="invalid_json") from None
+    except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 in a string
+        raise bad_request(f"malformed JSON body: invalid UTF-8: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
     _check_options(obj, struct, unsupported)

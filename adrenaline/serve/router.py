@@ -1,16 +1,24 @@
 """Router: the Serve deployment that owns the cluster and streams each request through it.
 
-A request's path: validate -> the policy places it (prefill i, decode j) ->
-prefill i samples the first token (yielded at once: TTFT) -> admission: the
-policy admits it locally or offloaded, or it waits, its KV held in prefill
-i's pool, until capacity frees -> handoff: locally, decode j posts a receive
-and prefill i sends the KV (one tensor, through the communicator);
-offloaded, the KV goes to the executor beside prefill i (same node) and
-decode j only learns the executor's handle -> decode j streams deltas,
-which the router gets with one poll per decode step and fans out to
-per-request queues -> the last delta carries finish_reason. A client that
-goes away cancels the generator; the finally clause releases the load it
-counted and frees the request wherever it is, so no KV block stays held.
+A request's path: validate -> admission limits (refused at once beyond them)
+-> the policy places it (prefill i, decode j) -> prefill i samples the first
+token (yielded at once: TTFT) -> admission: the policy admits it locally or
+offloaded, or it waits, its KV held in prefill i's pool, until capacity
+frees -> handoff: locally, decode j posts a receive and prefill i sends the
+KV (one tensor, through the communicator); offloaded, the KV goes to the
+executor beside prefill i (same node) and decode j only learns the
+executor's handle -> decode j streams deltas, which the router gets with one
+poll per decode step and fans out to per-request queues -> the last delta
+carries finish_reason. A client that goes away cancels the generator; the
+finally clause releases the load it counted and frees the request wherever
+it is, so no KV block stays held.
+
+Failures: one pass along that path is an *attempt* on one cluster
+generation. When an actor dies the supervisor replaces the whole cluster;
+every attempt on the old generation stops (_Restart) and the request reruns
+on the new one from its prompt plus the tokens already yielded (recompute),
+so the client sees each token exactly once and, for greedy requests, exactly
+the tokens it would have had.
 """
 
 from __future__ import annotations
@@ -20,17 +28,25 @@ import contextvars
 import itertools
 import logging
 
+import msgspec
 import ray
 import ray.exceptions
 from ray import serve
 
 from adrenaline.actors.cluster import Cluster
-from adrenaline.errors import InvalidRequestError
+from adrenaline.errors import InvalidRequestError, OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, make_policy
-from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, WorkerMetrics
+from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics
 from adrenaline.serve.config import AppArgs
+from adrenaline.serve.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+_RESTART = "restart"  # finish_reason of the sentinel that stops an attempt on a lost cluster
+
+
+class _Restart(Exception):
+    """The cluster this attempt ran on was lost: rerun the request on its replacement."""
 
 
 def _detached(coro) -> asyncio.Task:
@@ -45,11 +61,52 @@ def _app_name() -> str:
         return "adrenaline"
 
 
+def _consume_error(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequest:
+    """The request that continues ``req`` after ``produced`` tokens were already streamed.
+
+    Its prompt is the original prompt plus those tokens, so its first token is the next
+    one; max_tokens shrinks by as many, so the total length is unchanged.
+    """
+    if not produced:
+        return req
+    params = msgspec.structs.replace(req.params, max_tokens=req.params.max_tokens - len(produced))
+    return GenerateRequest(request_id=req.request_id,
+                           prompt_token_ids=list(req.prompt_token_ids) + list(produced),
+                           params=params)
+
+
+def _drain(queue: asyncio.Queue[TokenDelta]) -> bool:
+    """Drop what a lost attempt left queued (a rerun restarts from the yielded tokens).
+
+    False when an abort was among it: the request is over.
+    """
+    aborted = False
+    while not queue.empty():
+        aborted |= queue.get_nowait().finish_reason == "abort"
+    return not aborted
+
+
+def _new_load(cluster: Cluster) -> ClusterLoad:
+    n_p, n_d, n_e = len(cluster.prefill), len(cluster.decode), len(cluster.executors)
+    return ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
+                       decode_reserved_tokens=[0] * n_d,
+                       decode_capacity_tokens=[i.num_kv_blocks * i.block_size
+                                               for i in cluster.decode_info],
+                       decode_pending_tokens=[0] * n_d,
+                       executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
+                       executor_capacity_tokens=list(cluster.executor_capacity_tokens))
+
+
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 class Router:
     def __init__(self, args: AppArgs):
         self.args = args
-        self.cluster = Cluster(args, name_prefix=_app_name())
+        self.supervisor = Supervisor(args, _app_name(), self._cluster_lost, self._cluster_ready)
         self.policy = make_policy(args.policy, args.policy_options, self._profile(args))
         first = self.cluster.prefill_info[0]
         self.info = ModelInfo(
@@ -57,33 +114,57 @@ class Router:
             vocab_size=first.vocab_size, eos_token_ids=first.eos_token_ids,
             max_request_tokens=min(i.max_request_tokens
                                    for i in self.cluster.prefill_info + self.cluster.decode_info))
-        n_p, n_d = len(self.cluster.prefill), len(self.cluster.decode)
-        self.load = ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
-                                decode_reserved_tokens=[0] * n_d,
-                                decode_capacity_tokens=[i.num_kv_blocks * i.block_size
-                                                        for i in self.cluster.decode_info],
-                                decode_pending_tokens=[0] * n_d,
-                                executor_active=[0] * len(self.cluster.executors),
-                                executor_reserved_tokens=[0] * len(self.cluster.executors),
-                                executor_capacity_tokens=list(self.cluster.executor_capacity_tokens))
+        # Load of the current cluster; an attempt updates the object it started with.
+        self.load = _new_load(self.cluster)
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: list[asyncio.Task] = []
         self._waiters: list[asyncio.Future] = []  # requests waiting for admission, FIFO
-        self.num_placed = 0  # requests placed since start
+        # Admission limits (args.limits): requests held now, and those not yet decoding.
+        self.num_ongoing = 0
+        self.num_queued = 0
+        self.num_refused = 0  # refused at the limits since start
+        self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
+        self.num_reruns = 0  # attempts rerun on a replacement cluster
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.supervisor.cluster
 
     async def stats(self) -> dict:
-        """Router-level counters (placement decisions), for benchmarks and metrics."""
+        """Router-level counters (placement, limits, recovery), for benchmarks and tests."""
+        self.supervisor.start()
         return {"num_placed": self.num_placed, "num_offloaded": self.num_offloaded,
+                "num_ongoing": self.num_ongoing, "num_queued": self.num_queued,
+                "num_refused": self.num_refused, "num_reruns": self.num_reruns,
+                "num_recoveries": self.supervisor.num_recoveries,
+                "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
     async def model_info(self) -> ModelInfo:
+        """The model's facts; ServiceUnavailableError while no cluster can be started
+        (so /health answers 503 then)."""
+        self.supervisor.start()
+        self.supervisor.raise_if_down()
         return self.info
 
     async def metrics(self) -> list[WorkerMetrics]:
         return list(await asyncio.gather(*[w.metrics.remote() for w in self.cluster.workers]))
+
+    async def check_kv(self) -> list[KVReport]:
+        """Every actor's KV accounting audit (prefill, decode, executor order)."""
+        await self.supervisor.ready()
+        return list(await asyncio.gather(*[w.check_kv.remote() for w in self.cluster.workers]))
+
+    async def worker_pids(self) -> dict[str, list[int]]:
+        """Process ids of the current cluster's actors by role (for failure tests)."""
+        await self.supervisor.ready()
+        c = self.cluster
+        pids = await asyncio.gather(*[w.pid.remote() for w in c.workers])
+        n_p, n_d = len(c.prefill), len(c.decode)
+        return {"prefill": pids[:n_p], "decode": pids[n_p:n_p + n_d], "executor": pids[n_p + n_d:]}
 
     async def abort(self, request_id: str) -> None:
         q = self._streams.get(request_id)
@@ -104,28 +185,83 @@ class Router:
         if req.request_id in self._streams:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
 
+    def refuse_if_overloaded(self) -> None:
+        """Raise OverloadedError when one more request would pass the limits (args.limits)."""
+        lim = self.args.limits
+        if self.num_ongoing >= lim.max_ongoing_requests:
+            why = f"{self.num_ongoing} requests in flight (limit {lim.max_ongoing_requests})"
+        elif self.num_queued >= lim.max_queued_requests:
+            why = f"{self.num_queued} requests queued (limit {lim.max_queued_requests})"
+        else:
+            return
+        self.num_refused += 1
+        raise OverloadedError(f"the server is overloaded: {why}; retry later",
+                              retry_after_s=lim.retry_after_s)
+
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDelta for one request (call with stream=True)."""
         self.validate(req)
-        self._start_pollers()
-        where = self.policy.place(req, self.load)
-        p, d = where.prefill, where.decode
-        reserved = len(req.prompt_token_ids) + req.params.max_tokens
+        self.refuse_if_overloaded()
+        self.supervisor.start()
+        self.supervisor.raise_if_down()
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[req.request_id] = queue
-        prefill, decode = self.cluster.prefill[p], self.cluster.decode[d]
+        self.num_ongoing += 1
+        produced: list[int] = []  # tokens already yielded: never sent again
+        try:
+            while True:
+                await self.supervisor.ready()  # ServiceUnavailableError if none can start
+                if not _drain(queue):
+                    return  # aborted meanwhile
+                attempt = self._attempt(recompute_request(req, produced), queue)
+                try:
+                    async for delta in attempt:
+                        produced.extend(delta.token_ids)
+                        yield delta
+                        if delta.finish_reason is not None:
+                            return
+                    return  # aborted
+                except _Restart:
+                    self.num_reruns += 1
+                finally:
+                    await attempt.aclose()  # its finally frees what it holds
+        finally:
+            self.num_ongoing -= 1
+            self._streams.pop(req.request_id, None)
+
+    async def _call(self, gen: int, ref):
+        """Await an actor call of generation ``gen``; _Restart if that cluster was lost."""
+        try:
+            return await ref
+        except InvalidRequestError:
+            raise
+        except Exception as e:
+            if await self.supervisor.is_stale(gen, e):
+                raise _Restart() from e
+            raise
+
+    async def _attempt(self, req: GenerateRequest, queue: asyncio.Queue[TokenDelta]):
+        """One pass of a request through the current cluster (see the module docstring)."""
+        gen, cluster, load = self.supervisor.generation, self.cluster, self.load
+        self._start_pollers()
+        where = self.policy.place(req, load)
+        p, d = where.prefill, where.decode
+        reserved = len(req.prompt_token_ids) + req.params.max_tokens
+        prefill, decode = cluster.prefill[p], cluster.decode[d]
         offload, admitted = False, False
-        handle = None  # the executor's name for the request once it holds its KV
+        on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
         self.num_placed += 1
         # Pending load is counted at placement, so placements made meanwhile see it.
-        self.load.prefill_inflight[p] += 1
-        self.load.decode_pending_tokens[d] += reserved
+        load.prefill_inflight[p] += 1
+        load.decode_pending_tokens[d] += reserved
+        self.num_queued += 1
+        queued = True  # counted in num_queued until admitted to decode
         try:
             try:
-                pre = await prefill.prefill.remote(req)
+                pre = await self._call(gen, prefill.prefill.remote(req))
             finally:
-                self.load.prefill_inflight[p] -= 1
+                load.prefill_inflight[p] -= 1
             yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs, finish_reason=pre.finish_reason)
             if pre.finish_reason is not None:
@@ -133,32 +269,31 @@ class Router:
                 return
             # Admission: the KV waits in the prefill instance's pool until there is room.
             stage = "admission"
-            decision = await self._admit(req, where)
+            decision = await self._admit(req, where, gen, load)
             offload, admitted = decision.offload, True
-            self.load.decode_pending_tokens[d] -= reserved
-            self.load.decode_active[d] += 1
+            self.num_queued -= 1
+            queued = False
+            load.decode_pending_tokens[d] -= reserved
+            load.decode_active[d] += 1
             if offload:
                 self.num_offloaded += 1
-                self.load.executor_active[p] += 1
-                self.load.executor_reserved_tokens[p] += reserved
+                load.executor_active[p] += 1
+                load.executor_reserved_tokens[p] += reserved
             else:
-                self.load.decode_reserved_tokens[d] += reserved
-            executor = self.cluster.executors[p] if offload else None
+                load.decode_reserved_tokens[d] += reserved
             stage = "handoff"
-            tag = next(self._tags)
-            if offload:
-                # The KV goes to the executor beside the prefill instance (same node: the
-                # object moves through shared memory), never to the decode instance.
-                handle = await executor.adopt.remote(req.request_id, pre,
-                                                     prefill.take_kv.remote(req.request_id))
-                await decode.adopt_offloaded.remote(req, pre, p, handle)
-            else:
-                await asyncio.gather(
-                    decode.adopt.remote(req, pre, self.cluster.prefill_rank(p), tag),
-                    prefill.send_kv.remote(req.request_id, self.cluster.decode_rank(d), tag))
+            on_executor = offload  # from here the executor may hold pages, whatever happens
+            # Detached and shielded: a handoff's calls pair up (a gloo send with its receive,
+            # an executor adopt with the decode side), so a cancellation must never stop one
+            # half; the cleanup frees whatever arrives (see actors' tombstones).
+            handoff = _detached(self._handoff(cluster, req, pre, p, d, offload))
+            handoff.add_done_callback(_consume_error)  # its error matters only if awaited
+            await self._call(gen, asyncio.shield(handoff))
             stage = "decode"
             while True:
                 delta = await queue.get()
+                if delta.finish_reason == _RESTART:
+                    raise _Restart()
                 if delta.finish_reason == "abort":
                     break
                 yield delta
@@ -166,33 +301,54 @@ class Router:
                     stage = "done"
                     break
         finally:
-            self._streams.pop(req.request_id, None)
+            if queued:
+                self.num_queued -= 1
             if not admitted:
-                self.load.decode_pending_tokens[d] -= reserved
+                load.decode_pending_tokens[d] -= reserved
             else:
-                self.load.decode_active[d] -= 1
+                load.decode_active[d] -= 1
                 if offload:
-                    self.load.executor_active[p] -= 1
-                    self.load.executor_reserved_tokens[p] -= reserved
+                    load.executor_active[p] -= 1
+                    load.executor_reserved_tokens[p] -= reserved
                 else:
-                    self.load.decode_reserved_tokens[d] -= reserved
+                    load.decode_reserved_tokens[d] -= reserved
                 self._capacity_freed()
-            if stage != "done" or handle is not None:
+            if gen == self.supervisor.generation and (stage != "done" or on_executor):
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
-                executor = self.cluster.executors[p] if offload else None
+                # (On a lost cluster there is nothing to free: its actors are gone.)
                 # Only a request that reached its decode instance is aborted there (an
                 # unknown id would be remembered there as aborted-in-flight).
                 reached_decode = stage in ("handoff", "decode")
-                _detached(self._cleanup(req.request_id, p, d, stage != "done", reached_decode,
-                                        executor, handle))
+                _detached(self._cleanup(cluster, req.request_id, p, d, stage != "done",
+                                        reached_decode,
+                                        cluster.executors[p] if on_executor else None))
 
-    async def _admit(self, req: GenerateRequest, where: Placement) -> Placement:
+    async def _handoff(self, cluster: Cluster, req: GenerateRequest, pre, p: int, d: int,
+                       offload: bool) -> None:
+        prefill, decode = cluster.prefill[p], cluster.decode[d]
+        if offload:
+            # The KV goes to the executor beside the prefill instance (same node: the
+            # object moves through shared memory), never to the decode instance.
+            handle = await cluster.executors[p].adopt.remote(
+                req.request_id, pre, prefill.take_kv.remote(req.request_id))
+            await decode.adopt_offloaded.remote(req, pre, p, handle)
+        else:
+            tag = next(self._tags)
+            await asyncio.gather(
+                decode.adopt.remote(req, pre, cluster.prefill_rank(p), tag),
+                prefill.send_kv.remote(req.request_id, cluster.decode_rank(d), tag,
+                                       tuple(pre.kv_shape), pre.kv_dtype))
+
+    async def _admit(self, req: GenerateRequest, where: Placement, gen: int,
+                     load: ClusterLoad) -> Placement:
         """Wait until the policy admits the request; waiters retry in arrival order."""
-        while (decision := self.policy.admit(req, where, self.load)) is None:
+        while (decision := self.policy.admit(req, where, load)) is None:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
+            if gen != self.supervisor.generation:
+                raise _Restart()
         return decision
 
     def _capacity_freed(self) -> None:
@@ -200,6 +356,19 @@ class Router:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+    def _cluster_lost(self) -> None:
+        """Supervisor: the cluster is gone. Stop its pollers, stop every attempt on it."""
+        for t in self._pollers:
+            t.cancel()  # first: no delta of the lost cluster may follow the sentinel
+        self._pollers = []
+        for rid, q in self._streams.items():
+            q.put_nowait(TokenDelta(request_id=rid, token_ids=[], finish_reason=_RESTART))
+        self._capacity_freed()  # admission waiters see the new generation and rerun
+
+    def _cluster_ready(self, cluster: Cluster) -> None:
+        """Supervisor: a replacement cluster serves; its load starts from zero."""
+        self.load = _new_load(cluster)
 
     def _profile(self, args: AppArgs):
         """Start-up measurements for policies that need them (load_aware)."""
@@ -209,32 +378,37 @@ class Router:
 
         return profile_cluster(self.cluster, args)
 
-    async def _cleanup(self, request_id: str, p: int, d: int, abort: bool, on_decode: bool,
-                       executor, handle: int | None) -> None:
+    async def _cleanup(self, cluster: Cluster, request_id: str, p: int, d: int, abort: bool,
+                       on_decode: bool, executor) -> None:
         try:
             if abort:  # decode first: the executor's pages are freed only after its last step
-                calls = [self.cluster.prefill[p].release.remote(request_id)]
+                calls = [cluster.prefill[p].release.remote(request_id)]
                 if on_decode:
-                    calls.append(self.cluster.decode[d].abort.remote(request_id))
+                    calls.append(cluster.decode[d].abort.remote(request_id))
                 await asyncio.gather(*calls)
-            if handle is not None:
-                await executor.free.remote(handle)
-        except Exception:  # the actor may be gone; nothing more to free then
-            log.exception("cleanup of %s failed", request_id)
+            if executor is not None:  # by id: also covers an adopt still in flight
+                await executor.free_request.remote(request_id)
+        except Exception as e:  # the actor may be gone; nothing more to free then
+            log.warning("cleanup of %s failed: %s", request_id, e)
 
     def _start_pollers(self) -> None:
         # Detached from the request that happens to start them: a request's end or
         # cancellation must not cancel the pollers' calls.
         if not self._pollers:
-            self._pollers = [_detached(self._poll(w)) for w in self.cluster.decode]
+            gen = self.supervisor.generation
+            self._pollers = [_detached(self._poll(gen, j, w))
+                             for j, w in enumerate(self.cluster.decode)]
 
-    async def _poll(self, worker) -> None:
+    async def _poll(self, gen: int, index: int, worker) -> None:
         """Fan one decode worker's per-step deltas out to the waiting streams."""
-        while True:
+        while gen == self.supervisor.generation:
             try:
                 deltas = await worker.poll.remote()
             except ray.exceptions.TaskCancelledError:
                 continue  # that call was cancelled; keep polling
+            except ray.exceptions.RayActorError as e:
+                self.supervisor.report(gen, f"decode {index} died ({type(e).__name__})")
+                return
             except Exception as e:
                 log.warning("decode worker poll failed: %s", e)
                 await asyncio.sleep(1.0)

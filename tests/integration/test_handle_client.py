@@ -8,6 +8,7 @@ import random
 import pytest
 
 from adrenaline import LLM, InvalidRequestError, SamplingParams
+from tests.integration.kv_checks import assert_kv_sound_async
 
 PROMPTS = [[3, 14, 15], [9, 2, 6, 5, 3, 5], [8] * 40, list(range(100, 131))]
 
@@ -34,7 +35,9 @@ def _deploy(ray_cluster, name: str, num_prefill: int, num_decode: int, **decode_
 def client_1p1d(ray_cluster):
     from ray import serve
 
-    yield _deploy(ray_cluster, "h1p1d", 1, 1)
+    client = _deploy(ray_cluster, "h1p1d", 1, 1)
+    yield client
+    asyncio.run(assert_kv_sound_async(client))
     serve.delete("h1p1d")
 
 
@@ -43,7 +46,9 @@ def client_2p1d(ray_cluster):
     from ray import serve
 
     # A small decode pool: concurrent requests force preemption on the decode side.
-    yield _deploy(ray_cluster, "h2p1d", 2, 1, kv_cache_tokens=160, block_size=16)
+    client = _deploy(ray_cluster, "h2p1d", 2, 1, kv_cache_tokens=160, block_size=16)
+    yield client
+    asyncio.run(assert_kv_sound_async(client))
     serve.delete("h2p1d")
 
 
@@ -52,6 +57,7 @@ async def _generate_all(client, prompts, params):
 
 
 async def _all_free(client) -> None:
+    await assert_kv_sound_async(client)
     metrics = await client.metrics()
     for m in metrics:
         assert m.kv_blocks_used == 0 and m.num_running == 0 and m.num_waiting == 0, m
@@ -114,6 +120,7 @@ def test_cancelled_stream_frees_kv(client_1p1d):
         for _ in range(50):  # the abort lands within a few steps
             metrics = await client_1p1d.metrics()
             if all(m.kv_blocks_used == 0 and m.num_running == 0 for m in metrics):
+                await assert_kv_sound_async(client_1p1d)
                 return True
             await asyncio.sleep(0.1)
         return False

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from adrenaline import LLM, SamplingParams
+from tests.integration.kv_checks import assert_kv_sound
 from tests.integration.serve_helpers import free_port, serve_http_port
 
 httpx = pytest.importorskip("httpx")
@@ -41,6 +42,7 @@ def server(request, ray_cluster):
             assert time.monotonic() < deadline, "the app never became healthy"
             time.sleep(0.5)
         yield client
+    assert_kv_sound(serve.get_deployment_handle("Router", app_name=APP_NAME))
     serve.delete(APP_NAME)
 
 
@@ -78,6 +80,7 @@ def _all_kv_free(router, timeout_s: float = 10.0) -> list:
         metrics = router.metrics.remote().result()
         if all(m.kv_blocks_used == 0 and m.num_running == 0 and m.num_waiting == 0
                for m in metrics):
+            assert_kv_sound(router)
             return metrics
         if time.monotonic() > deadline:
             raise AssertionError(f"KV blocks still held: {metrics}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.kv_checks import assert_kv_sound
 from tests.integration.serve_helpers import free_port, serve_http_port
 
 httpx = pytest.importorskip("httpx")
@@ -42,6 +43,7 @@ def base_url(ray_cluster):
         assert time.monotonic() < deadline, "the app never became healthy"
         time.sleep(0.5)
     yield url
+    assert_kv_sound(serve.get_deployment_handle("Router", app_name=APP_NAME))
     serve.delete(APP_NAME)
 
 

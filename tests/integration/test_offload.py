@@ -8,6 +8,7 @@ import random
 import pytest
 
 from adrenaline import LLM, SamplingParams
+from tests.integration.kv_checks import assert_kv_sound_async
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0)
 
@@ -41,6 +42,7 @@ async def _run_all(client, prompts, params):
 
 
 async def _assert_idle(client) -> None:
+    await assert_kv_sound_async(client)
     for m in await client.metrics():
         assert m.kv_blocks_used == 0 and m.num_running == 0 and m.num_waiting == 0, m
 

@@ -534,3 +534,33 @@ def test_ingress_sse_usage_then_done_and_complete_error(info, tok):
         asyncio.run(_ingress(tok)._complete(parsed, _FakeStream([bad]),
                                             TokenDelta(request_id="x", token_ids=[74])))
     assert e.value.status == 500 and "worker died" in e.value.message
+
+
+def test_overload_errors_map_to_429_and_503_with_retry_after():
+    from adrenaline.errors import OverloadedError, ServiceUnavailableError
+    from adrenaline.serve.openai_api import router_error
+
+    err = router_error(OverloadedError("busy", retry_after_s=2.5))
+    assert err.status == 429 and err.headers == {"Retry-After": "3"}
+    assert err.body()["error"]["code"] == "overloaded"
+    assert err.body()["error"]["type"] == "rate_limit_error"
+    err = router_error(ServiceUnavailableError("decode worker 0 died"))
+    assert err.status == 503 and "Retry-After" in err.headers
+    assert "decode worker 0 died" in err.body()["error"]["message"]
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    from adrenaline.serve.openai_api import APIError, parse_completion_request
+
+    with pytest.raises(APIError) as e:
+        parse_completion_request(b"[" * 5000 + b"]" * 5000, None, None)
+    assert e.value.status == 400 and "nested too deeply" in e.value.message
+
+
+@pytest.mark.parametrize("body", [b'{"\x80odel": "tiny"}', b'{"model": "\xed\xa0\x80"}'])
+def test_invalid_utf8_is_a_400(body):
+    from adrenaline.serve.openai_api import APIError, parse_completion_request
+
+    with pytest.raises(APIError) as e:
+        parse_completion_request(body, None, None)
+    assert e.value.status == 400 and "UTF-8" in e.value.message

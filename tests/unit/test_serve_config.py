@@ -32,6 +32,8 @@ def test_shipped_configs_validate(path):
     ({"prefill": {"engine": {"kv_cache_tokns": 12}}}, "kv_cache_tokns"),
     ({"device": "tpu"}, "device"),
     ({"transport": "carrier-pigeon"}, "transport"),
+    ({"limits": {"max_ongoing_requests": 0}}, "max_ongoing_requests"),
+    ({"limits": {"max_queue": 3}}, "max_queue"),
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(ConfigError, match=field):
@@ -43,3 +45,26 @@ def test_unknown_policy_is_a_config_error():
         make_policy("random_walk")
     with pytest.raises(ConfigError, match="cannot load"):
         make_policy("no.such.module:Policy")
+
+
+def test_limits_set_serve_options():
+    args = parse_app_args({"limits": {"max_ongoing_requests": 10, "max_queued_requests": 4,
+                                      "retry_after_s": 2}})
+    assert args.limits.max_queued_requests == 4 and args.limits.retry_after_s == 2
+    opts = args.serve_options
+    assert opts["max_ongoing_requests"] > 10  # room for control calls beside generation
+    assert opts["max_queued_requests"] == opts["max_ongoing_requests"]  # a bounded backstop
+
+
+def test_recompute_request_continues_after_streamed_tokens():
+    from adrenaline import SamplingParams
+    from adrenaline.protocol import GenerateRequest
+    from adrenaline.serve.router import recompute_request
+
+    req = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3],
+                          params=SamplingParams(max_tokens=10, temperature=0))
+    assert recompute_request(req, []) is req
+    again = recompute_request(req, [7, 8, 9, 10])
+    assert again.prompt_token_ids == [1, 2, 3, 7, 8, 9, 10] and again.request_id == "r"
+    assert again.params.max_tokens == 6 and again.params.temperature == 0
+    assert req.prompt_token_ids == [1, 2, 3]  # the original is untouched

@@ -1,0 +1,151 @@
+"""Supervisor: owns the router's cluster and replaces it when one of its actors dies.
+
+Detection is through Ray: one ``watch()`` call stays pending on every actor,
+and Ray fails it (RayActorError) the moment the actor's process is gone; a
+call the router makes to a dead actor fails the same way and reports too.
+
+Replacement is whole-cluster: the survivors are killed as well and a new
+cluster (new processes, new communicator world, same placement-group
+bundles) is started, because a gloo world cannot take a new member and the
+survivors' threads may be blocked on the dead peer. Requests then rerun on
+the new cluster from their prompt plus the tokens already streamed (the
+router's job, see router.py).
+
+States: "up" (``cluster`` serves), "recovering" (callers wait in ``ready()``),
+"down" (no replacement could be started: ``ready()`` raises
+ServiceUnavailableError at once, and a new attempt runs every
+``retry_interval_s``). ``generation`` grows by one per lost cluster; work
+started on an older generation is stale and must be rerun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import logging
+from collections.abc import Callable
+
+import ray.exceptions
+
+from adrenaline.actors.cluster import Cluster
+from adrenaline.errors import ServiceUnavailableError
+from adrenaline.serve.config import AppArgs
+
+log = logging.getLogger(__name__)
+
+
+def _detached(coro) -> asyncio.Task:
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+
+
+class Supervisor:
+    def __init__(self, args: AppArgs, name_prefix: str,
+                 on_lost: Callable[[], None], on_ready: Callable[[Cluster], None]):
+        self.args = args
+        self.prefix = name_prefix
+        self._names = itertools.count(1)  # actor names must be fresh per start attempt
+        self.cluster = Cluster(args, name_prefix=name_prefix)
+        self.generation = 0
+        self.state = "up"
+        self.error: str | None = None
+        self.num_recoveries = 0  # clusters replaced since start
+        self._on_lost = on_lost  # router: stop pollers, tell streams to rerun
+        self._on_ready = on_ready  # router: fresh load accounting for the new cluster
+        self._watchers: list[asyncio.Task] = []
+        self._changed: list[asyncio.Future] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start watching (needs the event loop; idempotent)."""
+        if not self._watchers and self.state == "up":
+            gen = self.generation
+            self._watchers = [_detached(self._watch(gen, role, i, actor))
+                              for role, i, actor in self.cluster.named_workers()]
+
+    def raise_if_down(self) -> None:
+        if self.state == "down":
+            raise ServiceUnavailableError(self.error or "the cluster is down")
+
+    async def ready(self) -> None:
+        """Return once a cluster serves; raise ServiceUnavailableError if none can be started."""
+        while self.state == "recovering":
+            fut = asyncio.get_running_loop().create_future()
+            self._changed.append(fut)
+            await fut
+        self.raise_if_down()
+
+    async def is_stale(self, gen: int, exc: BaseException | None = None,
+                       grace_s: float = 5.0) -> bool:
+        """Did the cluster of generation ``gen`` fail (so work on it must be rerun)?
+
+        A call to a dead actor proves it (and is reported here). Any other error from
+        an actor may be a symptom of a peer's death (a broken transport) that the
+        watchers report a moment later, so wait up to ``grace_s`` for them.
+        """
+        if self.generation != gen:
+            return True
+        if isinstance(exc, ray.exceptions.RayActorError):
+            self.report(gen, f"an actor died: {type(exc).__name__}")
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.generation == gen and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        return self.generation != gen
+
+    def report(self, gen: int, reason: str) -> None:
+        """An actor of generation ``gen`` is gone: replace the cluster (once per generation)."""
+        if gen != self.generation or self.state != "up":
+            return
+        if not self.args.recovery.enabled:
+            self._set_state("down", f"{reason}; recovery is disabled")
+            self.generation += 1
+            self._on_lost()
+            return
+        log.error("cluster generation %d lost (%s): replacing it", gen, reason)
+        self.generation += 1
+        self._set_state("recovering", None)
+        for w in self._watchers:
+            w.cancel()
+        self._watchers = []
+        self._on_lost()
+        self._task = _detached(self._replace(reason))
+
+    async def _watch(self, gen: int, role: str, index: int, actor) -> None:
+        try:
+            await actor.watch.remote()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # RayActorError: the process is gone
+            self.report(gen, f"{role} {index} died ({type(e).__name__})")
+
+    async def _replace(self, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        old = self.cluster
+        await loop.run_in_executor(None, lambda: old.shutdown(keep_groups=True))
+        cfg = self.args.recovery
+        while True:
+            prefix = f"{self.prefix}-r{next(self._names)}"
+            try:
+                cluster = await loop.run_in_executor(None, lambda: Cluster(
+                    self.args, name_prefix=prefix, groups=old.groups, timeout_s=cfg.timeout_s))
+                break
+            except Exception as e:
+                log.error("no replacement cluster could be started: %s", e)
+                self._set_state("down", f"a worker failed ({reason}) and no replacement could "
+                                        f"be started: {type(e).__name__}: {e}")
+                await asyncio.sleep(cfg.retry_interval_s)
+        self.cluster = cluster
+        self.num_recoveries += 1
+        self._on_ready(cluster)
+        self._set_state("up", None)
+        self.start()
+        log.warning("cluster replaced (generation %d)", self.generation)
+
+    def _set_state(self, state: str, error: str | None) -> None:
+        self.state, self.error = state, error
+        changed, self._changed = self._changed, []
+        for fut in changed:
+            if not fut.done():
+                fut.set_result(None)

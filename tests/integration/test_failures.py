@@ -1,0 +1,210 @@
+"""Failure recovery: kill -9 a decode worker, an attention executor or a prefill worker while
+requests stream; the router replaces the cluster and reruns the affected requests from their
+prompt plus the tokens already streamed. Every greedy request ends with exactly the offline
+engine's tokens (none repeated, none lost) and every page is free afterwards.
+
+If no replacement can be started, the affected requests end with a clear error (no hang),
+and the router serves again once a replacement can start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from adrenaline import LLM, SamplingParams
+from tests.integration.kv_checks import assert_kv_sound_async
+
+APP = "failures"
+PARAMS = SamplingParams(max_tokens=48, temperature=0)
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 4000) for _ in range(rng.randint(3, 40))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM("tiny")
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster):
+    from ray import serve
+
+    from adrenaline.client import Client
+    from adrenaline.serve.app import build_router_app
+
+    # Half the requests offloaded: an executor's death hits requests that live only there.
+    args = {"model": "tiny", "executor": {"enabled": True, "engine": {"kv_cache_tokens": 4096}},
+            "policy": "static", "policy_options": {"ratio": 0.5}}
+    serve.run(build_router_app(args), name=APP, route_prefix=None)
+    yield Client(app_name=APP)
+    serve.delete(APP)
+
+
+async def _stream(client, prompt, seen: list[int], delay_s: float) -> list[int]:
+    """Stream one request; ``seen`` grows with every delta (to time the kill)."""
+    await asyncio.sleep(delay_s)
+    out = None
+    async for out in client.stream(prompt, PARAMS):
+        seen.append(1)
+    assert out.finish_reason in ("length", "stop")
+    return out.token_ids
+
+
+async def _kill_mid_stream(client, role: str, prompts) -> tuple[list[list[int]], dict]:
+    from ray import serve
+
+    router = serve.get_deployment_handle("Router", app_name=APP)
+    before = await router.stats.remote()
+    pid = (await router.worker_pids.remote())[role][0]
+    seen: list[int] = []
+    # Staggered arrivals: at the kill some requests are decoding, some in prefill or handoff.
+    tasks = [asyncio.create_task(_stream(client, p, seen, 0.05 * i))
+             for i, p in enumerate(prompts)]
+    while len(seen) < 3 * len(prompts):  # well into the streams
+        await asyncio.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+    after = await router.stats.remote()
+    await assert_kv_sound_async(client, idle=True, timeout_s=60)
+    return outs, {k: after[k] - before[k] for k in ("num_recoveries", "num_reruns")}
+
+
+@pytest.mark.parametrize("role", ["decode", "executor", "prefill"])
+def test_kill_mid_stream_every_request_exact(client, offline, role):
+    prompts = _prompts(8, seed={"decode": 1, "executor": 2, "prefill": 3}[role])
+    expected = [o.token_ids for o in offline.generate(prompts, PARAMS)]
+    outs, delta = asyncio.run(_kill_mid_stream(client, role, prompts))
+    assert delta["num_recoveries"] == 1, delta
+    assert delta["num_reruns"] >= 1, delta  # some requests really were rerun
+    assert outs == expected  # exact greedy tokens: none repeated, none lost
+
+
+def test_http_streams_survive_a_decode_kill(ray_cluster, client, offline):
+    """Over HTTP (SSE): a decode worker killed mid-stream; every stream's text is the offline
+    engine's, so no token was repeated or lost on the wire."""
+    import json
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from adrenaline.serve.app import build_app
+    from tests.integration.serve_helpers import free_port, serve_http_port
+
+    name = "failures-http"
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if running
+    serve.run(build_app({"model": "tiny"}), name=name, route_prefix="/")
+    router = serve.get_deployment_handle("Router", app_name=name)
+    base = f"http://127.0.0.1:{serve_http_port()}"
+    prompts = _prompts(6, seed=4)
+    expected = [o.text for o in offline.generate(prompts, PARAMS)]
+    texts: list[str | None] = [None] * len(prompts)
+    chunks_seen = [0]
+
+    def stream(i: int) -> None:
+        body = {"model": "tiny", "prompt": prompts[i], "max_tokens": PARAMS.max_tokens,
+                "temperature": 0, "stream": True}
+        out = []
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    out.append(json.loads(line[6:])["choices"][0]["text"])
+                    chunks_seen[0] += 1
+        texts[i] = "".join(out)
+
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(base + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        pid = router.worker_pids.remote().result()["decode"][0]
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        while chunks_seen[0] < 3 * len(prompts):
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(300)
+        assert texts == expected
+        assert router.stats.remote().result()["num_recoveries"] == 1
+        from tests.integration.kv_checks import assert_kv_sound
+
+        assert_kv_sound(router, idle=True)
+    finally:
+        serve.delete(name)
+
+
+def test_serves_normally_after_recoveries(client, offline):
+    prompts = _prompts(4, seed=99)
+    expected = [o.token_ids for o in offline.generate(prompts, PARAMS)]
+
+    async def run():
+        outs = await asyncio.gather(*[client.generate(p, PARAMS) for p in prompts])
+        await assert_kv_sound_async(client, idle=True)
+        return [o.token_ids for o in outs]
+
+    assert asyncio.run(run()) == expected
+
+
+def test_no_replacement_ends_requests_with_error_then_recovers(ray_cluster, offline):
+    """A decode worker needs 1.5 of the session's 2 CPUs; a placeholder queued for them takes
+    them when it dies, so no replacement can start: requests fail fast with a clear error."""
+    import ray
+    from ray import serve
+
+    from adrenaline.client import Client
+    from adrenaline.serve.app import build_router_app
+
+    name = "failures-down"
+    args = {"model": "tiny", "decode": {"num_cpus": 1.5},
+            "recovery": {"timeout_s": 10, "retry_interval_s": 2}}
+    serve.run(build_router_app(args), name=name, route_prefix=None)
+    client = Client(app_name=name)
+    router = serve.get_deployment_handle("Router", app_name=name)
+
+    @ray.remote(num_cpus=1.5)
+    class Placeholder:
+        def ready(self) -> bool:
+            return True
+
+    async def run():
+        pid = (await router.worker_pids.remote())["decode"][0]
+        placeholder = Placeholder.remote()  # pending: the decode worker holds the CPUs
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        seen: list[int] = []
+        task = asyncio.create_task(_stream(client, [5, 6, 7], seen, 0))
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(Exception, match="no replacement could be started"):
+            await asyncio.wait_for(task, 120)
+        assert time.monotonic() - start < 90  # an error, not a hang
+        with pytest.raises(Exception, match="no replacement could be started"):
+            await client.generate([1, 2, 3], params)  # refused at once while down
+        assert (await router.stats.remote())["state"] == "down"
+        ray.kill(placeholder)  # resources come back: the next retry succeeds
+        deadline = time.monotonic() + 120
+        while (await router.stats.remote())["state"] != "up":
+            assert time.monotonic() < deadline, "the router never came back up"
+            await asyncio.sleep(0.5)
+        short = SamplingParams(max_tokens=8, temperature=0)
+        out = await client.generate([1, 2, 3], short)
+        assert out.token_ids == offline.generate([[1, 2, 3]], short)[0].token_ids
+        await assert_kv_sound_async(client, idle=True)
+
+    try:
+        asyncio.run(run())
+    finally:
+        serve.delete(name)
