@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import numpy as np
@@ -40,6 +41,9 @@ class DecodeWorker:
         self._outbox: list[TokenDelta] = []
         self._reported: dict[str, int] = {}  # request id -> output tokens already reported
         self._aborted: set[str] = set()
+        # Guards _parked/_aborted between the event loop (_park) and the engine thread
+        # (_adopt_parked, abort): a request is parked, in the engine, or aborted, never lost.
+        self._park_lock = threading.Lock()
         self._wake: asyncio.Event | None = None
         self._has_output: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -75,9 +79,15 @@ class DecodeWorker:
 
     def _park(self, req: GenerateRequest, pre: PrefillResult, kv: torch.Tensor | None,
               executor: int | None = None, handle: int = -1) -> None:
-        if req.request_id in self._aborted:  # cancelled while its KV was in flight
-            self._aborted.discard(req.request_id)
-            return
+        with self._park_lock:
+            if req.request_id in self._aborted:  # cancelled while its KV was in flight
+                self._aborted.discard(req.request_id)
+                return
+            self._park_locked(req, pre, kv, executor, handle)
+        self._wake.set()
+
+    def _park_locked(self, req: GenerateRequest, pre: PrefillResult, kv: torch.Tensor | None,
+                     executor: int | None, handle: int) -> None:
         r = Request(req.request_id, req.prompt_token_ids, req.params, arrival=0,
                     eos_token_ids=self.engine.engine.model_config.eos_token_ids,
                     max_model_len=self.engine.engine.max_model_len)
@@ -91,7 +101,6 @@ class DecodeWorker:
         r.executor, r.remote_handle = executor, handle
         self._reported[r.request_id] = r.num_output_tokens  # the prefill token was already sent
         self._parked.append((r, kv))
-        self._wake.set()
 
     async def profile_steps(self, batch_sizes: list[int], prompt_len: int = 8,
                             repeats: int = 3) -> dict[int, float]:
@@ -113,14 +122,24 @@ class DecodeWorker:
         return out
 
     async def abort(self, request_id: str) -> None:
+        """Free a request wherever it is here; returns once its pages are free.
+
+        Runs on the engine thread, between two steps: _adopt_parked moves parked
+        requests into the engine on that thread, so a request is always found either
+        parked or in the engine (or not arrived yet: then it is dropped on arrival).
+        """
         self._ensure_loop()
-        parked = [p for p in self._parked if p[0].request_id == request_id]
-        if parked:
-            self._parked.remove(parked[0])
-        elif request_id not in self.engine.engine.requests:
-            self._aborted.add(request_id)  # not here yet: drop it on arrival
-        await self.engine.run(self.engine.engine.abort, request_id)
+        await self.engine.run(self._abort_here, request_id)
         self._reported.pop(request_id, None)
+
+    def _abort_here(self, request_id: str) -> None:
+        with self._park_lock:  # against _park on the event loop
+            parked = [p for p in self._parked if p[0].request_id == request_id]
+            if parked:
+                self._parked.remove(parked[0])
+            elif request_id not in self.engine.engine.requests:
+                self._aborted.add(request_id)  # not here yet: drop it on arrival
+        self.engine.engine.abort(request_id)
 
     async def check_kv(self) -> KVReport:
         """Audit: every page is owned by a running local request, or free.
@@ -164,10 +183,13 @@ class DecodeWorker:
     def _adopt_parked(self) -> None:
         """Engine thread: take in parked requests, oldest first, while blocks last."""
         engine = self.engine.engine
-        while self._parked and (self._parked[0][0].is_offloaded
-                                or engine.can_adopt(self._parked[0][0].num_tokens)):
-            req, kv = self._parked.pop(0)
-            engine.adopt(req, kv)
+        while True:
+            with self._park_lock:
+                if not (self._parked and (self._parked[0][0].is_offloaded
+                                          or engine.can_adopt(self._parked[0][0].num_tokens))):
+                    return
+                req, kv = self._parked.pop(0)
+            engine.adopt(req, kv)  # abort runs on this thread too: never in between
 
     async def _run(self) -> None:
         engine = self.engine.engine

@@ -247,7 +247,7 @@ class Router:
         where = self.policy.place(req, load)
         p, d = where.prefill, where.decode
         reserved = len(req.prompt_token_ids) + req.params.max_tokens
-        prefill, decode = cluster.prefill[p], cluster.decode[d]
+        prefill = cluster.prefill[p]
         offload, admitted = False, False
         on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
@@ -380,16 +380,19 @@ class Router:
 
     async def _cleanup(self, cluster: Cluster, request_id: str, p: int, d: int, abort: bool,
                        on_decode: bool, executor) -> None:
-        try:
-            if abort:  # decode first: the executor's pages are freed only after its last step
-                calls = [cluster.prefill[p].release.remote(request_id)]
-                if on_decode:
-                    calls.append(cluster.decode[d].abort.remote(request_id))
-                await asyncio.gather(*calls)
-            if executor is not None:  # by id: also covers an adopt still in flight
-                await executor.free_request.remote(request_id)
-        except Exception as e:  # the actor may be gone; nothing more to free then
-            log.warning("cleanup of %s failed: %s", request_id, e)
+        # Each free is independent: one failing must not skip the others.
+        calls = []
+        if abort:  # decode first: the executor's pages are freed only after its last step
+            calls = [cluster.prefill[p].release.remote(request_id)]
+            if on_decode:
+                calls.append(cluster.decode[d].abort.remote(request_id))
+        results = list(await asyncio.gather(*calls, return_exceptions=True))
+        if executor is not None:  # by id: also covers an adopt still in flight
+            results += await asyncio.gather(executor.free_request.remote(request_id),
+                                            return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):  # e.g. the actor is gone: nothing to free there
+                log.warning("cleanup of %s: %s", request_id, r)
 
     def _start_pollers(self) -> None:
         # Detached from the request that happens to start them: a request's end or
