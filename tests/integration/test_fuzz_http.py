@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 
 from adrenaline import LLM, SamplingParams
 from tests.integration.kv_checks import assert_kv_sound
-from tests.integration.serve_helpers import free_port, serve_http_port
+from tests.integration.serve_helpers import running_app
 
 httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
@@ -37,21 +36,10 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 
 @pytest.fixture(scope="module")
 def http(ray_cluster):
-    from ray import serve
-
-    from adrenaline.serve.app import build_app
-
     engine = {"kv_cache_tokens": KV_TOKENS}
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if running
-    serve.run(build_app({"model": "tiny", "prefill": {"engine": engine},
-                         "decode": {"engine": engine}}), name=APP, route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{serve_http_port()}", timeout=120) as c:
-        deadline = time.monotonic() + 120
-        while c.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the app never became healthy"
-            time.sleep(0.5)
-        yield c
-    serve.delete(APP)
+    with running_app({"model": "tiny", "prefill": {"engine": engine},
+                      "decode": {"engine": engine}}, APP, audit_kv=False) as client:
+        yield client
 
 
 # -- strategies ----------------------------------------------------------------------------

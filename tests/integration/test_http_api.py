@@ -14,7 +14,7 @@ import pytest
 
 from adrenaline import LLM, SamplingParams
 from tests.integration.kv_checks import assert_kv_sound
-from tests.integration.serve_helpers import free_port, serve_http_port
+from tests.integration.serve_helpers import running_app
 
 httpx = pytest.importorskip("httpx")
 
@@ -26,24 +26,10 @@ CHAT = [{"role": "system", "content": "You are terse."},
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1P1D", "2P1D"])
 def server(request, ray_cluster):
-    from ray import serve
-
-    from adrenaline.serve.app import build_app
-
     args = {"model": "tiny", "prefill": {"num_instances": request.param},
             "decode": {"num_instances": 1, "engine": {"kv_cache_tokens": DECODE_KV_TOKENS}}}
-    # A free port, not 8000: another Ray cluster on this machine may hold 8000. If Serve
-    # already runs in this cluster (an earlier module), this is a no-op: ask for its port.
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{serve_http_port()}", timeout=120) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the app never became healthy"
-            time.sleep(0.5)
+    with running_app(args, APP_NAME) as client:
         yield client
-    assert_kv_sound(serve.get_deployment_handle("Router", app_name=APP_NAME))
-    serve.delete(APP_NAME)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from adrenaline import LLM, SamplingParams
 from adrenaline.errors import OverloadedError
 from tests.integration.kv_checks import assert_kv_sound, assert_kv_sound_async
-from tests.integration.serve_helpers import free_port, serve_http_port
+from tests.integration.serve_helpers import running_app
 
 httpx = pytest.importorskip("httpx")
 
@@ -25,20 +25,8 @@ LIMITS = {"max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 
 
 @pytest.fixture(scope="module")
 def http(ray_cluster):
-    from ray import serve
-
-    from adrenaline.serve.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # no-op if running
-    serve.run(build_app({"model": "tiny", "limits": LIMITS}), name=APP, route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{serve_http_port()}", timeout=120) as c:
-        deadline = time.monotonic() + 120
-        while c.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the app never became healthy"
-            time.sleep(0.5)
-        yield c
-    assert_kv_sound(serve.get_deployment_handle("Router", app_name=APP))
-    serve.delete(APP)
+    with running_app({"model": "tiny", "limits": LIMITS}, APP) as client:
+        yield client
 
 
 def _hold_stream(client, started: threading.Event, stop: threading.Event) -> None:
