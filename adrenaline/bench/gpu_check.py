@@ -330,10 +330,13 @@ def stage_engine(plan: Plan, ctx: dict) -> dict:
 
     top = max(plan.batches)
     t0 = time.perf_counter()
-    engine = EngineCore(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
-                        config=EngineConfig(max_num_seqs=top, max_model_len=2048,
-                                            kv_cache_tokens=top * (plan.prompt_len + 64),
-                                            cuda_graph_max_batch=top))
+    def make_engine(fused_ops: bool) -> EngineCore:
+        return EngineCore(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
+                          config=EngineConfig(max_num_seqs=top, max_model_len=2048,
+                                              kv_cache_tokens=top * (plan.prompt_len + 64),
+                                              cuda_graph_max_batch=top, fused_ops=fused_ops))
+
+    engine = make_engine(fused_ops=True)
     load_s = time.perf_counter() - t0
     graphs = engine.runner.graphs
     with_graphs = profile_decode_steps(engine, plan.batches, plan.prompt_len, plan.steps)
@@ -360,10 +363,7 @@ def stage_engine(plan: Plan, ctx: dict) -> dict:
     out = {"params_m": params / 1e6, "weight_mb": weights / 1e6, "load_s": load_s, "rows": rows,
            "graphs": graphs is not None, "ops": engine.model.layers[0].ops.name}
     if plan.device.type == "cuda":  # the same model with plain torch ops, graphs on
-        plain = EngineCore(str(_model_dir(plan, ctx)), dtype="bfloat16", device=str(plan.device),
-                           config=EngineConfig(max_num_seqs=top, max_model_len=2048,
-                                               kv_cache_tokens=top * (plan.prompt_len + 64),
-                                               cuda_graph_max_batch=top, fused_ops=False))
+        plain = make_engine(fused_ops=False)
         unfused = profile_decode_steps(plain, plan.batches, plan.prompt_len, plan.steps)
         for row in rows:
             row["torch_ops_graph_ms"] = unfused[row["batch"]] * 1e3
