@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from adrenaline.engine.core import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
-from adrenaline.serve.config import AppArgs, parse_app_args
+from adrenaline.app_config import AppArgs, parse_app_args
 from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
 from adrenaline.serve.openai_api import (
     SSE_DONE, APIError, ParsedRequest, finish_error, json_bytes, make_responder,

@@ -37,7 +37,7 @@ from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError, OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, make_policy
 from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 from adrenaline.serve.supervisor import Supervisor
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import yaml
 
 from adrenaline import ConfigError
 from adrenaline.policy import make_policy
-from adrenaline.serve.config import parse_app_args
+from adrenaline.app_config import parse_app_args
 
 CONFIGS = sorted((Path(__file__).parents[2] / "serve_configs").glob("*.yaml"))
 
