@@ -59,7 +59,7 @@ def test_limits_set_serve_options():
 def test_recompute_request_continues_after_streamed_tokens():
     from adrenaline import SamplingParams
     from adrenaline.protocol import GenerateRequest
-    from adrenaline.serve.router import recompute_request
+    from adrenaline.serve.recovery import recompute_request
 
     req = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3],
                           params=SamplingParams(max_tokens=10, temperature=0))
