@@ -16,8 +16,13 @@ TARGET=${2:-/tmp/site}
 PY=${PY:-python3}
 [[ -f "$BUNDLE/MANIFEST.json" ]] || { echo "no bundle in $BUNDLE (run scripts/device_bundle.sh here first)" >&2; exit 1; }
 start=$SECONDS
-$PY scripts/device_bundle.py install "$BUNDLE" "$TARGET" >&2
-echo "unpacked $BUNDLE into $TARGET in $((SECONDS - start)) s" >&2
+if cmp -s "$BUNDLE/MANIFEST.json" "$TARGET/.device-bundle-manifest.json"; then
+  echo "$TARGET already holds this bundle" >&2  # a second call on a machine still held
+else
+  $PY scripts/device_bundle.py install "$BUNDLE" "$TARGET" >&2
+  cp "$BUNDLE/MANIFEST.json" "$TARGET/.device-bundle-manifest.json"
+  echo "unpacked $BUNDLE into $TARGET in $((SECONDS - start)) s" >&2
+fi
 # What the image brings that the bundle relies on, and every module the GPU path imports
 # that the bundle holds (a version clash with the image shows here, not mid-run).
 PYTHONPATH="$TARGET:$PWD" $PY - "$BUNDLE" >&2 <<'EOF'

@@ -27,6 +27,9 @@ from pathlib import Path
 import yaml
 
 
+APP = "ray-path-check"
+
+
 def cpu_layout(args: dict) -> dict:
     """The same roles and policy on CPU: tiny model, float32, no GPUs, small KV budgets."""
     out = {**args, "model": "tiny", "dtype": "float32", "device": "cpu", "transport": "gloo"}
@@ -86,10 +89,12 @@ def run(app_args: dict, num_requests: int, prompt_len: int, max_tokens: int) -> 
     parsed = parse_app_args(app_args)
     result: dict = {"args": app_args}
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    own_cluster = not ray.is_initialized()  # else: a caller's cluster (and Serve), kept
+    if own_cluster:
+        ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        serve.run(build_app(app_args), name="adrenaline", route_prefix="/")
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # no-op if up
+        serve.run(build_app(app_args), name=APP, route_prefix="/")
         from ray.serve.context import _get_global_client
 
         port = ray.get(_get_global_client()._controller.get_http_config.remote()).port
@@ -100,7 +105,7 @@ def run(app_args: dict, num_requests: int, prompt_len: int, max_tokens: int) -> 
                 raise TimeoutError("the app never became healthy")
             time.sleep(0.5)
         result["startup_s"] = round(time.perf_counter() - t0, 1)
-        client = Client("adrenaline")
+        client = Client(APP)
         vocab = asyncio.run(client.model_info()).vocab_size
         prompts = _prompts(num_requests, prompt_len, vocab, seed=0)
         t1 = time.perf_counter()
@@ -111,9 +116,12 @@ def run(app_args: dict, num_requests: int, prompt_len: int, max_tokens: int) -> 
         reports = asyncio.run(client.check_kv())
         result["kv_sound"] = all(not r.problems for r in reports)
         result["kv_blocks_left"] = sum(m.kv_blocks_used for m in metrics)
-        serve.shutdown()
     finally:
-        ray.shutdown()
+        if own_cluster:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP)
     failed = [a for a in answers if a[0] != 200]
     result["failed"] = [f"{code}: {str(body)[:200]}" for code, body in failed]
     llm = LLM(parsed.model, dtype=parsed.dtype, device=parsed.device)
