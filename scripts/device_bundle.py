@@ -95,7 +95,8 @@ def _unpack_wheel(wheel: Path, site: Path, strip: list[str]) -> dict:
             head = rel.split("/")[0]
             if not head.endswith(".dist-info"):
                 top.add(head[:-3] if head.endswith(".py") else head.split(".")[0])
-    fields = [line.split(":", 1) for line in meta.splitlines() if ":" in line]
+    header = meta.split("\n\n", 1)[0]  # the description body follows the first blank line
+    fields = [line.split(":", 1) for line in header.splitlines() if ":" in line]
     version = next(v.strip() for k, v in fields if k == "Version")
     requires = [v.strip() for k, v in fields if k == "Requires-Dist"]
     return {"version": version, "wheel": wheel.name, "top_level": sorted(top),

@@ -19,13 +19,11 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import sys
 import time
 from pathlib import Path
 
 import yaml
-
 
 APP = "ray-path-check"
 
@@ -42,12 +40,6 @@ def cpu_layout(args: dict) -> dict:
         cfg.pop("sm_count", None)
         out[role] = cfg
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -85,6 +77,7 @@ def run(app_args: dict, num_requests: int, prompt_len: int, max_tokens: int) -> 
     from adrenaline.sampling_params import SamplingParams
     from adrenaline.serve.app import build_app
     from adrenaline.serve.config import parse_app_args
+    from adrenaline.transport import find_free_port
 
     parsed = parse_app_args(app_args)
     result: dict = {"args": app_args}
@@ -93,7 +86,7 @@ def run(app_args: dict, num_requests: int, prompt_len: int, max_tokens: int) -> 
     if own_cluster:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # no-op if up
+        serve.start(http_options={"host": "127.0.0.1", "port": find_free_port()})  # no-op if up
         serve.run(build_app(app_args), name=APP, route_prefix="/")
         from ray.serve.context import _get_global_client
 
