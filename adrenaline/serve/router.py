@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+from collections import deque
 
 import msgspec
 import ray
@@ -36,6 +37,7 @@ from ray import serve
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError, OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, make_policy
+from adrenaline.policy.load import new_cluster_load
 from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics
 from adrenaline.serve.config import AppArgs
 from adrenaline.serve.supervisor import Supervisor
@@ -92,14 +94,9 @@ def _drain(queue: asyncio.Queue[TokenDelta]) -> bool:
 
 
 def _new_load(cluster: Cluster) -> ClusterLoad:
-    n_p, n_d, n_e = len(cluster.prefill), len(cluster.decode), len(cluster.executors)
-    return ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
-                       decode_reserved_tokens=[0] * n_d,
-                       decode_capacity_tokens=[i.num_kv_blocks * i.block_size
-                                               for i in cluster.decode_info],
-                       decode_pending_tokens=[0] * n_d,
-                       executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
-                       executor_capacity_tokens=list(cluster.executor_capacity_tokens))
+    return new_cluster_load(len(cluster.prefill),
+                            [i.num_kv_blocks * i.block_size for i in cluster.decode_info],
+                            cluster.executor_capacity_tokens)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
@@ -127,6 +124,8 @@ class Router:
         self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
         self.num_reruns = 0  # attempts rerun on a replacement cluster
+        # (request id, prefill, decode, offloaded) per admission, oldest first (bounded).
+        self.admission_log: deque[tuple[str, int, int, bool]] = deque(maxlen=4096)
 
     @property
     def cluster(self) -> Cluster:
@@ -142,6 +141,10 @@ class Router:
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
+
+    async def admissions(self) -> list[tuple[str, int, int, bool]]:
+        """The admission log: (request id, prefill, decode, offloaded), oldest first."""
+        return list(self.admission_log)
 
     async def model_info(self) -> ModelInfo:
         """The model's facts; ServiceUnavailableError while no cluster can be started
@@ -270,6 +273,8 @@ class Router:
             # Admission: the KV waits in the prefill instance's pool until there is room.
             stage = "admission"
             decision = await self._admit(req, where, gen, load)
+            self.admission_log.append((req.request_id, decision.prefill, decision.decode,
+                                       decision.offload))
             offload, admitted = decision.offload, True
             self.num_queued -= 1
             queued = False
