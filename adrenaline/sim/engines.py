@@ -24,10 +24,18 @@ def _engine(kv_tokens: int, block_size: int, max_num_seqs: int, max_batched: int
 
 
 def run_plan(plan: SchedulerOutput) -> None:
-    """What EngineCore._run does to each request of a step: one more token, computed KV."""
+    """What EngineCore._run does to each request of a step: one more token, computed KV.
+
+    Simulated requests ignore EOS and have no stop ids, so Request.append_token would end
+    them exactly at ``end_len`` (prompt + max_tokens, set by the simulator); done inline
+    here because this loop runs once per simulated token.
+    """
     for req in plan.requests:
-        req.num_computed = req.num_tokens
-        req.append_token(TOKEN)
+        ids = req.token_ids
+        req.num_computed = len(ids)
+        ids.append(TOKEN)
+        if len(ids) >= req.end_len:
+            req.finish_reason = "length"
 
 
 class SimPrefill:
@@ -122,23 +130,27 @@ class SimDecode:
         local_kv, remote = 0, {}
         for req in plan.requests:
             if req.executor is None:
-                local_kv += req.num_tokens
+                local_kv += len(req.token_ids)
             else:
                 n, kv = remote.get(req.executor, (0, 0))
-                remote[req.executor] = (n + 1, kv + req.num_tokens)
+                remote[req.executor] = (n + 1, kv + len(req.token_ids))
         # Executors work in parallel; the step waits for the slowest.
         worst = max(remote.values(), key=lambda v: v[1], default=(0, 0))
         self.kv_read_bytes += sum(kv for _, kv in remote.values()) * cost.kv_bytes
         return cost.decode_s(len(plan.requests), local_kv, worst[0], worst[1])
 
     def finish_step(self, plan: SchedulerOutput, executors: list[SimExecutor],
-                    duration: float) -> list[Request]:
-        """Apply the step; returns the requests that finished."""
+                    duration: float, now: float) -> list[Request]:
+        """Apply the step at time ``now``; returns the requests that finished."""
         run_plan(plan)
         done = []
+        decode = not plan.is_prefill
         for req in plan.requests:
-            if not plan.is_prefill and req.executor is not None:
+            if decode and req.executor is not None:
                 executors[req.executor].step(req)
+            times = req.sim.token_times
+            if times is not None:
+                times.append(now)
             if req.finish_reason is not None:
                 self.scheduler.finish(req)
                 done.append(req)

@@ -39,7 +39,8 @@ OFFLOAD_KEYS = ("output_tok_s", "tpot_p50_ms", "mean_decode_batch")  # the issue
 FIT_KEYS = OFFLOAD_KEYS + ("ttft_p50_ms", "decode_step_ms")
 SWEEP_KEYS = ("output_throughput", "ttft_p50_ms", "tpot_p50_ms")
 CPU_PARAMS = ("eff_mem", "eff_attn", "eff_flops_decode", "eff_flops_prefill", "step_overhead_s",
-              "seq_overhead_s", "exchange_layer_s")
+              "seq_overhead_s", "exchange_layer_s", "frontend_cores")
+SWEEP_FIT_RATE = 1.0  # the serving sweep's rows at this rate are fitting data; the rest check
 
 
 def nelder_mead(f, x0: np.ndarray, step: float = 0.5, iters: int = 200, tol: float = 1e-4):
@@ -98,17 +99,18 @@ def sim_offload_row(hw: HardwareProfile, workload: dict, system: str) -> dict:
             "decode_step_ms": r["decode_step_ms"], "offload_ratio": r["offload_ratio"]}
 
 
-def sim_sweep_rows(hw: HardwareProfile, sweep: dict) -> list[dict]:
-    """`bench serving --sweep-rates`'s layout (serving.sweep_app_args): every row simulated."""
+def sim_sweep_rows(hw: HardwareProfile, sweep: dict, rates=None) -> list[dict]:
+    """`bench serving --sweep-rates`'s layout (serving.sweep_app_args), simulated (every row,
+    or those at ``rates``)."""
     w, out = sweep["workload"], []
     for row in sweep["rows"]:
-        if row["system"] not in ADRENALINE_SYSTEMS:
+        if row["system"] not in ADRENALINE_SYSTEMS or (rates and row["request_rate"] not in rates):
             continue
         policy, options = ADRENALINE_SYSTEMS[row["system"]]
         cfg = SimConfig(model="small", dtype="bfloat16", hardware="cpu", policy=policy,
                         policy_options=dict(options), executor=row["system"] != "none",
                         prefill_kv_tokens=8192, decode_kv_tokens=1536, executor_kv_tokens=8192,
-                        sample_interval_s=0)
+                        sample_interval_s=0, http=True)
         wl = Workload(dataset=w["dataset"], num_prompts=w["num_prompts"], input_len=w["input_len"],
                       output_len=w["output_len"], range_ratio=w["range_ratio"], seed=w["seed"],
                       request_rate=row["request_rate"], burstiness=row["burstiness"])
@@ -122,7 +124,7 @@ def cpu_peaks(roofline: dict) -> HardwareProfile:
     return HardwareProfile(name="cpu", mem_gib=24.0, mem_bw_gbs=roofline["copy_bandwidth_gbs"],
                            flops_tflops=roofline["matmul_peak_gflops"]["bfloat16"] / 1e3,
                            link_gbs=2.0, handoff_latency_s=1e-3, executor_bw_curve=((0, 0), (1, 1)),
-                           executor_steals_compute=False, default_executor_share=1.0)
+                           executor_steals_compute=False, default_executor_share=1.0, cores=2.0)
 
 
 def _with(base: HardwareProfile, x: np.ndarray) -> HardwareProfile:
@@ -136,21 +138,29 @@ def _log_err(sim: dict, live: dict, keys) -> float:
     return sum(math.log(max(sim[k], 1e-9) / live[k]) ** 2 for k in keys if live.get(k))
 
 
-def fit_cpu(fit_file: Path, roofline_file: Path, iters: int = 150) -> HardwareProfile:
+def fit_cpu(fit_file: Path, roofline_file: Path, sweep_file: Path, iters: int = 150
+            ) -> HardwareProfile:
+    """Fitting data: every row of ``fit_file`` (bench offload) and the rows of ``sweep_file``
+    (bench serving sweep) at SWEEP_FIT_RATE only."""
     data = json.loads(fit_file.read_text())
+    sweep = json.loads(sweep_file.read_text())
+    live_sweep = {(r["system"], r["request_rate"]): r["metrics"] for r in sweep["rows"]}
     base = cpu_peaks(json.loads(roofline_file.read_text()))
 
     def loss(x):
         hw = _with(base, x)
-        return sum(_log_err(sim_offload_row(hw, data["workload"], row["system"]), row, FIT_KEYS)
-                   for row in data["rows"])
+        err = sum(_log_err(sim_offload_row(hw, data["workload"], row["system"]), row, FIT_KEYS)
+                  for row in data["rows"])
+        return err + sum(_log_err(s, live_sweep[(s["system"], s["request_rate"])], SWEEP_KEYS)
+                         for s in sim_sweep_rows(hw, sweep, (SWEEP_FIT_RATE,)))
 
-    x0 = np.log([0.5, 0.3, 0.3, 0.5, 2e-3, 1e-4, 5e-4])
+    x0 = np.log([0.5, 0.3, 0.3, 0.5, 2e-3, 1e-4, 5e-4, 0.5])
     x, _ = nelder_mead(loss, x0, step=0.7, iters=iters)
     hw = _with(base, x)
     fitted = {r["system"]: sim_offload_row(hw, data["workload"], r["system"]) for r in data["rows"]}
     return replace(hw, fitted_on={
-        "files": [fit_file.name, roofline_file.name], "dates": [data["date"]],
+        "files": [fit_file.name, roofline_file.name, f"{sweep_file.name} (rate {SWEEP_FIT_RATE})"],
+        "dates": [data["date"], sweep["date"]],
         "keys": list(FIT_KEYS),
         "fit_error": {s: {k: fitted[s][k] / r[k] - 1 for k in FIT_KEYS}
                       for s, r in ((r["system"], r) for r in data["rows"])}})
@@ -168,7 +178,8 @@ def check_cpu(hw: HardwareProfile, offload_file: Path, sweep_file: Path) -> dict
     sweep = json.loads(sweep_file.read_text())
     live_rows = {(r["system"], r["request_rate"]): r for r in sweep["rows"]}
     srows = []
-    for sim in sim_sweep_rows(hw, sweep):
+    checked = sorted({r["request_rate"] for r in sweep["rows"]} - {SWEEP_FIT_RATE})
+    for sim in sim_sweep_rows(hw, sweep, checked):
         live = live_rows[(sim["system"], sim["request_rate"])]
         srows.append({"system": sim["system"], "request_rate": sim["request_rate"],
                       **{k: {"live": live["metrics"][k], "sim": sim[k],
@@ -268,8 +279,34 @@ def _fit_h200_offload(hw: HardwareProfile, tput: dict) -> HardwareProfile:
 
 
 def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150) -> dict:
-    cpu = fit_cpu(docs / "bench-offload-decode768.json", docs / "bench-roofline.json", iters)
+    cpu = fit_cpu(docs / "bench-offload-decode768.json", docs / "bench-roofline.json",
+                  docs / "bench-serving-sweep.json", iters)
     h200 = fit_h200(docs / "gpu-check.json")
     profiles = {"cpu": cpu.to_json(), "h200": h200.to_json()}
     out.write_text(json.dumps(profiles, indent=2) + "\n")
     return profiles
+
+
+def validate_all(docs: Path = DOCS) -> dict:
+    """The stored profiles against the checking data (printed and returned)."""
+    from adrenaline.sim.hardware import load_profiles
+
+    profiles = load_profiles()
+    cpu = check_cpu(profiles["cpu"], docs / "bench-offload.json", docs / "bench-serving-sweep.json")
+    print("CPU, bench offload (live vs simulated; error):")
+    for row in cpu["offload"]["rows"]:
+        print(f"  {row['system']:11}" + "".join(
+            f"  {k} {v['live']:.1f} vs {v['sim']:.1f} ({v['err']:+.1%})"
+            for k, v in row.items() if k != "system"))
+    print("CPU, bench serving sweep (live vs simulated; error; live IQR/median):")
+    for row in cpu["serving_sweep"]["rows"]:
+        print(f"  {row['system']:11} {row['request_rate']:4g}/s" + "".join(
+            f"  {k} {v['live']:.0f} vs {v['sim']:.0f} ({v['err']:+.0%}"
+            + (f"; spread {v['live_spread']:.0%})" if v["live_spread"] is not None else ")")
+            for k, v in row.items() if k not in ("system", "request_rate")))
+    h200 = profiles["h200"].fitted_on
+    print(f"H200 decode step: fitted on batches {h200['decode_fit_batches']}, error on the "
+          f"others: " + ", ".join(f"{b}: {e:+.1%}" for b, e in h200["check_error"].items()))
+    return {"cpu": cpu, "h200": {"check_error": h200["check_error"],
+                                 "fit_error": h200["fit_error"]},
+            "cpu_fit_error": profiles["cpu"].fitted_on["fit_error"]}

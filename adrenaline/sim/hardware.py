@@ -50,6 +50,12 @@ class HardwareProfile:
     executor_steals_compute: bool = True
     default_executor_share: float = 0.25  # of its device an executor gets unless told
     mem_util: float = 0.9  # of mem_gib usable for weights + KV
+    # Shared cores (this CPU): every instance runs one thread on ``cores`` cores, so a step
+    # started while n threads are busy takes max(1, n / cores) times as long. 0: one device
+    # per instance (GPUs). ``frontend_cores``: what an HTTP serving path (proxy, ingress,
+    # client) keeps busy on the same cores while requests are in flight.
+    cores: float = 0.0
+    frontend_cores: float = 0.0
     fitted_on: dict = field(default_factory=dict)
 
     def executor_bw_gbs(self, share: float) -> float:

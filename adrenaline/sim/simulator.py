@@ -49,6 +49,7 @@ class SimConfig:
     max_ongoing_requests: int | None = None  # the router's admission limits (None: none)
     max_queued_requests: int | None = None
     sample_interval_s: float = 1.0
+    http: bool = False  # requests come over HTTP (the profile's frontend_cores then apply)
 
 
 def kv_budgets(cfg: SimConfig, cost: CostModel) -> tuple[int, int, int]:
@@ -106,7 +107,6 @@ class Simulation:
         self._heap: list = []
         self._seq = 0
         self.requests: list[SimRequest] = []
-        self.by_id: dict[str, SimRequest] = {}
         self.num_refused = 0
         self.num_rejected = 0  # longer than an instance can hold (the router's 400)
         self.samples: list[dict] = []
@@ -152,6 +152,8 @@ class Simulation:
         sr = SimRequest(GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params),
                         Request(rid, prompt, params, arrival=n), a.arrival_s if not self._cap
                         else self.now, a.prompt_len + a.output_len)
+        sr.req.end_len = a.prompt_len + a.output_len  # see engines.run_plan
+        sr.req.sim = sr
         self.requests.append(sr)
         if n % max(1, self._expected() // MAX_TIMELINES) == 0:
             sr.token_times = []
@@ -165,7 +167,6 @@ class Simulation:
             return self._ended(sr)
         self._ongoing += 1
         self._queued += 1
-        self.by_id[rid] = sr
         where = self.router.place(sr)
         self.prefill[where.prefill].scheduler.add(sr.req)
         self._kick_prefill(where.prefill)
@@ -184,6 +185,7 @@ class Simulation:
         inst.busy = True
         busy_exec = bool(self.executors) and self.executors[p].kv_tokens > 0
         dur = self.cost.prefill_s(plan.query_lens, plan.context_lens, busy_exec)
+        dur *= self._sharing()
         self._at(self.now + dur, self._prefill_done, (p, plan))
 
     def _prefill_done(self, arg) -> None:
@@ -192,7 +194,7 @@ class Simulation:
         inst.busy = False
         inst.finish_step(plan)
         for req in plan.requests:
-            sr = self.by_id[req.request_id]
+            sr = req.sim
             sr.first_token_s = self.now
             if sr.token_times is not None:
                 sr.token_times.append(self.now)
@@ -235,21 +237,28 @@ class Simulation:
             return
         inst.busy = True
         dur = inst.step_time(plan, self.cost, self.executors, False)
+        dur *= self._sharing()
         self._at(self.now + dur, self._decode_done, (j, plan, dur))
+
+    def _sharing(self) -> float:
+        """Shared cores: how much longer a step starting now takes (1 on dedicated devices)."""
+        cores = self.hw.cores
+        if not cores:
+            return 1.0
+        busy = (sum(p.busy for p in self.prefill) + sum(d.busy for d in self.decode)
+                + sum(e.kv_tokens > 0 for e in self.executors))
+        if self.cfg.http and self._ongoing:
+            busy += self.hw.frontend_cores
+        return max(1.0, busy / cores)
 
     def _decode_done(self, arg) -> None:
         j, plan, dur = arg
         inst = self.decode[j]
         inst.busy = False
-        done = inst.finish_step(plan, self.executors, dur)
-        now = self.now
-        for req in plan.requests:
-            sr = self.by_id[req.request_id]
-            if sr.token_times is not None:
-                sr.token_times.append(now)
+        done = inst.finish_step(plan, self.executors, dur, self.now)
         admitted = []
         for req in done:
-            sr = self.by_id[req.request_id]
+            sr = req.sim
             if req.executor is not None:
                 self.executors[req.executor].free(req)
             admitted += self.router.release(sr)
@@ -260,7 +269,6 @@ class Simulation:
 
     def _finish(self, sr: SimRequest) -> None:
         self._ongoing -= 1
-        del self.by_id[sr.greq.request_id]
         self._ended(sr)
 
     def _ended(self, sr: SimRequest) -> None:
@@ -269,6 +277,7 @@ class Simulation:
         sr.greq = GenerateRequest(request_id=sr.greq.request_id, prompt_token_ids=[],
                                   params=sr.greq.params)  # drop the token lists
         sr.req.token_ids = []
+        sr.req.sim = None  # no cycle: the request list is what stays
         self._unfinished -= 1
         self._next_capped()
 
