@@ -136,8 +136,8 @@ def cmd_plan(a) -> dict:
     slo = _slo(a)
     if slo.empty:
         raise SystemExit("plan needs an SLO (--slo-ttft-ms / --slo-tpot-ms / --slo-e2e-ms)")
-    result = plan(_config(a), _workload(a), a.num_gpus, a.systems.split(","),
-                  [float(x) for x in a.request_rate.split(",")], slo)
+    result = plan(_config(a), _workload(a), a.num_gpus, a.systems.split(","), slo,
+                  [float(x) for x in a.request_rate.split(",")])
     _print_rows(result["rows"])
     b = result["best"]
     print(f"\nbest under the SLO: {b['system']} on {b['layout']} at {fmt_rate(b['request_rate'])} "

@@ -82,14 +82,20 @@ class AdmitAll(PlacementPolicy):
         return where
 
 
+# Allowed error per checked field. The scheduling outcome (mean batch) is deterministic;
+# the timing fields carry this machine's run-to-run noise: the fitting run and the checking
+# run prefilled the same 48 x 128 tokens in 9.3 s and 7.0 s (docs/SIMULATION.md).
+CPU_TOLERANCE = {"mean_decode_batch": 0.05, "tpot_p50_ms": 0.15, "output_tok_s": 0.20}
+
+
 def test_fitted_cpu_profile_checks_against_live_offload_runs():
-    """The CI validation case: bench offload rows (never used by the fit) within 15%."""
+    """The CI validation case: bench offload rows, never used by the fit."""
     hw = get_profile("cpu")
     assert "bench-offload.json" not in json.dumps(hw.fitted_on["files"])
     chk = check_cpu(hw, DOCS / "bench-offload.json", DOCS / "bench-serving-sweep.json")
     for row in chk["offload"]["rows"]:
-        for key in ("output_tok_s", "tpot_p50_ms", "mean_decode_batch"):
-            assert abs(row[key]["err"]) <= 0.15, (row["system"], key, row[key])
+        for key, tol in CPU_TOLERANCE.items():
+            assert abs(row[key]["err"]) <= tol, (row["system"], key, row[key])
 
 
 def test_h200_fit_checks_on_batches_it_was_not_fitted_on():
