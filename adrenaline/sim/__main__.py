@@ -165,6 +165,26 @@ def cmd_validate(a) -> dict:
     return result
 
 
+def cmd_paper(a) -> dict:
+    from adrenaline.sim import paper
+
+    result = {**result_header("sim-paper"), **paper.run(a.num_prompts, a.tpot_slo_ms)}
+    for case in result["slo"]:
+        b = case["best"]
+        fmt = lambda r: (f"{r['output_throughput']:.0f} tok/s at {r['request_rate']:g} req/s"
+                         if r else "SLO never met")
+        print(f"{case['model']} {case['layout']}: " + ", ".join(
+            f"{k} {fmt(v)}" for k, v in b.items()) + "; gain vs none " + ", ".join(
+            f"{k} {g:.2f}" if g else f"{k} -" for k, g in case["gain"].items()))
+    if a.out:
+        write_result(result, a.out)
+    if a.plot_dir:
+        Path(a.plot_dir).mkdir(parents=True, exist_ok=True)
+        for p in paper.plot(result, Path(a.plot_dir)):
+            print("wrote", p)
+    return result
+
+
 def cmd_profiles(a) -> dict:
     from adrenaline.sim.hardware import load_profiles
     from adrenaline.sim.models import CONFIGS
@@ -194,6 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
     p = sub.add_parser("validate", help="simulated vs live, on data the fit did not use")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("paper", help="the paper's setting: Llama-2 7B/13B, A100, 1P1D and 2P2D")
+    p.add_argument("--num-prompts", type=int, default=2000)
+    p.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--plot-dir", default=None)
+    p.set_defaults(fn=cmd_paper)
     sub.add_parser("profiles", help="list hardware profiles and models").set_defaults(fn=cmd_profiles)
     a = ap.parse_args(argv)
     try:

@@ -8,7 +8,7 @@ runs one step at a time; when a step ends its results are applied at once
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from adrenaline.engine.request import Request
 from adrenaline.policy import make_policy
@@ -50,14 +50,18 @@ class SimConfig:
     max_queued_requests: int | None = None
     sample_interval_s: float = 1.0
     http: bool = False  # requests come over HTTP (the profile's frontend_cores then apply)
+    # Decode batches the start-up profile times (None: policy/profile.py's, as the live router).
+    profile_batches: tuple[int, ...] | None = None
+    exchange_layer_s: float | None = None  # what-if: the offload exchange cost per layer
 
 
 def kv_budgets(cfg: SimConfig, cost: CostModel) -> tuple[int, int, int]:
     """(prefill, decode, executor) KV tokens per instance: given, or what the device holds."""
     device = cost.capacity_tokens()
     decode = cfg.decode_kv_tokens or device
-    prefill = cfg.prefill_kv_tokens or (min(device, 4 * cfg.max_num_batched_tokens)
-                                        if cfg.executor else device)
+    # With an executor, the prefill device's free memory is split evenly between the prefill
+    # pool (prompts and prefilled requests waiting for admission) and the executor.
+    prefill = cfg.prefill_kv_tokens or (device // 2 if cfg.executor else device)
     executor = 0
     if cfg.executor:
         executor = cfg.executor_kv_tokens or max(device - prefill, 0)
@@ -65,11 +69,11 @@ def kv_budgets(cfg: SimConfig, cost: CostModel) -> tuple[int, int, int]:
 
 
 def startup_profile(cost: CostModel, hw: HardwareProfile, decode_tokens: list[int],
-                    executor_tokens: list[int]) -> ClusterProfile:
+                    executor_tokens: list[int], batches=PROFILE_BATCHES) -> ClusterProfile:
     """What profile_cluster measures at start-up, from the cost model: decode step time at
     the profiled batches (8-token prompts, as profile_decode_steps), copy bandwidths (each
     worker measures its whole device), KV capacities."""
-    steps = {b: cost.decode_s(b, b * 10) for b in PROFILE_BATCHES}
+    steps = {b: cost.decode_s(b, b * 10) for b in batches}
     return ClusterProfile(step_time_s=steps, decode_bandwidth_gbs=[hw.mem_bw_gbs] * len(decode_tokens),
                           executor_bandwidth_gbs=[hw.mem_bw_gbs] * len(executor_tokens),
                           decode_capacity_tokens=list(decode_tokens),
@@ -83,8 +87,9 @@ class Simulation:
         self.model = model or load_model(cfg.model, cfg.dtype)
         hw = hw or get_profile(cfg.hardware)
         if cfg.link_gbs:
-            from dataclasses import replace
             hw = replace(hw, link_gbs=cfg.link_gbs)
+        if cfg.exchange_layer_s is not None:
+            hw = replace(hw, exchange_layer_s=cfg.exchange_layer_s)
         self.hw = hw
         share = cfg.executor_share if cfg.executor_share is not None else hw.default_executor_share
         self.cost = CostModel(self.model, hw, share)
@@ -99,7 +104,8 @@ class Simulation:
         self.max_request_tokens = min(
             [p.bm.num_blocks * bs for p in self.prefill] + dec_cap
             + [self.model.config.max_position_embeddings])
-        profile = (startup_profile(self.cost, hw, dec_cap, exe_cap)
+        profile = (startup_profile(self.cost, hw, dec_cap, exe_cap,
+                                   cfg.profile_batches or PROFILE_BATCHES)
                    if cfg.policy == "load_aware" else None)
         self.policy = make_policy(cfg.policy, cfg.policy_options, profile)
         self.router = SimRouter(self.policy, cfg.num_prefill, dec_cap, exe_cap)
