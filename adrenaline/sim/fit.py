@@ -9,9 +9,9 @@ on docs/bench-offload.json (1536-token budget) and docs/bench-serving-sweep.json
 
 H200: docs/gpu-check.json's engine rows (decode step of its 1B model at batches
 1, 8, 32, 128, 517-token contexts). Weight and KV streaming run at the
-attention-bandwidth stage's measured share of the copy ceiling; the per-layer
-overhead and the decode FLOP efficiency are solved from batches 1 and 128 and
-checked on 8 and 32. The prefill FLOP efficiency and the per-layer offload
+attention-bandwidth stage's measured bandwidth, matmuls at the ceilings stage's
+measured TFLOP/s (both as shares of the spec-sheet peaks); the per-layer and
+per-request overheads are solved from batches 1 and 128 and checked on 8 and 32. The prefill FLOP efficiency and the per-layer offload
 exchange come from the offload_tput stage (one measurement each: fitted, not
 checked). Efficiencies are stored relative to the spec-sheet peaks so A100 and
 H100 can take them.
@@ -226,15 +226,16 @@ def fit_h200(gpu_check_file: Path) -> HardwareProfile:
                            handoff_latency_s=5e-5, default_executor_share=0.25)
     rows = {r["batch"]: r["graph_ms"] for r in st["engine"]["result"]["rows"]}
     model = load_model("gpu-check-1b")
-    # t(b) - streaming(b) = L x layer + b x (FLOPs per token / (peak x eff)): two unknowns.
-    stream = {b: _h200_decode_ms(replace(base, layer_overhead_s=0.0, eff_flops_decode=1e9), b)
-              for b in H200_FIT_BATCHES}
-    a = np.array([[model.layers, b * model.linear_flops_per_token / (spec["flops_tflops"] * 1e12)]
-                  for b in H200_FIT_BATCHES])
-    y = np.array([(rows[b] - stream[b]) / 1e3 for b in H200_FIT_BATCHES])
-    layer, inv_eff = np.linalg.solve(a, y)
+    # Matmuls at the ceilings stage's measured share of the peak; what the step takes beyond
+    # streaming and FLOPs is overhead: L x per layer + b x per request (two unknowns, solved
+    # on two batch sizes).
+    base = replace(base, eff_flops_decode=st["ceilings"]["result"]["bf16_matmul_tflops"]
+                   / spec["flops_tflops"])
+    rest = {b: (rows[b] - _h200_decode_ms(base, b)) / 1e3 for b in H200_FIT_BATCHES}
+    a = np.array([[model.layers, b] for b in H200_FIT_BATCHES], dtype=float)
+    layer, per_seq = np.linalg.solve(a, np.array([rest[b] for b in H200_FIT_BATCHES]))
     hw = replace(base, layer_overhead_s=float(max(layer, 0.0)),
-                 eff_flops_decode=float(min(1.0 / max(inv_eff, 1e-9), 1.0)))
+                 seq_overhead_s=float(max(per_seq, 0.0)))
     hw = _fit_h200_offload(hw, st["offload_tput"]["result"])
     checked = {b: _h200_decode_ms(hw, b) / rows[b] - 1 for b in rows if b not in H200_FIT_BATCHES}
     return replace(hw, fitted_on={

@@ -18,12 +18,12 @@ from adrenaline.sim.workload import Workload
 
 MODELS = ("llama2-7b", "llama2-13b")
 LAYOUTS = ((1, 1), (2, 2))
-RATES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12)  # per prefill instance
+RATES = (1, 2, 3, 4, 5, 6, 8)  # per prefill instance
 # What-if: load_aware with its start-up profile timing batches up to 512, not 64.
 WIDE_PROFILE = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 # What-if: a per-layer exchange of 20 us (the H200 fit measured 0.74 ms through ColocatedPD).
 FAST_EXCHANGE_S = 20e-6
-RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RATIOS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8)
 
 
 def _slim(row: dict) -> dict:

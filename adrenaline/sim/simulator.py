@@ -119,7 +119,7 @@ class Simulation:
         self._ongoing = 0
         self._queued = 0
         self._cap_queue: list[SimArrival] = []
-        self._unfinished = 0
+        self._unfinished = self._total = 0
 
     # -- event plumbing
     def _at(self, t: float, fn, arg=None) -> None:
@@ -128,7 +128,7 @@ class Simulation:
 
     def run(self, arrivals: list[SimArrival], max_concurrency: int | None = None) -> Simulation:
         self._cap = max_concurrency
-        self._unfinished = len(arrivals)
+        self._unfinished = self._total = len(arrivals)
         if max_concurrency:
             self._cap_queue = list(reversed(arrivals))
             for _ in range(min(max_concurrency, len(arrivals))):
@@ -161,7 +161,7 @@ class Simulation:
         sr.req.end_len = a.prompt_len + a.output_len  # see engines.run_plan
         sr.req.sim = sr
         self.requests.append(sr)
-        if n % max(1, self._expected() // MAX_TIMELINES) == 0:
+        if n % max(1, self._total // MAX_TIMELINES) == 0:
             sr.token_times = []
         if a.prompt_len + a.output_len > self.max_request_tokens or a.prompt_len < 1:
             self.num_rejected += 1
@@ -176,9 +176,6 @@ class Simulation:
         where = self.router.place(sr)
         self.prefill[where.prefill].scheduler.add(sr.req)
         self._kick_prefill(where.prefill)
-
-    def _expected(self) -> int:
-        return max(self._unfinished + len(self.requests), 1)
 
     # -- prefill
     def _kick_prefill(self, p: int) -> None:
