@@ -1,10 +1,13 @@
 """The router's ClusterLoad: how it is built and how it moves as a request goes through.
 
-One copy, shared by the live router (serve/router.py) and the cluster simulator
-(adrenaline/sim), so a policy sees the same numbers in both. A request's path:
+The live router (serve/router.py) builds its load with ``new_cluster_load``; the cluster
+simulator (adrenaline/sim) builds it the same way and moves it with the transitions
+below, which mirror the router's ``_attempt`` (the router still updates its counters
+in line; tests/integration/test_sim_vs_router.py checks the two decide alike). A request's
+path:
 
     placed ──prefilled──> (admission) ──admitted──> decoding ──released
-       └──────────────────── released before admission ─┘
+       └─────────────── released before admission ─┘
 
 Invariant: after ``released`` every counter the request touched is back where it was.
 """

@@ -29,11 +29,13 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--hardware", default="cpu", help="cpu, h200, h100, a100-80gb")
     g.add_argument("--layout", default="1P1D", help="xPyD (sweep: comma list)")
     g.add_argument("--systems", default="none",
-                   help="comma list: none, static@ratio=0.5, load_aware@tpot_slo_ms=100, mod:Class@k=v")
+                   help="comma list: none, static@ratio=0.5, load_aware@tpot_slo_ms=100, "
+                        "mod:Class@k=v")
     g.add_argument("--prefill-kv-tokens", type=int, default=None)
     g.add_argument("--decode-kv-tokens", type=int, default=None)
     g.add_argument("--executor-kv-tokens", default=None,
-                   help="tokens per executor (sweep: comma list); default: the prefill GPU's free memory")
+                   help="tokens per executor (sweep: comma list); default: half the prefill "
+                        "device's free memory")
     g.add_argument("--executor-share", type=float, default=None, help="of the prefill device")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -121,13 +123,15 @@ def cmd_run(a) -> dict:
     return _finish(a, rows)
 
 
+def _progress(row: dict) -> None:
+    print(f"  {_flat(row)['label']}: {row['metrics']['output_throughput']:.1f} tok/s", flush=True)
+
+
 def cmd_sweep(a) -> dict:
     ekv = ([int(x) for x in a.executor_kv_tokens.split(",")] if a.executor_kv_tokens else None)
     rows = sweep(_config(a), _workload(a), a.systems.split(","),
                  [float(x) for x in a.request_rate.split(",")], a.layout.split(","), ekv,
-                 slo=_slo(a), progress=lambda r: print(f"  {_flat(r)['label']}: "
-                                                       f"{r['metrics']['output_throughput']:.1f} tok/s",
-                                                       flush=True))
+                 slo=_slo(a), progress=_progress)
     _print_rows(rows)
     return _finish(a, rows)
 
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     p.add_argument("--plot-dir", default=None)
     p.set_defaults(fn=cmd_paper)
-    sub.add_parser("profiles", help="list hardware profiles and models").set_defaults(fn=cmd_profiles)
+    p = sub.add_parser("profiles", help="list hardware profiles and models")
+    p.set_defaults(fn=cmd_profiles)
     a = ap.parse_args(argv)
     try:
         return a.fn(a)

@@ -11,7 +11,8 @@ H200: docs/gpu-check.json's engine rows (decode step of its 1B model at batches
 1, 8, 32, 128, 517-token contexts). Weight and KV streaming run at the
 attention-bandwidth stage's measured bandwidth, matmuls at the ceilings stage's
 measured TFLOP/s (both as shares of the spec-sheet peaks); the per-layer and
-per-request overheads are solved from batches 1 and 128 and checked on 8 and 32. The prefill FLOP efficiency and the per-layer offload
+per-request overheads are solved from batches 1 and 128 and checked on 8 and 32.
+The prefill FLOP efficiency and the per-layer offload
 exchange come from the offload_tput stage (one measurement each: fitted, not
 checked). Efficiencies are stored relative to the spec-sheet peaks so A100 and
 H100 can take them.
@@ -220,7 +221,8 @@ def fit_h200(gpu_check_file: Path) -> HardwareProfile:
     spec = SPEC_SHEETS["h200"]
     attn = st["attn_bw"]["result"]
     eff_stream = attn["gbs"] / spec["mem_bw_gbs"]  # measured KV-read bandwidth, share of peak
-    curve = [(0.0, 0.0)] + [(p["sm_share"], p["vs_full_device"]) for p in attn["partitions"]] + [(1.0, 1.0)]
+    curve = ([(0.0, 0.0)] + [(p["sm_share"], p["vs_full_device"]) for p in attn["partitions"]]
+             + [(1.0, 1.0)])
     base = HardwareProfile(name="h200", **spec, eff_mem=eff_stream, eff_attn=eff_stream,
                            executor_bw_curve=tuple(curve), link_gbs=25.0,
                            handoff_latency_s=5e-5, default_executor_share=0.25)

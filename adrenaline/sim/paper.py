@@ -18,7 +18,7 @@ from adrenaline.sim.workload import Workload
 
 MODELS = ("llama2-7b", "llama2-13b")
 LAYOUTS = ((1, 1), (2, 2))
-RATES = (1, 2, 3, 4, 5, 6, 8)  # per prefill instance
+RATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)  # per prefill instance
 # What-if: load_aware with its start-up profile timing batches up to 512, not 64.
 WIDE_PROFILE = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 # What-if: a per-layer exchange of 20 us (the H200 fit measured 0.74 ms through ColocatedPD).
@@ -100,7 +100,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         paths.append(plot_series(series, "request rate (req/s)", "output tok/s  |  TPOT p90 (ms)",
                                  out_dir / f"sim_paper_{tag}_rate.png",
                                  f"{case['model']} {case['layout']} A100-80GB (simulated)"))
-    series = {f"{c['model']} {c['layout']}": [(r["ratio"], r["output_throughput"]) for r in c["rows"]]
+    series = {f"{c['model']} {c['layout']}": [(r["ratio"], r["output_throughput"])
+                                               for r in c["rows"]]
               for c in result["ratios"]}
     paths.append(plot_series(series, "static offload ratio", "output tok/s",
                              out_dir / "sim_paper_offload_ratio.png",

@@ -74,7 +74,8 @@ def startup_profile(cost: CostModel, hw: HardwareProfile, decode_tokens: list[in
     the profiled batches (8-token prompts, as profile_decode_steps), copy bandwidths (each
     worker measures its whole device), KV capacities."""
     steps = {b: cost.decode_s(b, b * 10) for b in batches}
-    return ClusterProfile(step_time_s=steps, decode_bandwidth_gbs=[hw.mem_bw_gbs] * len(decode_tokens),
+    return ClusterProfile(step_time_s=steps,
+                          decode_bandwidth_gbs=[hw.mem_bw_gbs] * len(decode_tokens),
                           executor_bandwidth_gbs=[hw.mem_bw_gbs] * len(executor_tokens),
                           decode_capacity_tokens=list(decode_tokens),
                           executor_capacity_tokens=list(executor_tokens))
@@ -289,12 +290,14 @@ class Simulation:
         def use(bm) -> float:
             return bm.num_used_blocks / bm.num_blocks
 
-        s = {"t": self.now, "offloaded": self.router.num_offloaded, "placed": self.router.num_placed}
+        s = {"t": self.now, "offloaded": self.router.num_offloaded,
+             "placed": self.router.num_placed}
         s["kv_use"] = {**{f"prefill{i}": use(p.bm) for i, p in enumerate(self.prefill)},
                        **{f"decode{j}": use(d.bm) for j, d in enumerate(self.decode)},
                        **{f"executor{i}": use(e.bm) for i, e in enumerate(self.executors)}}
         s["executor_read_bytes"] = sum(d.kv_read_bytes for d in self.decode)
-        s["decode_batch"] = {f"decode{j}": len(d.scheduler.running) for j, d in enumerate(self.decode)}
+        s["decode_batch"] = {f"decode{j}": len(d.scheduler.running)
+                             for j, d in enumerate(self.decode)}
         self.samples.append(s)
         if self._unfinished > 0 and self._heap:  # (an empty heap with work left: stuck)
             self._at(self.now + self.cfg.sample_interval_s, self._sample)

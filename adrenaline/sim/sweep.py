@@ -59,7 +59,8 @@ def sweep(base: SimConfig, w: Workload, systems: list[str], rates: list[float],
           slo: Slo | None = None, progress=None) -> list[dict]:
     rows = []
     for layout, ekv, system, rate in itertools.product(
-            layouts or [f"{base.num_prefill}P{base.num_decode}D"], executor_kv or [base.executor_kv_tokens],
+            layouts or [f"{base.num_prefill}P{base.num_decode}D"],
+            executor_kv or [base.executor_kv_tokens],
             systems, rates):
         p, d = parse_layout(layout)
         cfg = with_system(replace(base, num_prefill=p, num_decode=d, executor_kv_tokens=ekv),

@@ -55,7 +55,8 @@ def lengths(w: Workload) -> list[tuple[int, int]]:
         encode = _encoder(w.tokenizer)
         return [(r.prompt_len, r.output_len)
                 for r in sw.sharegpt_requests(w.dataset_path, w.num_prompts, encode, seed=w.seed)]
-    raise ValueError(f"dataset: unknown {w.dataset!r} (random, sharegpt-synthetic, sharegpt, trace)")
+    raise ValueError(f"dataset: unknown {w.dataset!r} "
+                     "(random, sharegpt-synthetic, sharegpt, trace)")
 
 
 def _encoder(tokenizer: str | None):
