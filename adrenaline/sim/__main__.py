@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from adrenaline.bench.report import print_table, result_header, write_result
 from adrenaline.bench.serving_metrics import Slo
 from adrenaline.sim.simulator import SimConfig
-from adrenaline.sim.sweep import fmt_rate, parse_layout, plan, sweep, with_system
+from adrenaline.sim.sweep import fmt_rate, parse_layout, plan, sweep
 from adrenaline.sim.workload import Workload
 
 COLS = [("output_throughput", "tok/s", 9, 1), ("request_throughput", "req/s", 7, 2),

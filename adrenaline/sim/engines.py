@@ -123,10 +123,9 @@ class SimDecode:
         self.adopt_parked()
         return self.scheduler.schedule() if self.scheduler.has_unfinished else None
 
-    def step_time(self, plan: SchedulerOutput, cost: CostModel, executors: list[SimExecutor],
-                  executor_busy: bool) -> float:
-        if plan.is_prefill:  # recompute of preempted requests
-            return cost.prefill_s(plan.query_lens, plan.context_lens, executor_busy)
+    def step_time(self, plan: SchedulerOutput, cost: CostModel) -> float:
+        if plan.is_prefill:  # recompute of preempted requests (no executor on this device)
+            return cost.prefill_s(plan.query_lens, plan.context_lens)
         local_kv, remote = 0, {}
         for req in plan.requests:
             if req.executor is None:

@@ -14,7 +14,7 @@ from adrenaline.sim.simulator import Simulation
 def timelines(sim: Simulation) -> list[RequestTimeline]:
     out = []
     for r in sim.requests:
-        n = r.extra.get("n_out", 0)
+        n = r.n_out
         if r.first_token_s is None:
             out.append(RequestTimeline(start=r.arrival_s, success=False, error="refused"))
             continue

@@ -4,13 +4,13 @@ Mirrors serve/router.py's ``_attempt``: place at arrival (load: placed), prefill
 first token (load: prefilled), admission (re-asked in arrival order whenever
 capacity frees, as the router's waiters are), handoff (local: the prefill pool
 frees its blocks and the KV travels over the link; offloaded: to the executor
-beside the prefill instance), decode, release. ClusterLoad moves through
-policy/load.py, the router's own builder and transitions.
+beside the prefill instance), decode, release. ClusterLoad is built by the
+router's own builder and moved by policy/load.py's transitions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from adrenaline.engine.request import Request
 from adrenaline.policy import Placement, PlacementPolicy
@@ -31,9 +31,7 @@ class SimRequest:
     first_token_s: float | None = None
     end_s: float | None = None
     token_times: list[float] | None = None  # every token's time, for a sample of requests
-    prefill_done_s: float | None = None
-    admitted_s: float | None = None
-    extra: dict = field(default_factory=dict)
+    n_out: int = 0  # output tokens, set when it ends
 
 
 class SimRouter:

@@ -214,7 +214,6 @@ class Simulation:
     # -- admission and handoff
     def _handoff(self, sr: SimRequest) -> None:
         self._queued -= 1
-        sr.admitted_s = self.now
         d = sr.decision
         req = sr.req
         self.prefill[d.prefill].release(req)  # export frees the prefill blocks at once
@@ -240,7 +239,7 @@ class Simulation:
         if plan is None:
             return
         inst.busy = True
-        dur = inst.step_time(plan, self.cost, self.executors, False)
+        dur = inst.step_time(plan, self.cost)
         dur *= self._sharing()
         self._at(self.now + dur, self._decode_done, (j, plan, dur))
 
@@ -277,7 +276,7 @@ class Simulation:
 
     def _ended(self, sr: SimRequest) -> None:
         sr.end_s = self.now
-        sr.extra["n_out"] = sr.req.num_output_tokens
+        sr.n_out = sr.req.num_output_tokens
         sr.greq = GenerateRequest(request_id=sr.greq.request_id, prompt_token_ids=[],
                                   params=sr.greq.params)  # drop the token lists
         sr.req.token_ids = []
