@@ -38,6 +38,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--link-gbs", type=float, default=None, help="KV handoff bandwidth")
+    g.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="the router's limits (app args `limits`); default: none")
+    g.add_argument("--max-queued-requests", type=int, default=None)
     w = ap.add_argument_group("workload (as `bench serving`)")
     w.add_argument("--dataset", default="random",
                    choices=["random", "sharegpt-synthetic", "sharegpt", "trace"])
@@ -69,6 +72,8 @@ def _config(a) -> SimConfig:
                      executor_kv_tokens=int(ekv) if ekv else None,
                      executor_share=a.executor_share, max_num_seqs=a.max_num_seqs,
                      max_num_batched_tokens=a.max_num_batched_tokens, link_gbs=a.link_gbs,
+                     max_ongoing_requests=a.max_ongoing_requests,
+                     max_queued_requests=a.max_queued_requests,
                      sample_interval_s=a.sample_interval)
 
 
