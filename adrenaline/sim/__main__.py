@@ -41,6 +41,11 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="the router's limits (app args `limits`); default: none")
     g.add_argument("--max-queued-requests", type=int, default=None)
+    g.add_argument("--profile-batches", default=None,
+                   help="what-if: decode batches load_aware's start-up profile times, e.g. "
+                        "1,8,64,256 (default: the live router's, 1..64)")
+    g.add_argument("--exchange-layer-us", type=float, default=None,
+                   help="what-if: the offload exchange per layer (default: the profile's)")
     w = ap.add_argument_group("workload (as `bench serving`)")
     w.add_argument("--dataset", default="random",
                    choices=["random", "sharegpt-synthetic", "sharegpt", "trace"])
@@ -74,6 +79,10 @@ def _config(a) -> SimConfig:
                      max_num_batched_tokens=a.max_num_batched_tokens, link_gbs=a.link_gbs,
                      max_ongoing_requests=a.max_ongoing_requests,
                      max_queued_requests=a.max_queued_requests,
+                     profile_batches=(tuple(int(b) for b in a.profile_batches.split(","))
+                                      if a.profile_batches else None),
+                     exchange_layer_s=(a.exchange_layer_us * 1e-6
+                                       if a.exchange_layer_us is not None else None),
                      sample_interval_s=a.sample_interval)
 
 

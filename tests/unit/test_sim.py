@@ -164,6 +164,26 @@ def test_cli_run_sweep_and_plan(tmp_path, capsys):
         main(["run", "--layout", "2X2", "--num-prompts", "1"])
 
 
+def test_cli_sweep_over_layouts_and_executor_budgets_with_a_sharegpt_file(tmp_path):
+    from adrenaline.sim.__main__ import main
+
+    convs = [{"conversations": [{"from": "human", "value": "q" * (40 + 8 * i)},
+                                {"from": "gpt", "value": "a" * (60 + 4 * i)}]} for i in range(30)]
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps(convs))
+    result = main(["sweep", "--model", "llama3-8b", "--hardware", "h200", "--layout", "1P1D,2P1D",
+                   "--systems", "static@ratio=0.5", "--executor-kv-tokens", "2000,50000",
+                   "--dataset", "sharegpt", "--dataset-path", str(data), "--num-prompts", "30",
+                   "--request-rate", "5,inf", "--sample-interval", "0"])
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2
+    assert {r["layout"] for r in rows} == {"1P1D", "2P1D"}
+    assert {r["kv_budgets_tokens"]["executor"] for r in rows} == {2000, 50000}
+    # ~4 characters a token without a tokenizer: prompts of 10 + 2i tokens.
+    assert all(r["metrics"]["total_input_tokens"] == sum(10 + 2 * i for i in range(30))
+               for r in rows)
+
+
 def test_large_run_is_fast_enough():
     """Throughput of the simulator itself: a 2P2D run of 5,000 requests in seconds."""
     import time
