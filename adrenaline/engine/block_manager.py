@@ -70,6 +70,20 @@ class BlockManager:
         table.extend(added)
         return added
 
+    def grow(self, seq_id: str, num_tokens: int) -> bool:
+        """``append`` if it fits (True), else nothing (False): one lookup for the per-step path."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            self._unknown(seq_id)
+        missing = -(-num_tokens // self.block_size) - len(table)
+        if missing <= 0:
+            return True
+        free = self._free
+        if missing > len(free):
+            return False
+        table.extend([free.popleft() for _ in range(missing)])
+        return True
+
     def free(self, seq_id: str) -> None:
         self._free.extend(self._table(seq_id))
         del self._tables[seq_id]

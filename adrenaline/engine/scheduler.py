@@ -79,25 +79,27 @@ class Scheduler:
     def _schedule_decode(self) -> SchedulerOutput:
         # Offloaded requests hold no blocks here (their KV grows on an executor), so
         # only local requests compete for blocks and only they can be preempted.
-        local = deque(r for r in self.running if not r.is_offloaded)
-        kept: set[int] = set()
+        # (Runs once per decode step over the whole batch: kept to plain loops.)
+        local = deque(r for r in self.running if r.executor is None)
+        grow = self.bm.grow
         preempted: list[Request] = []
         while local:
             req = local.popleft()
             # The step writes KV for the last token: cover num_tokens in total.
-            while not self.bm.can_append(req.request_id, req.num_tokens):
+            while not grow(req.request_id, len(req.token_ids)):
                 victim = local.pop() if local else req
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
-            else:
-                self.bm.append(req.request_id, req.num_tokens)
-                kept.add(id(req))
-        scheduled = [r for r in self.running if r.is_offloaded or id(r) in kept]
+        if preempted:
+            gone = set(map(id, preempted))
+            scheduled = [r for r in self.running if id(r) not in gone]
+        else:
+            scheduled = self.running
         self.running = list(scheduled)  # the plan keeps its own list: finish() edits running
         return SchedulerOutput(False, scheduled, [1] * len(scheduled),
-                               [r.num_tokens - 1 for r in scheduled], preempted)
+                               [len(r.token_ids) - 1 for r in scheduled], preempted)
 
     def _preempt(self, req: Request) -> None:
         self.bm.free(req.request_id)

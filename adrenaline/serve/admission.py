@@ -21,19 +21,15 @@ from adrenaline.actors.cluster import Cluster
 from adrenaline.app_config import LimitsConfig
 from adrenaline.errors import OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, PlacementPolicy
+from adrenaline.policy import load as load_moves
 from adrenaline.protocol import GenerateRequest
 from adrenaline.serve.recovery import Restart
 
 
 def new_load(cluster: Cluster) -> ClusterLoad:
-    n_p, n_d, n_e = len(cluster.prefill), len(cluster.decode), len(cluster.executors)
-    return ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
-                       decode_reserved_tokens=[0] * n_d,
-                       decode_capacity_tokens=[i.num_kv_blocks * i.block_size
-                                               for i in cluster.decode_info],
-                       decode_pending_tokens=[0] * n_d,
-                       executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
-                       executor_capacity_tokens=list(cluster.executor_capacity_tokens))
+    return load_moves.new_cluster_load(
+        len(cluster.prefill), [i.num_kv_blocks * i.block_size for i in cluster.decode_info],
+        cluster.executor_capacity_tokens)
 
 
 class Admission:
@@ -60,12 +56,11 @@ class Admission:
 
     def placed(self, load: ClusterLoad, where: Placement, reserved: int) -> None:
         """Pending load is counted at placement, so placements made meanwhile see it."""
-        load.prefill_inflight[where.prefill] += 1
-        load.decode_pending_tokens[where.decode] += reserved
+        load_moves.placed(load, where, reserved)
         self.num_queued += 1
 
     def prefilled(self, load: ClusterLoad, where: Placement) -> None:
-        load.prefill_inflight[where.prefill] -= 1
+        load_moves.prefilled(load, where)
 
     async def wait(self, policy: PlacementPolicy, req: GenerateRequest, where: Placement,
                    load: ClusterLoad, is_current: Callable[[], bool]) -> Placement:
@@ -83,30 +78,18 @@ class Admission:
 
     def admitted(self, load: ClusterLoad, where: Placement, reserved: int,
                  offload: bool) -> None:
-        p, d = where.prefill, where.decode
         self.num_queued -= 1
-        load.decode_pending_tokens[d] -= reserved
-        load.decode_active[d] += 1
-        if offload:
-            load.executor_active[p] += 1
-            load.executor_reserved_tokens[p] += reserved
-        else:
-            load.decode_reserved_tokens[d] += reserved
+        load_moves.admitted(load, Placement(where.prefill, where.decode, offload), reserved)
 
     def ended(self, load: ClusterLoad, where: Placement, reserved: int, admitted: bool,
               offload: bool) -> None:
         """Take back what the attempt counted; capacity freed wakes the waiters."""
-        p, d = where.prefill, where.decode
         if not admitted:
             self.num_queued -= 1
-            load.decode_pending_tokens[d] -= reserved
+            load_moves.released(load, where, None, reserved)
         else:
-            load.decode_active[d] -= 1
-            if offload:
-                load.executor_active[p] -= 1
-                load.executor_reserved_tokens[p] -= reserved
-            else:
-                load.decode_reserved_tokens[d] -= reserved
+            load_moves.released(load, where, Placement(where.prefill, where.decode, offload),
+                                reserved)
             self.capacity_freed()
 
     def capacity_freed(self) -> None:

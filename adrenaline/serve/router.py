@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import itertools
 import logging
+from collections import deque
 
 import ray
 import ray.exceptions
@@ -82,6 +83,8 @@ class Router:
         self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
         self.num_reruns = 0  # attempts rerun on a replacement cluster
+        # (request id, prefill, decode, offloaded) per admission, oldest first (bounded).
+        self.admission_log: deque[tuple[str, int, int, bool]] = deque(maxlen=4096)
 
     @property
     def cluster(self) -> Cluster:
@@ -98,6 +101,10 @@ class Router:
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
+
+    async def admissions(self) -> list[tuple[str, int, int, bool]]:
+        """The admission log: (request id, prefill, decode, offloaded), oldest first."""
+        return list(self.admission_log)
 
     async def model_info(self) -> ModelInfo:
         """The model's facts; ServiceUnavailableError while no cluster can be started
@@ -211,6 +218,8 @@ class Router:
             stage = "admission"
             decision = await adm.wait(self.policy, req, where, load,
                                       lambda: gen == self.supervisor.generation)
+            self.admission_log.append((req.request_id, decision.prefill, decision.decode,
+                                       decision.offload))
             offload, admitted = decision.offload, True
             adm.admitted(load, where, reserved, offload)
             self.num_offloaded += int(offload)

@@ -1,0 +1,67 @@
+"""The router's ClusterLoad: how it is built and how it moves as a request goes through.
+
+The live router (through serve/admission.py) and the cluster simulator (adrenaline/sim)
+both build the load with ``new_cluster_load`` and move it with the transitions below, so
+the policies see the same load in both (tests/integration/test_sim_vs_router.py checks
+the two decide alike). A request's
+path:
+
+    placed ──prefilled──> (admission) ──admitted──> decoding ──released
+       └─────────────── released before admission ─┘
+
+Invariant: after ``released`` every counter the request touched is back where it was.
+"""
+
+from __future__ import annotations
+
+from adrenaline.policy.base import ClusterLoad, Placement
+
+
+def new_cluster_load(num_prefill: int, decode_capacity_tokens: list[int],
+                     executor_capacity_tokens: list[int]) -> ClusterLoad:
+    """All-idle load of a cluster (executor lists empty when offloading is off)."""
+    n_d, n_e = len(decode_capacity_tokens), len(executor_capacity_tokens)
+    return ClusterLoad(prefill_inflight=[0] * num_prefill, decode_active=[0] * n_d,
+                       decode_reserved_tokens=[0] * n_d,
+                       decode_capacity_tokens=list(decode_capacity_tokens),
+                       decode_pending_tokens=[0] * n_d,
+                       executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
+                       executor_capacity_tokens=list(executor_capacity_tokens))
+
+
+def placed(load: ClusterLoad, where: Placement, reserved: int) -> None:
+    """At placement: one more prefill in flight; its KV pending on the decode instance."""
+    load.prefill_inflight[where.prefill] += 1
+    load.decode_pending_tokens[where.decode] += reserved
+
+
+def prefilled(load: ClusterLoad, where: Placement) -> None:
+    """Its prefill returned (first token, or an error)."""
+    load.prefill_inflight[where.prefill] -= 1
+
+
+def admitted(load: ClusterLoad, decision: Placement, reserved: int) -> None:
+    """The policy admitted it (``decision.offload``: onto the executor beside its prefill)."""
+    d, p = decision.decode, decision.prefill
+    load.decode_pending_tokens[d] -= reserved
+    load.decode_active[d] += 1
+    if decision.offload:
+        load.executor_active[p] += 1
+        load.executor_reserved_tokens[p] += reserved
+    else:
+        load.decode_reserved_tokens[d] += reserved
+
+
+def released(load: ClusterLoad, where: Placement, decision: Placement | None,
+             reserved: int) -> None:
+    """It ended: finished, failed or cancelled; ``decision`` None if never admitted."""
+    if decision is None:
+        load.decode_pending_tokens[where.decode] -= reserved
+        return
+    d, p = decision.decode, decision.prefill
+    load.decode_active[d] -= 1
+    if decision.offload:
+        load.executor_active[p] -= 1
+        load.executor_reserved_tokens[p] -= reserved
+    else:
+        load.decode_reserved_tokens[d] -= reserved

@@ -1,0 +1,78 @@
+"""The router's decisions in simulated time: the real policy, at the points the router asks it.
+
+Mirrors serve/router.py's ``_attempt``: place at arrival (load: placed), prefill,
+first token (load: prefilled), admission (re-asked in arrival order whenever
+capacity frees, as the router's waiters are), handoff (local: the prefill pool
+frees its blocks and the KV travels over the link; offloaded: to the executor
+beside the prefill instance), decode, release. ClusterLoad is built by the
+router's own builder and moved by policy/load.py's transitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adrenaline.engine.request import Request
+from adrenaline.policy import Placement, PlacementPolicy
+from adrenaline.policy.load import admitted, new_cluster_load, placed, prefilled, released
+from adrenaline.protocol import GenerateRequest
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One request's trip: its router-side request, engine-side state and timeline."""
+
+    greq: GenerateRequest
+    req: Request
+    arrival_s: float
+    reserved: int
+    where: Placement | None = None
+    decision: Placement | None = None
+    first_token_s: float | None = None
+    end_s: float | None = None
+    token_times: list[float] | None = None  # every token's time, for a sample of requests
+    n_out: int = 0  # output tokens, set when it ends
+
+
+class SimRouter:
+    def __init__(self, policy: PlacementPolicy, num_prefill: int, decode_capacity: list[int],
+                 executor_capacity: list[int]):
+        self.policy = policy
+        self.load = new_cluster_load(num_prefill, decode_capacity, executor_capacity)
+        self.waiters: list[SimRequest] = []  # waiting for admission, in arrival order
+        self.admission_log: list[tuple[str, int, int, bool]] = []
+        self.num_placed = 0
+        self.num_offloaded = 0
+
+    def place(self, r: SimRequest) -> Placement:
+        r.where = self.policy.place(r.greq, self.load)
+        placed(self.load, r.where, r.reserved)
+        self.num_placed += 1
+        return r.where
+
+    def prefilled(self, r: SimRequest) -> None:
+        prefilled(self.load, r.where)
+
+    def try_admit(self, r: SimRequest) -> Placement | None:
+        """The policy's admission; a refused request waits for freed capacity."""
+        decision = self.policy.admit(r.greq, r.where, self.load)
+        if decision is None:
+            self.waiters.append(r)
+            return None
+        admitted(self.load, decision, r.reserved)
+        r.decision = decision
+        self.num_offloaded += decision.offload
+        self.admission_log.append((r.greq.request_id, decision.prefill, decision.decode,
+                                   decision.offload))
+        return decision
+
+    def release(self, r: SimRequest) -> list[SimRequest]:
+        """It ended; returns the waiters admitted on the capacity it freed, in order."""
+        released(self.load, r.where, r.decision, r.reserved)
+        if r.decision is None:
+            return []
+        return self.capacity_freed()
+
+    def capacity_freed(self) -> list[SimRequest]:
+        waiters, self.waiters = self.waiters, []
+        return [w for w in waiters if self.try_admit(w) is not None]
