@@ -141,7 +141,7 @@ def test_trace_and_concurrency_cap(tmp_path):
 
 
 def test_cli_run_sweep_and_plan(tmp_path, capsys):
-    from adrenaline.serve.config import parse_app_args
+    from adrenaline.app_config import parse_app_args
     from adrenaline.sim.__main__ import main
 
     out = tmp_path / "r.json"
