@@ -69,9 +69,10 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Replacing the cluster when an actor dies (see serve/supervisor.py).
 
-    ``timeout_s`` bounds one replacement's start-up; past it the affected requests
-    end with an error (HTTP 503) and new ones are refused at once while the router
-    tries again every ``retry_interval_s``.
+    ``timeout_s`` bounds the recovery: replacements are tried (callers wait) until it
+    has passed since the loss; then the affected requests end with an error (HTTP 503)
+    and new ones are refused at once (503 + Retry-After) while the router tries again
+    every ``retry_interval_s`` (e.g. until a lost node rejoins).
     """
 
     enabled: bool = True

@@ -204,6 +204,15 @@ class NetnsCluster:
         _sh("ip", "link", "set", "eth0", "up", netns=ns)
         _sh("ip", "link", "set", "lo", "up", netns=ns)
 
+    def add_node(self, spec: NodeSpec, timeout_s: float = 120.0) -> None:
+        """A new node joins the running cluster."""
+        self.nodes.append(spec)
+        self._save()
+        alive = len([n for n in self.alive_nodes() if n["Alive"]])
+        self._add_netns(spec.name, len(self.nodes) - 1)
+        self.start_node(spec.name)
+        self.wait_nodes(alive + 1, timeout_s)
+
     def start_node(self, node: str) -> None:
         """``ray start`` the node in its namespace (again, after ``kill_node``)."""
         spec = self.nodes[self._index(node)]
@@ -257,6 +266,14 @@ class NetnsCluster:
         if r.returncode != 0:
             raise RuntimeError(f"python on {node} failed ({r.returncode}):\n{r.stderr[-4000:]}")
         return r.stdout
+
+    def driver(self, cmd: str, app: str, timeout: float = 300) -> dict:
+        """A command of tests/multinode/driver.py, run on the head; its JSON answer."""
+        r = self.run(self.head, [sys.executable, "-m", "tests.multinode.driver", cmd, app,
+                                 self.address], check=False, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"driver {cmd} failed ({r.returncode}):\n{r.stderr[-4000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
 
     def alive_nodes(self) -> list[dict]:
         """Ray's view of its nodes: NodeManagerAddress, Alive and Resources of each."""
