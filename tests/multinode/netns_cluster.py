@@ -237,10 +237,6 @@ class NetnsCluster:
         """Node loss: SIGKILL its raylet and every process on it; the number killed."""
         return kill_netns_processes(self.ns(node))
 
-    def set_link(self, node: str, up: bool) -> None:
-        """Cut (or restore) the node's only link: its processes live on, unreachable."""
-        _sh("ip", "link", "set", "eth0", "up" if up else "down", netns=self.ns(node))
-
     def down(self) -> None:
         """Stop every process of every node, delete the namespaces and the temp directory."""
         for node in self.nodes:
