@@ -26,7 +26,7 @@ from adrenaline.model.loader import resolve_dtype
 from adrenaline.policy.profile import measure_copy_bandwidth
 from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.protocol import KVReport, PrefillResult, WorkerMetrics
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 
 log = logging.getLogger(__name__)
 

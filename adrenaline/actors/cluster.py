@@ -23,7 +23,7 @@ from adrenaline.actors.attention_executor import AttentionExecutor
 from adrenaline.actors.decode import DecodeWorker
 from adrenaline.actors.prefill import PrefillWorker
 from adrenaline.protocol import WorkerInfo
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 
 
 def _actor(cls, name: str, num_cpus: float, num_gpus: float, resources: dict | None = None,

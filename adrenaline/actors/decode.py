@@ -28,7 +28,7 @@ from adrenaline.engine.request import Request
 from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
 from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, TokenDelta, WorkerInfo,
                                  WorkerMetrics)
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 
 
 class DecodeWorker:

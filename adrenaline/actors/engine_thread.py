@@ -16,7 +16,7 @@ import torch
 from adrenaline.config import EngineConfig
 from adrenaline.engine.core import EngineCore
 from adrenaline.protocol import WorkerInfo
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 
 T = TypeVar("T")
 

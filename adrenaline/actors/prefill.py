@@ -22,7 +22,7 @@ from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, WorkerInfo,
                                  WorkerMetrics)
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 from adrenaline.transport import find_free_port
 
 

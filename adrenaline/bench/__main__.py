@@ -10,7 +10,7 @@ BENCHMARKS = {
     "serving": "adrenaline.bench.serving",
     "offload": "adrenaline.bench.offload_bench",
     "roofline": "adrenaline.bench.roofline",
-    "gpu-check": "adrenaline.bench.gpu_check",
+    "gpu-check": "adrenaline.bench.gpu_check.run",
 }
 
 

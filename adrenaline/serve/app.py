@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from adrenaline.serve.config import parse_app_args
+from adrenaline.app_config import parse_app_args
 
 
 def build_app(args: dict | None = None) -> Application:

@@ -28,11 +28,13 @@ from ray.serve.handle import DeploymentHandle
 from adrenaline.engine.core import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
-from adrenaline.serve.config import AppArgs, parse_app_args
+from adrenaline.app_config import AppArgs, parse_app_args
 from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
-from adrenaline.serve.openai_api import (
-    SSE_DONE, APIError, ParsedRequest, finish_error, json_bytes, make_responder,
-    parse_chat_request, parse_completion_request, router_error, sse_error, sse_event)
+from adrenaline.serve.openai_api.errors import APIError, finish_error, router_error
+from adrenaline.serve.openai_api.requests import (ParsedRequest, parse_chat_request,
+                                                  parse_completion_request)
+from adrenaline.serve.openai_api.responses import (SSE_DONE, json_bytes, make_responder,
+                                                   sse_error, sse_event)
 
 logger = logging.getLogger("adrenaline.serve.ingress")
 

@@ -15,7 +15,7 @@ it is, so no KV block stays held.
 
 Failures: one pass along that path is an *attempt* on one cluster
 generation. When an actor dies the supervisor replaces the whole cluster;
-every attempt on the old generation stops (_Restart) and the request reruns
+every attempt on the old generation stops (Restart) and the request reruns
 on the new one from its prompt plus the tokens already yielded (recompute),
 so the client sees each token exactly once and, for greedy requests, exactly
 the tokens it would have had.
@@ -28,25 +28,20 @@ import contextvars
 import itertools
 import logging
 
-import msgspec
 import ray
 import ray.exceptions
 from ray import serve
 
 from adrenaline.actors.cluster import Cluster
-from adrenaline.errors import InvalidRequestError, OverloadedError
-from adrenaline.policy import ClusterLoad, Placement, make_policy
+from adrenaline.errors import InvalidRequestError
+from adrenaline.policy import make_policy
 from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
+from adrenaline.serve.admission import Admission, new_load
+from adrenaline.serve.recovery import RESTART, Restart, drain, recompute_request
 from adrenaline.serve.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-_RESTART = "restart"  # finish_reason of the sentinel that stops an attempt on a lost cluster
-
-
-class _Restart(Exception):
-    """The cluster this attempt ran on was lost: rerun the request on its replacement."""
 
 
 def _detached(coro) -> asyncio.Task:
@@ -66,42 +61,6 @@ def _consume_error(task: asyncio.Task) -> None:
         task.exception()
 
 
-def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequest:
-    """The request that continues ``req`` after ``produced`` tokens were already streamed.
-
-    Its prompt is the original prompt plus those tokens, so its first token is the next
-    one; max_tokens shrinks by as many, so the total length is unchanged.
-    """
-    if not produced:
-        return req
-    params = msgspec.structs.replace(req.params, max_tokens=req.params.max_tokens - len(produced))
-    return GenerateRequest(request_id=req.request_id,
-                           prompt_token_ids=list(req.prompt_token_ids) + list(produced),
-                           params=params)
-
-
-def _drain(queue: asyncio.Queue[TokenDelta]) -> bool:
-    """Drop what a lost attempt left queued (a rerun restarts from the yielded tokens).
-
-    False when an abort was among it: the request is over.
-    """
-    aborted = False
-    while not queue.empty():
-        aborted |= queue.get_nowait().finish_reason == "abort"
-    return not aborted
-
-
-def _new_load(cluster: Cluster) -> ClusterLoad:
-    n_p, n_d, n_e = len(cluster.prefill), len(cluster.decode), len(cluster.executors)
-    return ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
-                       decode_reserved_tokens=[0] * n_d,
-                       decode_capacity_tokens=[i.num_kv_blocks * i.block_size
-                                               for i in cluster.decode_info],
-                       decode_pending_tokens=[0] * n_d,
-                       executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
-                       executor_capacity_tokens=list(cluster.executor_capacity_tokens))
-
-
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 class Router:
     def __init__(self, args: AppArgs):
@@ -115,15 +74,11 @@ class Router:
             max_request_tokens=min(i.max_request_tokens
                                    for i in self.cluster.prefill_info + self.cluster.decode_info))
         # Load of the current cluster; an attempt updates the object it started with.
-        self.load = _new_load(self.cluster)
+        self.load = new_load(self.cluster)
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: list[asyncio.Task] = []
-        self._waiters: list[asyncio.Future] = []  # requests waiting for admission, FIFO
-        # Admission limits (args.limits): requests held now, and those not yet decoding.
-        self.num_ongoing = 0
-        self.num_queued = 0
-        self.num_refused = 0  # refused at the limits since start
+        self.admission = Admission(args.limits)  # limits, waiters, load ledger
         self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
         self.num_reruns = 0  # attempts rerun on a replacement cluster
@@ -135,9 +90,10 @@ class Router:
     async def stats(self) -> dict:
         """Router-level counters (placement, limits, recovery), for benchmarks and tests."""
         self.supervisor.start()
+        adm = self.admission
         return {"num_placed": self.num_placed, "num_offloaded": self.num_offloaded,
-                "num_ongoing": self.num_ongoing, "num_queued": self.num_queued,
-                "num_refused": self.num_refused, "num_reruns": self.num_reruns,
+                "num_ongoing": adm.num_ongoing, "num_queued": adm.num_queued,
+                "num_refused": adm.num_refused, "num_reruns": self.num_reruns,
                 "num_recoveries": self.supervisor.num_recoveries,
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "b_max": getattr(self.policy, "b_max", None),
@@ -185,33 +141,20 @@ class Router:
         if req.request_id in self._streams:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
 
-    def refuse_if_overloaded(self) -> None:
-        """Raise OverloadedError when one more request would pass the limits (args.limits)."""
-        lim = self.args.limits
-        if self.num_ongoing >= lim.max_ongoing_requests:
-            why = f"{self.num_ongoing} requests in flight (limit {lim.max_ongoing_requests})"
-        elif self.num_queued >= lim.max_queued_requests:
-            why = f"{self.num_queued} requests queued (limit {lim.max_queued_requests})"
-        else:
-            return
-        self.num_refused += 1
-        raise OverloadedError(f"the server is overloaded: {why}; retry later",
-                              retry_after_s=lim.retry_after_s)
-
     async def generate(self, req: GenerateRequest):
         """Async generator of TokenDelta for one request (call with stream=True)."""
         self.validate(req)
-        self.refuse_if_overloaded()
+        self.admission.refuse_if_overloaded()
         self.supervisor.start()
         self.supervisor.raise_if_down()
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[req.request_id] = queue
-        self.num_ongoing += 1
+        self.admission.num_ongoing += 1
         produced: list[int] = []  # tokens already yielded: never sent again
         try:
             while True:
                 await self.supervisor.ready()  # ServiceUnavailableError if none can start
-                if not _drain(queue):
+                if not drain(queue):
                     return  # aborted meanwhile
                 attempt = self._attempt(recompute_request(req, produced), queue)
                 try:
@@ -221,23 +164,23 @@ class Router:
                         if delta.finish_reason is not None:
                             return
                     return  # aborted
-                except _Restart:
+                except Restart:
                     self.num_reruns += 1
                 finally:
                     await attempt.aclose()  # its finally frees what it holds
         finally:
-            self.num_ongoing -= 1
+            self.admission.num_ongoing -= 1
             self._streams.pop(req.request_id, None)
 
     async def _call(self, gen: int, ref):
-        """Await an actor call of generation ``gen``; _Restart if that cluster was lost."""
+        """Await an actor call of generation ``gen``; Restart if that cluster was lost."""
         try:
             return await ref
         except InvalidRequestError:
             raise
         except Exception as e:
             if await self.supervisor.is_stale(gen, e):
-                raise _Restart() from e
+                raise Restart() from e
             raise
 
     async def _attempt(self, req: GenerateRequest, queue: asyncio.Queue[TokenDelta]):
@@ -252,16 +195,13 @@ class Router:
         on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
         self.num_placed += 1
-        # Pending load is counted at placement, so placements made meanwhile see it.
-        load.prefill_inflight[p] += 1
-        load.decode_pending_tokens[d] += reserved
-        self.num_queued += 1
-        queued = True  # counted in num_queued until admitted to decode
+        adm = self.admission
+        adm.placed(load, where, reserved)
         try:
             try:
                 pre = await self._call(gen, prefill.prefill.remote(req))
             finally:
-                load.prefill_inflight[p] -= 1
+                adm.prefilled(load, where)
             yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs, finish_reason=pre.finish_reason)
             if pre.finish_reason is not None:
@@ -269,18 +209,11 @@ class Router:
                 return
             # Admission: the KV waits in the prefill instance's pool until there is room.
             stage = "admission"
-            decision = await self._admit(req, where, gen, load)
+            decision = await adm.wait(self.policy, req, where, load,
+                                      lambda: gen == self.supervisor.generation)
             offload, admitted = decision.offload, True
-            self.num_queued -= 1
-            queued = False
-            load.decode_pending_tokens[d] -= reserved
-            load.decode_active[d] += 1
-            if offload:
-                self.num_offloaded += 1
-                load.executor_active[p] += 1
-                load.executor_reserved_tokens[p] += reserved
-            else:
-                load.decode_reserved_tokens[d] += reserved
+            adm.admitted(load, where, reserved, offload)
+            self.num_offloaded += int(offload)
             stage = "handoff"
             on_executor = offload  # from here the executor may hold pages, whatever happens
             # Detached and shielded: a handoff's calls pair up (a gloo send with its receive,
@@ -292,8 +225,8 @@ class Router:
             stage = "decode"
             while True:
                 delta = await queue.get()
-                if delta.finish_reason == _RESTART:
-                    raise _Restart()
+                if delta.finish_reason == RESTART:
+                    raise Restart()
                 if delta.finish_reason == "abort":
                     break
                 yield delta
@@ -301,18 +234,7 @@ class Router:
                     stage = "done"
                     break
         finally:
-            if queued:
-                self.num_queued -= 1
-            if not admitted:
-                load.decode_pending_tokens[d] -= reserved
-            else:
-                load.decode_active[d] -= 1
-                if offload:
-                    load.executor_active[p] -= 1
-                    load.executor_reserved_tokens[p] -= reserved
-                else:
-                    load.decode_reserved_tokens[d] -= reserved
-                self._capacity_freed()
+            adm.ended(load, where, reserved, admitted, offload)
             if gen == self.supervisor.generation and (stage != "done" or on_executor):
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
@@ -340,35 +262,18 @@ class Router:
                 prefill.send_kv.remote(req.request_id, cluster.decode_rank(d), tag,
                                        tuple(pre.kv_shape), pre.kv_dtype))
 
-    async def _admit(self, req: GenerateRequest, where: Placement, gen: int,
-                     load: ClusterLoad) -> Placement:
-        """Wait until the policy admits the request; waiters retry in arrival order."""
-        while (decision := self.policy.admit(req, where, load)) is None:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-            if gen != self.supervisor.generation:
-                raise _Restart()
-        return decision
-
-    def _capacity_freed(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
     def _cluster_lost(self) -> None:
         """Supervisor: the cluster is gone. Stop its pollers, stop every attempt on it."""
         for t in self._pollers:
             t.cancel()  # first: no delta of the lost cluster may follow the sentinel
         self._pollers = []
         for rid, q in self._streams.items():
-            q.put_nowait(TokenDelta(request_id=rid, token_ids=[], finish_reason=_RESTART))
-        self._capacity_freed()  # admission waiters see the new generation and rerun
+            q.put_nowait(TokenDelta(request_id=rid, token_ids=[], finish_reason=RESTART))
+        self.admission.capacity_freed()  # admission waiters see the new generation and rerun
 
     def _cluster_ready(self, cluster: Cluster) -> None:
         """Supervisor: a replacement cluster serves; its load starts from zero."""
-        self.load = _new_load(cluster)
+        self.load = new_load(cluster)
 
     def _profile(self, args: AppArgs):
         """Start-up measurements for policies that need them (load_aware)."""

@@ -31,7 +31,7 @@ import ray.exceptions
 
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import ServiceUnavailableError
-from adrenaline.serve.config import AppArgs
+from adrenaline.app_config import AppArgs
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from adrenaline.config import ConfigError
-from adrenaline.serve.config import parse_app_args
+from adrenaline.app_config import parse_app_args
 
 ROOT = Path(__file__).resolve().parents[2]
 MULTINODE = ROOT / "serve_configs" / "multinode.yaml"

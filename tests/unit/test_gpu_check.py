@@ -15,7 +15,7 @@ _RUN = """
 import sys
 for name in ("ray", "fastapi", "starlette", "uvicorn", "locust"):
     sys.modules[name] = None
-from adrenaline.bench.gpu_check import main
+from adrenaline.bench.gpu_check.run import main
 main(["--dry-run", "--out", sys.argv[1]])
 """
 

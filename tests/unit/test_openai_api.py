@@ -16,9 +16,10 @@ from adrenaline.errors import InvalidRequestError
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import ModelInfo, TokenDelta, WorkerMetrics
 from adrenaline.serve.metrics import IngressMetrics
-from adrenaline.serve.openai_api import (
-    SSE_DONE, APIError, IncrementalDetokenizer, finish_error, make_responder,
-    parse_chat_request, parse_completion_request, router_error, sse_error, sse_event)
+from adrenaline.serve.openai_api.errors import APIError, finish_error, router_error
+from adrenaline.serve.openai_api.requests import parse_chat_request, parse_completion_request
+from adrenaline.serve.openai_api.responses import (SSE_DONE, IncrementalDetokenizer,
+                                                   make_responder, sse_error, sse_event)
 
 MAX_MODEL_LEN = 64
 MAX_REQUEST_TOKENS = 48
@@ -538,7 +539,7 @@ def test_ingress_sse_usage_then_done_and_complete_error(info, tok):
 
 def test_overload_errors_map_to_429_and_503_with_retry_after():
     from adrenaline.errors import OverloadedError, ServiceUnavailableError
-    from adrenaline.serve.openai_api import router_error
+    from adrenaline.serve.openai_api.errors import router_error
 
     err = router_error(OverloadedError("busy", retry_after_s=2.5))
     assert err.status == 429 and err.headers == {"Retry-After": "3"}
@@ -550,7 +551,8 @@ def test_overload_errors_map_to_429_and_503_with_retry_after():
 
 
 def test_deeply_nested_json_is_a_400_not_a_crash():
-    from adrenaline.serve.openai_api import APIError, parse_completion_request
+    from adrenaline.serve.openai_api.errors import APIError
+    from adrenaline.serve.openai_api.requests import parse_completion_request
 
     with pytest.raises(APIError) as e:
         parse_completion_request(b"[" * 5000 + b"]" * 5000, None, None)
@@ -559,7 +561,8 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
 
 @pytest.mark.parametrize("body", [b'{"\x80odel": "tiny"}', b'{"model": "\xed\xa0\x80"}'])
 def test_invalid_utf8_is_a_400(body):
-    from adrenaline.serve.openai_api import APIError, parse_completion_request
+    from adrenaline.serve.openai_api.errors import APIError
+    from adrenaline.serve.openai_api.requests import parse_completion_request
 
     with pytest.raises(APIError) as e:
         parse_completion_request(body, None, None)

@@ -9,7 +9,7 @@ import yaml
 
 from adrenaline import ConfigError
 from adrenaline.policy import make_policy
-from adrenaline.serve.config import parse_app_args
+from adrenaline.app_config import parse_app_args
 
 CONFIGS = sorted((Path(__file__).parents[2] / "serve_configs").glob("*.yaml"))
 
@@ -59,7 +59,7 @@ def test_limits_set_serve_options():
 def test_recompute_request_continues_after_streamed_tokens():
     from adrenaline import SamplingParams
     from adrenaline.protocol import GenerateRequest
-    from adrenaline.serve.router import recompute_request
+    from adrenaline.serve.recovery import recompute_request
 
     req = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3],
                           params=SamplingParams(max_tokens=10, temperature=0))

@@ -1,0 +1,1 @@
+"""The GPU check, one module per stage; run.py runs them (see its docstring)."""

@@ -1,0 +1,116 @@
+"""Admission at the router: the limits, the wait for decode capacity, the load ledger.
+
+* Limits (``AppArgs.limits``): beyond them a request is refused at once
+  (``OverloadedError`` -> HTTP 429). ``num_ongoing`` counts the generation requests the
+  router holds, ``num_queued`` those placed but not yet admitted to decode.
+* Waiting: after prefill the policy admits a request (locally or offloaded) or says
+  wait; a waiting request's KV stays in its prefill instance's pool and it asks again,
+  in arrival order, whenever a request releases capacity.
+* The ledger: what an attempt counts in the ``ClusterLoad`` the policy reads.
+  Invariant: each attempt calls ``placed``, ``prefilled`` once prefill returns,
+  ``admitted`` at most once, and ``ended`` exactly once; ``ended`` takes back exactly
+  what the others added, so an idle cluster's load is all zeros.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from adrenaline.actors.cluster import Cluster
+from adrenaline.app_config import LimitsConfig
+from adrenaline.errors import OverloadedError
+from adrenaline.policy import ClusterLoad, Placement, PlacementPolicy
+from adrenaline.protocol import GenerateRequest
+from adrenaline.serve.recovery import Restart
+
+
+def new_load(cluster: Cluster) -> ClusterLoad:
+    n_p, n_d, n_e = len(cluster.prefill), len(cluster.decode), len(cluster.executors)
+    return ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
+                       decode_reserved_tokens=[0] * n_d,
+                       decode_capacity_tokens=[i.num_kv_blocks * i.block_size
+                                               for i in cluster.decode_info],
+                       decode_pending_tokens=[0] * n_d,
+                       executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
+                       executor_capacity_tokens=list(cluster.executor_capacity_tokens))
+
+
+class Admission:
+    def __init__(self, limits: LimitsConfig):
+        self.limits = limits
+        self._waiters: list[asyncio.Future] = []  # requests waiting for admission, FIFO
+        # Admission limits: requests held now, and those not yet decoding.
+        self.num_ongoing = 0
+        self.num_queued = 0
+        self.num_refused = 0  # refused at the limits since start
+
+    def refuse_if_overloaded(self) -> None:
+        """Raise OverloadedError when one more request would pass the limits (args.limits)."""
+        lim = self.limits
+        if self.num_ongoing >= lim.max_ongoing_requests:
+            why = f"{self.num_ongoing} requests in flight (limit {lim.max_ongoing_requests})"
+        elif self.num_queued >= lim.max_queued_requests:
+            why = f"{self.num_queued} requests queued (limit {lim.max_queued_requests})"
+        else:
+            return
+        self.num_refused += 1
+        raise OverloadedError(f"the server is overloaded: {why}; retry later",
+                              retry_after_s=lim.retry_after_s)
+
+    def placed(self, load: ClusterLoad, where: Placement, reserved: int) -> None:
+        """Pending load is counted at placement, so placements made meanwhile see it."""
+        load.prefill_inflight[where.prefill] += 1
+        load.decode_pending_tokens[where.decode] += reserved
+        self.num_queued += 1
+
+    def prefilled(self, load: ClusterLoad, where: Placement) -> None:
+        load.prefill_inflight[where.prefill] -= 1
+
+    async def wait(self, policy: PlacementPolicy, req: GenerateRequest, where: Placement,
+                   load: ClusterLoad, is_current: Callable[[], bool]) -> Placement:
+        """Wait until the policy admits the request; waiters retry in arrival order.
+
+        Restart when the cluster generation the attempt runs on is no longer current.
+        """
+        while (decision := policy.admit(req, where, load)) is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+            if not is_current():
+                raise Restart()
+        return decision
+
+    def admitted(self, load: ClusterLoad, where: Placement, reserved: int,
+                 offload: bool) -> None:
+        p, d = where.prefill, where.decode
+        self.num_queued -= 1
+        load.decode_pending_tokens[d] -= reserved
+        load.decode_active[d] += 1
+        if offload:
+            load.executor_active[p] += 1
+            load.executor_reserved_tokens[p] += reserved
+        else:
+            load.decode_reserved_tokens[d] += reserved
+
+    def ended(self, load: ClusterLoad, where: Placement, reserved: int, admitted: bool,
+              offload: bool) -> None:
+        """Take back what the attempt counted; capacity freed wakes the waiters."""
+        p, d = where.prefill, where.decode
+        if not admitted:
+            self.num_queued -= 1
+            load.decode_pending_tokens[d] -= reserved
+        else:
+            load.decode_active[d] -= 1
+            if offload:
+                load.executor_active[p] -= 1
+                load.executor_reserved_tokens[p] -= reserved
+            else:
+                load.decode_reserved_tokens[d] -= reserved
+            self.capacity_freed()
+
+    def capacity_freed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)

@@ -1,0 +1,9 @@
+"""The OpenAI-compatible HTTP surface, without HTTP: parse, validate, format.
+
+Three modules, none of which touches Ray or FastAPI (so they are unit-testable); the
+ingress (serve/ingress.py) is the HTTP side:
+
+* ``errors``: ``APIError`` (what a client sees) and the mapping of router exceptions to it.
+* ``requests``: a raw JSON body -> ``ParsedRequest``, validated against the model.
+* ``responses``: TokenDeltas -> OpenAI response bodies, stream chunks and SSE framing.
+"""
