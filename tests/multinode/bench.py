@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from adrenaline.bench.report import print_table, result_header, write_result
@@ -34,11 +35,13 @@ def bench_layout(nodes: list[NodeSpec], model: str, bench_args: list[str]) -> di
         out = cluster.root / "serving.json"
         argv = [sys.executable, "-m", "adrenaline.bench", "serving", "--base-url", URL,
                 "--model", model, "--no-progress", "--out", str(out), *bench_args]
+        load_before = os.getloadavg()  # the machine is shared: record how busy it was
         r = cluster.run(cluster.head, argv, check=False, timeout=1800)
         if r.returncode != 0:
             raise RuntimeError(f"serving bench failed:\n{r.stdout}\n{r.stderr[-4000:]}")
         print(r.stdout)
-        return json.loads(out.read_text())
+        return {**json.loads(out.read_text()), "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg()}
     finally:
         cluster.down()
 
