@@ -8,7 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from tests.multinode.netns_cluster import tool
+from tests.multinode.netns_cluster import NodeSpec, tool
+
+# The 3-node layout: nodes offer the custom resources the YAML's roles ask for.
+HEAD = NodeSpec("head", 1, {"adrenaline_router": 100})  # router + ingress pinned here
+PREFILL = NodeSpec("prefill", 1, {"adrenaline_prefill": 100})
+DECODE = NodeSpec("decode", 1, {"adrenaline_decode": 100})
 
 APP = "adrenaline"
 URL = "http://127.0.0.1:8000"  # the proxy, from inside the head's namespace

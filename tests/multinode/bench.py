@@ -18,8 +18,7 @@ import os
 import sys
 
 from adrenaline.bench.report import print_table, result_header, write_result
-from tests.multinode.app import URL, config, deploy
-from tests.multinode.conftest import DECODE, HEAD, PREFILL
+from tests.multinode.app import DECODE, HEAD, PREFILL, URL, config, deploy
 from tests.multinode.netns_cluster import NetnsCluster, NodeSpec
 
 ALL_ROLES = NodeSpec("head", 1, {**HEAD.resources, **PREFILL.resources, **DECODE.resources})

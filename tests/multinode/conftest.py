@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.multinode.netns_cluster import NetnsCluster, NodeSpec, available
-
-# Custom resources the YAML's roles ask for (serve_configs/multinode.yaml).
-HEAD = NodeSpec("head", 1, {"adrenaline_router": 100})
-PREFILL = NodeSpec("prefill", 1, {"adrenaline_prefill": 100})
-DECODE = NodeSpec("decode", 1, {"adrenaline_decode": 100})
+from tests.multinode.app import DECODE, HEAD, PREFILL
+from tests.multinode.netns_cluster import NetnsCluster, available
 
 
 @pytest.fixture(scope="module")

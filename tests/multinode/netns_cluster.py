@@ -45,6 +45,7 @@ DASHBOARD_PORT = 8265
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 4,
                  "health_check_timeout_ms": 2000}
 STATE_FILE = "cluster.json"
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass
@@ -172,6 +173,8 @@ class NetnsCluster:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
                    RAY_DEDUP_LOGS="1")
+        # This checkout's code on every node (its workers import the app from it).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
         return env
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -249,12 +252,14 @@ class NetnsCluster:
     # -- running things inside ------------------------------------------------------------
     def run(self, node: str, argv: list[str], *, check: bool = True, timeout: float = 300,
             **kw) -> subprocess.CompletedProcess:
+        """``argv`` inside the node's namespace, from the repository root."""
         return subprocess.run(["ip", "netns", "exec", self.ns(node), *argv], env=self.env(),
-                              check=check, capture_output=True, text=True, timeout=timeout, **kw)
+                              cwd=REPO, check=check, capture_output=True, text=True,
+                              timeout=timeout, **kw)
 
     def popen(self, node: str, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(node), *argv], env=self.env(),
-                                **kw)
+                                cwd=REPO, **kw)
 
     def python(self, node: str, code: str, timeout: float = 300) -> str:
         """Run ``code`` with this interpreter inside ``node``'s namespace; its stdout."""

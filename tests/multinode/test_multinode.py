@@ -9,6 +9,7 @@ The tests run in order on one cluster (module scope); each leaves it serving.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -16,10 +17,11 @@ import time
 import yaml
 
 from adrenaline import LLM, SamplingParams
-from tests.multinode.app import APP, URL, config, deploy, http_status, serve_cli
-from tests.multinode.conftest import DECODE, PREFILL
+from tests.multinode.app import (APP, DECODE, PREFILL, URL, config, deploy, http_status,
+                                  serve_cli)
 from tests.multinode.load import prompts
 from tests.multinode.netns_cluster import NodeSpec
+
 
 def load_cmd(n: int, seed: int, max_tokens: int, stream: bool, progress: str | None = None):
     argv = [sys.executable, "-m", "tests.multinode.load", "--url", URL, "--n", str(n),
@@ -32,18 +34,16 @@ def run_load(cluster, n: int, seed: int, max_tokens: int, stream: bool) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@functools.cache
 def expected_texts(n: int, seed: int, max_tokens: int) -> list[str]:
+    """The offline engine's greedy texts for the prompts the load client sends."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return [o.text for o in offline().generate(prompts(n, seed), params)]
+    return [o.text for o in _offline().generate(prompts(n, seed), params)]
 
 
-_offline: list = []
-
-
-def offline() -> LLM:
-    if not _offline:
-        _offline.append(LLM("tiny"))
-    return _offline[0]
+@functools.cache
+def _offline() -> LLM:
+    return LLM("tiny")
 
 
 def assert_exact(out: dict, expected: list[str]) -> None:
