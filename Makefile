@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test bench-engine bench-serve bench-offload clean
+.PHONY: setup run demo test test-multinode bench-engine bench-serve bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests
+
+# Only the multi-node tests (root: a Ray cluster of network namespaces; see docs/DEPLOY.md).
+# `make test` runs them too where it runs as root; elsewhere they are skipped, with the reason.
+test-multinode: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/multinode -s
 
 bench-engine: $(STAMP)
 	$(VENV)/bin/python -m adrenaline.bench engine --out bench-engine.json

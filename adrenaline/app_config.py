@@ -16,6 +16,9 @@ class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_instances: int = 1
     num_cpus: float = 0.0  # Ray CPU resource per actor (0: schedule by thread budget only)
     num_gpus: float = 0.0  # Ray GPU resource per actor (1 on GPU layouts)
+    # Ray custom resources per instance: instances go only to nodes that offer them (on
+    # several nodes: e.g. {adrenaline_prefill: 1} on nodes started with that resource).
+    resources: dict[str, float] = {}
     engine: EngineConfig = EngineConfig()
 
     def __post_init__(self) -> None:
@@ -23,6 +26,9 @@ class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("num_instances: must be >= 1")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("num_cpus/num_gpus: must be >= 0")
+        if any(k in ("CPU", "GPU", "memory") or v <= 0 for k, v in self.resources.items()):
+            raise ConfigError("resources: custom resources only (not CPU/GPU/memory), "
+                              "each amount > 0")
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -73,9 +79,10 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Replacing the cluster when an actor dies (see serve/supervisor.py).
 
-    ``timeout_s`` bounds one replacement's start-up; past it the affected requests
-    end with an error (HTTP 503) and new ones are refused at once while the router
-    tries again every ``retry_interval_s``.
+    ``timeout_s`` bounds the recovery: replacements are tried (callers wait) until it
+    has passed since the loss; then the affected requests end with an error (HTTP 503)
+    and new ones are refused at once (503 + Retry-After) while the router tries again
+    every ``retry_interval_s`` (e.g. until a lost node rejoins).
     """
 
     enabled: bool = True

@@ -15,7 +15,6 @@ replacement's prefill worker and executor go into the same bundle.
 from __future__ import annotations
 
 import ray
-import ray.util
 
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -25,12 +24,13 @@ from adrenaline.actors.decode import DecodeWorker
 from adrenaline.actors.prefill import PrefillWorker
 from adrenaline.protocol import WorkerInfo
 from adrenaline.app_config import AppArgs
-from adrenaline.transport import find_free_port
 
 
-def _actor(cls, name: str, num_cpus: float, num_gpus: float, **options):
+def _actor(cls, name: str, num_cpus: float, num_gpus: float, resources: dict | None = None,
+           **options):
     return ray.remote(cls).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
-                                   max_concurrency=1000, max_restarts=0, **options)
+                                   resources=dict(resources or {}), max_concurrency=1000,
+                                   max_restarts=0, **options)
 
 
 # Ray needs some resource in a bundle; a sliver of CPU per actor makes co-placement explicit.
@@ -53,7 +53,8 @@ class Cluster:
                 self._create_prefill(args, i, name_prefix, timeout_s)
             d = args.decode
             self.decode = [_actor(DecodeWorker, f"{name_prefix}-decode-{j}", d.num_cpus,
-                                  d.num_gpus).remote(args, j) for j in range(d.num_instances)]
+                                  d.num_gpus, d.resources).remote(args, j)
+                           for j in range(d.num_instances)]
             self.prefill_info: list[WorkerInfo] = ray.get(
                 [a.info.remote() for a in self.prefill], timeout=timeout_s)
             self.decode_info: list[WorkerInfo] = ray.get(
@@ -76,7 +77,7 @@ class Cluster:
         role = args.prefill
         if not args.executor.enabled:
             self.prefill.append(_actor(PrefillWorker, f"{prefix}-prefill-{i}", role.num_cpus,
-                                       role.num_gpus).remote(args, i))
+                                       role.num_gpus, role.resources).remote(args, i))
             return
         # One bundle for the pair: the executor shares the prefill instance's device.
         if i < len(self.groups):  # a replacement: the same bundle as before
@@ -85,13 +86,15 @@ class Cluster:
             bundle = {"CPU": role.num_cpus + 2 * _SLIVER}
             if role.num_gpus:
                 bundle["GPU"] = role.num_gpus
+            bundle.update(role.resources)  # the node kind the pair must land on
             pg = placement_group([bundle], strategy="STRICT_PACK")
             self.groups.append(pg)
         ray.get(pg.ready(), timeout=timeout_s)
         where = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
         half_gpu = role.num_gpus / 2
         self.prefill.append(_actor(PrefillWorker, f"{prefix}-prefill-{i}", role.num_cpus + _SLIVER,
-                                   half_gpu, scheduling_strategy=where).remote(args, i))
+                                   half_gpu, role.resources,
+                                   scheduling_strategy=where).remote(args, i))
         self.executors.append(_actor(AttentionExecutor, f"{prefix}-executor-{i}", _SLIVER, half_gpu,
                                      scheduling_strategy=where).remote(args, i))
 
@@ -117,7 +120,9 @@ class Cluster:
 
             init = new_nccl_unique_id()
         else:
-            init = f"tcp://{ray.util.get_node_ip_address()}:{find_free_port()}"
+            # Rank 0 (prefill 0) serves the rendezvous store: its node's address, a port
+            # free there (the router may run on another node).
+            init = ray.get(self.prefill[0].rendezvous_address.remote(), timeout=timeout_s)
         world = len(self.workers)
         executor_ranks = [self.executor_rank(i) for i in range(len(self.executors))]
         decode_ranks = [self.decode_rank(j) for j in range(len(self.decode))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import ray.util
 import torch
 
 from adrenaline.transport import make_communicator
@@ -33,11 +34,16 @@ class CommThread:
         self.rank = -1
 
     async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
-        """Join the cluster's world; returns once every rank has joined."""
+        """Join the cluster's world; returns once every rank has joined.
+
+        Gloo binds to the address Ray knows this node by, so peers on other nodes can
+        reach it (gloo's own guess, from the host name, may be a loopback address).
+        """
         loop = asyncio.get_running_loop()
+        bind_ip = ray.util.get_node_ip_address()
         self.comm = await loop.run_in_executor(
             self._pool, lambda: make_communicator(kind, rank, world_size, init,
-                                                  timeout_s=WORLD_TIMEOUT_S))
+                                                  timeout_s=WORLD_TIMEOUT_S, bind_ip=bind_ip))
         self.rank = rank
 
     async def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import ray.util
 import torch
 
 from adrenaline.actors.comm_thread import CommThread
@@ -22,6 +23,7 @@ from adrenaline.engine.tombstones import Tombstones
 from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, WorkerInfo,
                                  WorkerMetrics)
 from adrenaline.app_config import AppArgs
+from adrenaline.transport import find_free_port
 
 
 class PrefillWorker:
@@ -38,6 +40,10 @@ class PrefillWorker:
 
     async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
         await self.comm.connect(kind, rank, world_size, init)
+
+    async def rendezvous_address(self) -> str:
+        """Where a gloo world with this worker as rank 0 meets: this node, a free port."""
+        return f"tcp://{ray.util.get_node_ip_address()}:{find_free_port()}"
 
     async def info(self) -> WorkerInfo:
         return self.engine.info()

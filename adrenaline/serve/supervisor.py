@@ -11,8 +11,9 @@ survivors' threads may be blocked on the dead peer. Requests then rerun on
 the new cluster from their prompt plus the tokens already streamed (the
 router's job, see router.py).
 
-States: "up" (``cluster`` serves), "recovering" (callers wait in ``ready()``),
-"down" (no replacement could be started: ``ready()`` raises
+States: "up" (``cluster`` serves), "recovering" (callers wait in ``ready()``;
+attempts repeat until ``recovery.timeout_s`` has passed since the loss),
+"down" (no replacement could be started in that time: ``ready()`` raises
 ServiceUnavailableError at once, and a new attempt runs every
 ``retry_interval_s``). ``generation`` grows by one per lost cluster; work
 started on an older generation is stale and must be rerun.
@@ -125,13 +126,23 @@ class Supervisor:
         old = self.cluster
         await loop.run_in_executor(None, lambda: old.shutdown(keep_groups=True))
         cfg = self.args.recovery
+        deadline = loop.time() + cfg.timeout_s  # callers wait until then, then get 503
         while True:
             prefix = f"{self.prefix}-r{next(self._names)}"
+            # Attempts while recovering share the deadline; once down, each gets timeout_s.
+            bound = (max(deadline - loop.time(), 1.0) if self.state == "recovering"
+                     else cfg.timeout_s)
             try:
                 cluster = await loop.run_in_executor(None, lambda: Cluster(
-                    self.args, name_prefix=prefix, groups=old.groups, timeout_s=cfg.timeout_s))
+                    self.args, name_prefix=prefix, groups=old.groups, timeout_s=bound))
                 break
             except Exception as e:
+                if self.state == "recovering" and loop.time() < deadline - 1.0:
+                    # A quick failure, e.g. a new actor placed on a node that was dying
+                    # but not yet known dead: try again, callers keep waiting.
+                    log.warning("replacement attempt failed, retrying: %s", e)
+                    await asyncio.sleep(0.5)
+                    continue
                 log.error("no replacement cluster could be started: %s", e)
                 self._set_state("down", f"a worker failed ({reason}) and no replacement could "
                                         f"be started: {type(e).__name__}: {e}")

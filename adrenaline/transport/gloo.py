@@ -11,6 +11,10 @@ staged through host memory; use NCCL for GPU-to-GPU hot paths.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import os
+import socket
+import struct
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,23 @@ DEFAULT_TIMEOUT_S = 300.0
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor's bytes (shares its storage)."""
     return tensor.reshape(-1).view(torch.uint8)
+
+
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+
+
+def interface_of(ip: str) -> str | None:
+    """The name of the network interface that holds IPv4 address ``ip`` (None if none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24])
+            except OSError:  # no IPv4 address
+                continue
+            if addr == ip:
+                return name
+    return None
 
 
 class _GlooHandle(CommHandle):
@@ -52,10 +73,15 @@ class GlooCommunicator(Communicator):
     each later send/recv. A timed-out operation breaks the world for every
     rank (gloo closes the pair): close and re-form it. So post a recv only
     when its message is known to be coming, not to wait for idle peers.
+
+    ``bind_ip`` is the address peers reach this rank by: gloo binds to the interface
+    holding it (GLOO_SOCKET_IFNAME, unless already set). Without it gloo resolves the
+    host name, which on a multi-homed host or in a network namespace may give an
+    address (e.g. loopback) that ranks on other hosts cannot reach.
     """
 
     def __init__(self, rank: int, world_size: int, init: str, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, bind_ip: str | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         if not init.startswith("tcp://"):
@@ -63,6 +89,10 @@ class GlooCommunicator(Communicator):
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed world; "
                                "an actor process joins exactly one world (close the other first)")
+        if bind_ip and "GLOO_SOCKET_IFNAME" not in os.environ:
+            ifname = interface_of(bind_ip)
+            if ifname is not None:  # read by gloo when the process group is made
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         self.rank = rank
