@@ -214,7 +214,7 @@ class Router:
         prefill = _detached(self._call(gen, cluster.prefill[p].prefill.remote(req)))
         prefill.add_done_callback(_consume_error)  # each choice awaits it
         merged: asyncio.Queue = asyncio.Queue()
-        finished = 0
+        ended = finished = 0  # choices whose stream ended / that ended with a finish reason
 
         async def run(i: int) -> None:
             child = GenerateRequest(request_id=ids[i], prompt_token_ids=req.prompt_token_ids,
@@ -223,18 +223,19 @@ class Router:
                 async for delta in self._choice(child, _SharedPrefill(p, prefill, i)):
                     delta.index = i
                     merged.put_nowait(delta)
-                merged.put_nowait(None)  # aborted
+                merged.put_nowait(None)  # this choice is over (finished, or aborted alone)
             except Exception as e:
                 merged.put_nowait(e)
 
         tasks = [asyncio.get_running_loop().create_task(run(i)) for i in range(n)]
         try:
-            while finished < n:
+            while ended < n:
                 item = await merged.get()
                 if isinstance(item, Exception):
                     raise item
                 if item is None:
-                    return
+                    ended += 1
+                    continue
                 yield item
                 finished += item.finish_reason is not None
         finally:

@@ -18,7 +18,7 @@ from adrenaline.kernels.sampling import apply_min_p, apply_penalties
 from adrenaline.protocol import choice_request_id
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
-                                           "n": {"type": "integer", "minimum": 0}},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["ok", "n"], "additionalProperties": False}
 PROMPT = [5, 17, 300, 42, 9, 77]
 
