@@ -325,9 +325,11 @@ class Router:
                     stage = "done"
                     break
         finally:
-            adm.ended(load, where, reserved, admitted, offload)
+            def ended() -> None:
+                adm.ended(load, where, reserved, admitted, offload)
+
             if shared is not None and stage == "prefill":
-                pass  # the shared prefill is released as a whole (see _choices)
+                ended()  # the shared prefill is released as a whole (see _choices)
             elif gen == self.supervisor.generation and (stage != "done" or on_executor):
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
@@ -335,9 +337,16 @@ class Router:
                 # Only a request that reached its decode instance is aborted there (an
                 # unknown id would be remembered there as aborted-in-flight).
                 reached_decode = stage in ("handoff", "decode")
+                # An executor's pages count as taken until it freed them: the next request
+                # admitted there must find them free (its adopt does not wait for room).
                 _detached(self._cleanup(cluster, req.request_id, p, d, stage != "done",
                                         reached_decode,
-                                        cluster.executors[p] if on_executor else None))
+                                        cluster.executors[p] if on_executor else None,
+                                        then=ended if on_executor else None))
+                if not on_executor:
+                    ended()
+            else:
+                ended()
 
     async def _handoff(self, cluster: Cluster, req: GenerateRequest, pre, p: int, d: int,
                        offload: bool) -> None:
@@ -377,7 +386,15 @@ class Router:
         return profile_cluster(self.cluster, args)
 
     async def _cleanup(self, cluster: Cluster, request_id: str, p: int, d: int, abort: bool,
-                       on_decode: bool, executor) -> None:
+                       on_decode: bool, executor, then=None) -> None:
+        try:
+            await self._free_everywhere(cluster, request_id, p, d, abort, on_decode, executor)
+        finally:
+            if then is not None:
+                then()
+
+    async def _free_everywhere(self, cluster: Cluster, request_id: str, p: int, d: int,
+                               abort: bool, on_decode: bool, executor) -> None:
         # Each free is independent: one failing must not skip the others.
         calls = []
         if abort:  # decode first: the executor's pages are freed only after its last step

@@ -274,7 +274,7 @@ def test_tool_calls(api):
     calls = []
     for stream in (False, True):
         calls += [_chat(api, stream, messages=msgs, tools=TOOLS, tool_choice="required",
-                        max_tokens=60, temperature=1.0, seed=3),
+                        parallel_tool_calls=False, max_tokens=80, temperature=1.0, seed=3),
                   _chat(api, stream, messages=msgs, tools=TOOLS, tool_choice=named,
                         max_tokens=40, temperature=1.0, seed=4),
                   _chat(api, stream, messages=msgs, tools=TOOLS, tool_choice="auto",
@@ -290,7 +290,7 @@ def test_tool_calls(api):
     for half in (results[:4], results[4:]):
         required, forced, auto, followup = (r[0] for r in half)
         assert required["finish_reason"] == "tool_calls" and required["content"] is None
-        assert required["tool_calls"]
+        assert len(required["tool_calls"]) == 1  # parallel_tool_calls=False: maxItems 1
         for name, args in required["tool_calls"]:
             jsonschema.validate(json.loads(args), schemas[name])
         assert forced["finish_reason"] == "stop" and len(forced["tool_calls"]) == 1
