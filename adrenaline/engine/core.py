@@ -211,8 +211,7 @@ class EngineCore:
         if plan is None or not plan.requests:
             return []
         tokens, logprobs = self.runner.execute(plan)
-        for req in plan.requests:
-            req.num_computed = req.num_tokens
+        # A choice's prompt KV is its n-choice request's (computed this step) too.
         for req, token, lp in zip(sampled_requests(plan.requests), tokens, logprobs):
             req.num_computed = req.num_tokens
             req.append_token(token, lp)

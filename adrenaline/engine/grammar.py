@@ -37,15 +37,17 @@ class GrammarState:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
+CACHE_LIMIT_BYTES = 256 << 20  # compiled grammars kept (xgrammar's cache, by schema)
+
+
 class GrammarCompiler:
-    """Compiles schemas for one model's tokenizer (compiled grammars cached by schema)."""
+    """Compiles schemas for one model's tokenizer (xgrammar caches compiled grammars)."""
 
     def __init__(self, model_dir: Path, vocab_size: int, stop_token_ids: tuple[int, ...]):
         self.model_dir = Path(model_dir)
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self._compiler = None
-        self._compiled: dict[str, object] = {}
 
     def _xgr(self):
         import xgrammar as xgr
@@ -58,20 +60,18 @@ class GrammarCompiler:
             hf = PreTrainedTokenizerFast(tokenizer_file=str(self.model_dir / "tokenizer.json"))
             info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1,
+                                                 cache_limit_bytes=CACHE_LIMIT_BYTES)
         return xgr
 
     def compile(self, schema: str):
         """The compiled grammar of ``schema`` (InvalidRequestError if it is not a usable schema)."""
         xgr = self._xgr()
-        grammar = self._compiled.get(schema)
-        if grammar is None:
-            try:
-                # Compact JSON (no free whitespace): a model cannot pad its output forever.
-                grammar = self._compiler.compile_json_schema(schema, any_whitespace=False)
-            except Exception as e:  # xgrammar raises RuntimeError/ValueError on bad schemas
-                raise InvalidRequestError(f"response_format: unusable JSON schema: {e}") from None
-            self._compiled[schema] = grammar
+        try:
+            # Compact JSON (no free whitespace): a model cannot pad its output forever.
+            grammar = self._compiler.compile_json_schema(schema, any_whitespace=False)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError on bad schemas
+            raise InvalidRequestError(f"response_format: unusable JSON schema: {e}") from None
         return xgr.GrammarMatcher(grammar)
 
     def state(self, schema: str, output_token_ids: list[int]) -> GrammarState:
