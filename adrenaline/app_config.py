@@ -34,6 +34,16 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     enabled: bool = False
     engine: EngineConfig = EngineConfig(kv_cache_tokens=16384)
+    # CUDA only: the SMs the executor's kernels may use (a green-context partition, so the
+    # prefill worker on the same GPU keeps the rest); None: the whole device. Validated
+    # here; NOT YET APPLIED by the executor actor (issue 11: it logs a warning), see
+    # docs/GPU.md. Hopper partitions come in groups of 8 SMs.
+    sm_count: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sm_count is not None and (self.sm_count < 8 or self.sm_count % 8):
+            raise ConfigError(f"executor.sm_count: must be a multiple of 8 (>= 8), "
+                              f"got {self.sm_count}")
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,6 +113,8 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"device: {self.device!r} is not cpu or cuda")
         if self.transport not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"transport: {self.transport!r} is not auto, gloo or nccl")
+        if self.executor.sm_count is not None and self.device != "cuda":
+            raise ConfigError("executor.sm_count: only with device: cuda")
 
     @property
     def model_name(self) -> str:

@@ -9,6 +9,7 @@ import yaml
 
 from adrenaline import ConfigError
 from adrenaline.policy import make_policy
+from adrenaline.policy.profile import ClusterProfile
 from adrenaline.app_config import parse_app_args
 
 CONFIGS = sorted((Path(__file__).parents[2] / "serve_configs").glob("*.yaml"))
@@ -21,7 +22,9 @@ def test_shipped_configs_validate(path):
     assert app["import_path"] == "adrenaline.serve.app:build_app"
     args = parse_app_args(app["args"])
     assert args.prefill.num_instances >= 1 and args.decode.num_instances >= 1
-    make_policy(args.policy)
+    # load_aware needs the cluster's start-up profile: a stand-in with one executor.
+    profile = ClusterProfile({1: 0.01}, [100.0], [100.0], [1 << 14], [1 << 14])
+    make_policy(args.policy, args.policy_options, profile)
 
 
 @pytest.mark.parametrize("args, field", [
@@ -34,10 +37,31 @@ def test_shipped_configs_validate(path):
     ({"transport": "carrier-pigeon"}, "transport"),
     ({"limits": {"max_ongoing_requests": 0}}, "max_ongoing_requests"),
     ({"limits": {"max_queue": 3}}, "max_queue"),
+    ({"device": "cuda", "executor": {"sm_count": 12}}, "sm_count"),
+    ({"executor": {"sm_count": 64}}, "sm_count"),  # CPU has no SM partitions
 ])
 def test_bad_args_name_the_field(args, field):
     with pytest.raises(ConfigError, match=field):
         parse_app_args(args)
+
+
+def test_one_gpu_config_shares_one_device():
+    """gpu-1gpu.yaml: prefill + executor + decode on one GPU, each with its own KV budget."""
+    doc = yaml.safe_load((Path(__file__).parents[2] / "serve_configs" / "gpu-1gpu.yaml")
+                         .read_text())
+    args = parse_app_args(doc["applications"][0]["args"])
+    assert args.device == "cuda" and args.executor.enabled
+    assert args.prefill.num_instances == args.decode.num_instances == 1
+    # Fractional GPUs that fit on one device (the executor takes half of the prefill's).
+    assert 0 < args.prefill.num_gpus < 1 and 0 < args.decode.num_gpus < 1
+    assert args.prefill.num_gpus + args.decode.num_gpus <= 1
+    for engine in (args.prefill.engine, args.executor.engine, args.decode.engine):
+        assert engine.kv_cache_bytes
+    # NCCL cannot join two ranks on one device: this layout must not ask for it.
+    assert args.transport == "gloo"
+    assert args.executor.sm_count and args.executor.sm_count < 132  # an H200 has 132 SMs
+    # The KV-bound case: the executor holds 3x the decode worker's requests.
+    assert args.executor.engine.kv_cache_bytes == 3 * args.decode.engine.kv_cache_bytes
 
 
 def test_unknown_policy_is_a_config_error():
