@@ -23,6 +23,8 @@ from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo
 from adrenaline.sampling_params import SamplingParams
 from adrenaline.serve.openai_api.errors import APIError, bad_request
+from adrenaline.serve.openai_api.tools import (ToolMode, tool_call_text, tool_mode,
+                                               tools_system_text)
 
 MAX_LOGPROBS = 20  # SamplingParams' bound
 
@@ -144,17 +146,6 @@ _UNSUPPORTED_CHAT: dict[str, tuple] = {
     "modalities": (["text"],),
 }
 _HINTS = {"functions": "; use `tools`", "function_call": "; use `tool_choice`"}
-
-
-@dataclass
-class ToolMode:
-    """Chat tool calling. ``choice``: "auto" (calls parsed from ``<tool_call>`` blocks when
-    the model writes them), "required" (the output is forced to a JSON array of
-    ``{"name", "parameters"}`` calls) or "named" (forced to ``name``'s arguments)."""
-
-    choice: str
-    names: list[str]
-    name: str | None = None
 
 
 @dataclass
@@ -446,9 +437,6 @@ def parse_completion_request(body: bytes, info: ModelInfo, tokenizer: Tokenizer 
 # /v1/chat/completions
 
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-
-
 def _content_text(m: ChatMessage, i: int) -> str:
     if m.content is None or isinstance(m.content, str):
         return m.content or ""
@@ -456,27 +444,6 @@ def _content_text(m: ChatMessage, i: int) -> str:
         raise bad_request(f"`messages[{i}].content`: only text parts are supported",
                           param=f"messages[{i}].content")
     return "".join(p.text for p in m.content)
-
-
-def _tool_call_text(calls: list[ToolCall]) -> str:
-    """Calls an assistant made, written as the model is asked to write them."""
-    out = []
-    for c in calls:
-        try:
-            args = json.loads(c.function.arguments)
-        except ValueError:
-            args = c.function.arguments
-        out.append(f"{TOOL_CALL_OPEN}{json.dumps({'name': c.function.name, 'arguments': args})}"
-                   f"{TOOL_CALL_CLOSE}")
-    return "\n".join(out)
-
-
-def _tools_system_text(tools: list[dict]) -> str:
-    """Tools described for a chat template that does not render them itself."""
-    return ("You may call these functions:\n" + "\n".join(json.dumps(t["function"])
-                                                          for t in tools)
-            + f"\nTo call one, answer {TOOL_CALL_OPEN}{{\"name\": <function name>, "
-              f"\"arguments\": <arguments object>}}{TOOL_CALL_CLOSE}.")
 
 
 def chat_prompt_ids(messages: list[ChatMessage], info: ModelInfo, tokenizer: Tokenizer | None,
@@ -509,12 +476,12 @@ def chat_prompt_ids(messages: list[ChatMessage], info: ModelInfo, tokenizer: Tok
                 msg["tool_calls"] = [msgspec.to_builtins(c) for c in m.tool_calls]
             else:
                 msg["content"] = "\n".join(x for x in (msg["content"],
-                                                        _tool_call_text(m.tool_calls)) if x)
+                                                        tool_call_text(m.tool_calls)) if x)
         if m.role == "tool":
             msg["tool_call_id"] = m.tool_call_id
         plain.append(msg)
     if tools and not native:
-        text = _tools_system_text(tools)
+        text = tools_system_text(tools)
         if plain[0]["role"] == "system":
             plain[0] = {**plain[0], "content": plain[0]["content"] + "\n\n" + text}
         else:
@@ -529,41 +496,6 @@ def chat_prompt_ids(messages: list[ChatMessage], info: ModelInfo, tokenizer: Tok
     return tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
 
-def _tool_mode(req: ChatBody) -> tuple[ToolMode | None, str | None]:
-    """(how to read tool calls from the output, the JSON schema forcing them) of a chat body."""
-    tools = req.tools or []
-    for i, t in enumerate(tools):
-        if t.type != "function":
-            raise bad_request(f"`tools[{i}].type` must be function, got {t.type!r}",
-                              param=f"tools[{i}].type")
-    names = [t.function.name for t in tools]
-    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
-    if isinstance(choice, NamedToolChoice):
-        if choice.function.name not in names:
-            raise bad_request(f"`tool_choice`: no tool named {choice.function.name!r} in `tools`",
-                              param="tool_choice")
-        fn = tools[names.index(choice.function.name)].function
-        return (ToolMode("named", names, fn.name),
-                json.dumps(fn.parameters or {"type": "object"}, sort_keys=True))
-    if choice not in ("none", "auto", "required"):
-        raise bad_request(f"`tool_choice` must be none, auto, required or a named function, "
-                          f"got {choice!r}", param="tool_choice")
-    if choice == "none":
-        return None, None
-    if not tools:
-        raise bad_request(f"`tool_choice` {choice} needs `tools`", param="tool_choice")
-    if choice == "auto":
-        return ToolMode("auto", names), None
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-              "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                             "parameters": t.function.parameters or {"type": "object"}}}
-             for t in tools]
-    schema: dict = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    if req.parallel_tool_calls is False:
-        schema["maxItems"] = 1
-    return ToolMode("required", names), json.dumps(schema, sort_keys=True)
-
-
 def parse_chat_request(body: bytes, info: ModelInfo, tokenizer: Tokenizer | None
                        ) -> ParsedRequest:
     req = _decode_body(body, ChatBody, _UNSUPPORTED_CHAT)
@@ -576,7 +508,7 @@ def parse_chat_request(body: bytes, info: ModelInfo, tokenizer: Tokenizer | None
                               f"{num_logprobs}", param="top_logprobs")
     elif req.top_logprobs:  # 0 without logprobs is harmless
         raise bad_request("`top_logprobs` needs `logprobs` set to true", param="top_logprobs")
-    tools, tool_schema = _tool_mode(req)
+    tools, tool_schema = tool_mode(req.tools or [], req.tool_choice, req.parallel_tool_calls)
     schema = _response_format_schema(req)
     if tool_schema is not None and schema is not None:
         raise bad_request("`response_format` cannot be combined with a required or named "

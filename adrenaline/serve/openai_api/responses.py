@@ -8,7 +8,6 @@ tail that may begin one, and collects tool calls; ``CompletionResponder`` /
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -17,8 +16,8 @@ import msgspec
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import TokenDelta
 from adrenaline.serve.openai_api.errors import APIError
-from adrenaline.serve.openai_api.requests import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ParsedRequest,
-                                                  ToolMode)
+from adrenaline.serve.openai_api.requests import ParsedRequest
+from adrenaline.serve.openai_api.tools import TOOL_CALL_OPEN, parse_tool_calls
 
 # ---------------------------------------------------------------------------------------------
 # Detokenization
@@ -84,28 +83,6 @@ def held_suffix(text: str, markers: list[str]) -> int:
 def _find_first(text: str, markers: list[str]) -> int:
     hits = [i for i in (text.find(m) for m in markers) if i >= 0]
     return min(hits) if hits else -1
-
-
-def parse_tool_calls(mode: ToolMode, text: str) -> list[dict] | None:
-    """Tool calls in a choice's raw output ({"name", "arguments"} dicts, arguments as JSON
-    text), or None when it holds none (or they do not parse)."""
-    try:
-        if mode.choice == "named":
-            json.loads(text)
-            return [{"name": mode.name, "arguments": text}]
-        if mode.choice == "required":
-            return [{"name": c["name"], "arguments": json.dumps(c["parameters"])}
-                    for c in json.loads(text)]
-        calls = []
-        for block in text.split(TOOL_CALL_OPEN)[1:]:
-            obj = json.loads(block.split(TOOL_CALL_CLOSE)[0])
-            for c in obj if isinstance(obj, list) else [obj]:
-                args = c.get("arguments", c.get("parameters", {}))
-                calls.append({"name": c["name"], "arguments": args if isinstance(args, str)
-                              else json.dumps(args)})
-        return [c for c in calls if c["name"] in mode.names] or None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 class _Choice:
