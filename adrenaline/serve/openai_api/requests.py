@@ -136,6 +136,7 @@ class ChatBody(_CommonBody, kw_only=True):
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_N = 16  # choices per request
 
 # Options we do not implement, with the values that mean "off" (accepted and ignored).
 # Any other field a body struct does not declare is unsupported unless null.
@@ -267,9 +268,6 @@ def _sampling_params(body: _CommonBody, max_tokens: int, num_logprobs: int | Non
                               json_schema=json_schema)
     except InvalidRequestError as e:  # a bound the checks above do not cover
         raise bad_request(str(e)) from None
-
-
-MAX_N = 16
 
 
 def _check_range(value: float | None, param: str, lo: float, hi: float) -> None:
