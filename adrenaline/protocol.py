@@ -7,16 +7,24 @@ import msgspec
 from adrenaline.sampling_params import SamplingParams
 
 
+def choice_request_id(request_id: str, index: int) -> str:
+    """The id of choice ``index`` of an n-choice request (as held, handed off and decoded)."""
+    return f"{request_id}/{index}"
+
+
 class GenerateRequest(msgspec.Struct, kw_only=True):
     """A tokenized, validated request as the router receives it."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # A recovery rerun: tokens the request generated (and streamed) already; they are
+    # output, not prompt, for max_tokens, min_tokens, penalties and the grammar.
+    output_token_ids: list[int] = []
 
 
 class TokenDelta(msgspec.Struct, kw_only=True):
-    """New tokens of one request since its previous delta (one per step per request).
+    """New tokens of one request (one choice) since its previous delta (one per step).
 
     The first delta of a request carries the token sampled by prefill; the last one
     has ``finish_reason`` set ("length" | "stop" | "abort" | "error"), and ``error``
@@ -28,6 +36,7 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    index: int = 0  # the choice of an n-choice request (set by the router)
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):

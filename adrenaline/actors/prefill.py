@@ -48,7 +48,10 @@ class PrefillWorker:
     async def info(self) -> WorkerInfo:
         return self.engine.info()
 
-    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+    async def prefill(self, req: GenerateRequest) -> list[PrefillResult]:
+        """Prefill ``req`` once; one result per choice (``params.n``), each held (when not
+        finished) under its own id (``choice_request_id``; the request's own id when n = 1)
+        until sent or released."""
         self._ensure_loop()
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((req, fut))
@@ -99,7 +102,8 @@ class PrefillWorker:
         """Audit: every page is owned by a queued, prefilling or held request, or free."""
         def audit() -> KVReport:
             e = self.engine.engine
-            return audit_kv("prefill", self.index, e.block_manager, set(e.requests), set(e.held))
+            return audit_kv("prefill", self.index, e.block_manager, set(e.requests) | set(e.held),
+                            {e.kv_owner(r) for r in e.held})
 
         return await self.engine.run(audit)
 
@@ -144,7 +148,7 @@ class PrefillWorker:
                     continue
                 try:
                     await self.engine.run(engine.add_request, req.request_id, req.prompt_token_ids,
-                                          req.params)
+                                          req.params, req.output_token_ids)
                     self._waiting[req.request_id] = fut
                 except Exception as e:  # invalid request: answer it, keep serving
                     if not fut.done():
@@ -156,8 +160,8 @@ class PrefillWorker:
             for r in done:
                 fut = self._waiting.pop(r.request_id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(self._result(r))
-                elif r.request_id in engine.held:  # its caller is gone: nobody will take it
+                    fut.set_result([self._result(c) for c in (r.choices or (r,))])
+                elif r.request_id in engine.held or r.choices:  # its caller is gone
                     await self.engine.run(engine.release, r.request_id)
             if engine.scheduler.waiting and done:
                 self._wake.set()  # more prompts fit right away

@@ -8,6 +8,10 @@ A request's lifecycle in one engine:
                                                                         token, one more slot)
     RUNNING ──EOS / stop id / max_tokens / max_model_len──> FINISHED (blocks freed)
 
+An n-choice request (params.n > 1) is prefilled once: its ``choices`` (ids
+``choice_request_id(id, i)``) are sampled from its logits and held sharing its
+blocks; the blocks are freed when the last choice is released.
+
 Disaggregated roles reuse these pieces: a prefill worker runs only the
 prefill step and hands the KV off (to a decode worker, or to its colocated
 attention executor when the request is offloaded); a decode worker adopts
@@ -23,9 +27,10 @@ import torch
 
 from adrenaline.config import ConfigError, EngineConfig, ModelConfig
 from adrenaline.engine.block_manager import BlockManager
+from adrenaline.engine.grammar import GrammarCompiler
 from adrenaline.engine.kv_pool import KVPool, num_blocks_for_budget
 from adrenaline.engine.kv_transfer import export_blocks, import_blocks
-from adrenaline.engine.request import Request
+from adrenaline.engine.request import Request, sampled_requests
 from adrenaline.engine.runner import ModelRunner
 from adrenaline.engine.sampler import Sampler
 from adrenaline.engine.scheduler import Scheduler
@@ -35,6 +40,7 @@ from adrenaline.model.builtin import BUILTINS, builtin_path
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import load_model, resolve_dtype
 from adrenaline.model.tokenizer import Tokenizer
+from adrenaline.protocol import choice_request_id
 from adrenaline.sampling_params import SamplingParams
 
 
@@ -106,6 +112,10 @@ class EngineCore:
                 device=self.device)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # prefilled, blocks kept until export_kv + release
+        # Held choices of n-choice requests: choice id -> the request owning the shared blocks.
+        self._shared: dict[str, str] = {}
+        self._sharers: dict[str, set[str]] = {}  # owner -> its choices still held
+        self.grammars = GrammarCompiler(self.model_dir, mc.vocab_size, mc.eos_token_ids)
         self._arrivals = itertools.count()
 
     @property
@@ -146,20 +156,39 @@ class EngineCore:
                 f"this engine holds {self.max_request_tokens} tokens")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> Request:
+                    params: SamplingParams, output_token_ids: list[int] = ()) -> Request:
+        """Queue a request; ``output_token_ids``: tokens it generated already (a rerun)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
-        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                      params=params, arrival=next(self._arrivals),
-                      eos_token_ids=self.model_config.eos_token_ids,
-                      max_model_len=self.max_model_len)
+        self.validate(prompt_token_ids, params)  # max_tokens counts the outputs too
+        if params.n > 1 and output_token_ids:
+            raise InvalidRequestError("a rerun continues one choice: n must be 1")
+        req = self._new_request(request_id, prompt_token_ids, params, output_token_ids)
+        if params.n > 1:
+            req.choices = [self._new_request(choice_request_id(request_id, i), prompt_token_ids,
+                                             params.for_choice(i)) for i in range(params.n)]
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
 
+    def _new_request(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, output_token_ids: list[int] = ()) -> Request:
+        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                      params=params, arrival=next(self._arrivals),
+                      eos_token_ids=self.model_config.eos_token_ids,
+                      max_model_len=self.max_model_len)
+        req.resume(list(output_token_ids))
+        if params.n == 1:
+            self.attach_grammar(req)
+        return req
+
+    def attach_grammar(self, req: Request) -> None:
+        """Give a structured-output request its grammar state, replaying its output so far."""
+        if req.params.json_schema is not None and req.grammar is None:
+            req.grammar = self.grammars.state(req.params.json_schema, req.output_token_ids)
+
     def abort(self, request_id: str) -> None:
-        if request_id in self.held:
+        if request_id in self.held or request_id in self._sharers:
             self.release(request_id)
             return
         req = self.requests.pop(request_id, None)
@@ -182,10 +211,19 @@ class EngineCore:
         if plan is None or not plan.requests:
             return []
         tokens, logprobs = self.runner.execute(plan)
-        for req, token, lp in zip(plan.requests, tokens, logprobs):
+        # A choice's prompt KV is its n-choice request's (computed this step) too.
+        for req, token, lp in zip(sampled_requests(plan.requests), tokens, logprobs):
             req.num_computed = req.num_tokens
             req.append_token(token, lp)
-            if req.finish_reason is not None:
+        for req in plan.requests:
+            live = [c for c in req.choices if c.finish_reason is None] if req.choices else None
+            if live is not None and keep_for_handoff and live:
+                self.scheduler.detach(req)  # the choices share its blocks until released
+                self._sharers[req.request_id] = {c.request_id for c in live}
+                for c in live:
+                    self.held[c.request_id] = c
+                    self._shared[c.request_id] = req.request_id
+            elif req.finish_reason is not None or live is not None:
                 self.scheduler.finish(req)
                 del self.requests[req.request_id]
             elif keep_for_handoff:
@@ -193,18 +231,32 @@ class EngineCore:
                 self.held[req.request_id] = req
         return plan.requests
 
+    def kv_owner(self, request_id: str) -> str:
+        """The id whose blocks hold this request's KV (an n-choice request's, for a choice)."""
+        return self._shared.get(request_id, request_id)
+
     def export_kv(self, request_id: str) -> torch.Tensor:
         """A held request's KV: its blocks covering the computed tokens (see kv_transfer)."""
         req = self.held[request_id]
-        blocks = self.block_manager.block_table(request_id)
+        blocks = self.block_manager.block_table(self.kv_owner(request_id))
         return export_blocks(self.pool, self.backend.block_dim,
                              blocks[:self.block_manager.blocks_for(req.num_computed)])
 
     def release(self, request_id: str) -> None:
         """Free a held request's blocks (after its KV was handed off, or on abort)."""
-        if self.held.pop(request_id, None) is not None:
-            self.block_manager.free(request_id)
-            self.requests.pop(request_id, None)
+        for choice in list(self._sharers.get(request_id, ())):  # the n-choice request itself
+            self.release(choice)
+        if self.held.pop(request_id, None) is None:
+            return
+        owner = self._shared.pop(request_id, request_id)
+        sharers = self._sharers.get(owner)
+        if sharers is not None:
+            sharers.discard(request_id)
+            if sharers:
+                return  # other choices still hold the blocks
+            del self._sharers[owner]
+        self.block_manager.free(owner)
+        self.requests.pop(owner, None)
 
     def can_adopt(self, num_tokens: int) -> bool:
         return self.block_manager.can_allocate(num_tokens)
@@ -218,6 +270,7 @@ class EngineCore:
         """
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        self.attach_grammar(req)
         if req.is_offloaded:  # its KV lives on the executor: nothing to allocate here
             req.arrival = next(self._arrivals)
             self.requests[req.request_id] = req

@@ -46,6 +46,8 @@ class LLM:
         token_lists = [self.engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         for ids, p in zip(token_lists, params):
             self.engine.validate(ids, p)
+            if p.n != 1:  # choices share a prefill only on the disaggregated path (prefill_step)
+                raise InvalidRequestError("LLM.generate returns one output per prompt: n must be 1")
         reqs: list[Request] = []
         try:
             for ids, p in zip(token_lists, params):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adrenaline.engine.grammar import GrammarState
 from adrenaline.sampling_params import SamplingParams
 
 
@@ -43,6 +44,11 @@ class Request:
     # which knows the request as ``remote_handle``; this engine holds no blocks for it.
     executor: int | None = None
     remote_handle: int = -1
+    # Structured output: the grammar's state over the output tokens (engine/grammar.py).
+    grammar: GrammarState | None = None
+    # Prefill of an n-choice request: the choices, sampled from this request's logits and
+    # sharing its KV blocks (see EngineCore.prefill_step); this one is never sampled itself.
+    choices: list[Request] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -75,15 +81,35 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def resume(self, output_token_ids: list[int]) -> None:
+        """Continue after ``output_token_ids`` were generated already (a recovery rerun):
+        they count as output (max_tokens, min_tokens, penalties, grammar), not as prompt."""
+        self.token_ids.extend(output_token_ids)
+        if self.logprobs is not None:  # their logprobs were reported by the earlier attempt
+            self.logprobs.extend({} for _ in output_token_ids)
+
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         """Record a sampled token and decide whether the request is done."""
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         p = self.params
-        if not p.ignore_eos and token_id in self.eos_token_ids:
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
+        if self.grammar is not None and self.grammar.terminated:
+            self.finish_reason = "stop"
+        elif not p.ignore_eos and token_id in self.eos_token_ids:
             self.finish_reason = "stop"
         elif token_id in p.stop_token_ids:
             self.finish_reason = "stop"
         elif self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
             self.finish_reason = "length"
+
+
+def sampled_requests(requests: list[Request]) -> list[Request]:
+    """The requests a step samples a token for, in order: an n-choice request's choices in
+    its place."""
+    out: list[Request] = []
+    for r in requests:
+        out.extend(r.choices or (r,))
+    return out

@@ -7,6 +7,7 @@ import torch
 from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool
 from adrenaline.engine.remote_attention import RemoteAttention
+from adrenaline.engine.request import sampled_requests
 from adrenaline.engine.sampler import Sampler
 from adrenaline.engine.scheduler import SchedulerOutput
 from adrenaline.kernels.base import AttentionBackend
@@ -52,7 +53,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> tuple[list[int], list[dict[int, float] | None]]:
-        """Run one step; returns the next token (and logprobs) of every request in it."""
+        """Run one step; returns the next token (and logprobs) of every request it samples
+        (``sampled_requests``: an n-choice request's choices in its place)."""
         local = [i for i, r in enumerate(step.requests) if not r.is_offloaded]
         if (self.graphs is not None and not step.is_prefill and len(local) == len(step.requests)
                 and len(local) <= self.graphs.max_batch):
@@ -71,8 +73,11 @@ class ModelRunner:
             if self.remote is not None:
                 self.remote.end_step()
         last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
+        if any(r.choices for r in step.requests):  # n choices: the row repeated n times
+            last = last.repeat_interleave(torch.tensor(
+                [len(r.choices or (r,)) for r in step.requests], device=self.device))
         logits = self.model.compute_logits(hidden[last])
-        return self.sampler(logits, step.requests)
+        return self.sampler(logits, sampled_requests(step.requests))
 
     def _replay_decode(self, step: SchedulerOutput) -> torch.Tensor:
         """A decode step (one new token per request) through the captured graphs: logits [n, V]."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from adrenaline.engine.logits_processors import process_logits
 from adrenaline.engine.request import Request
-from adrenaline.kernels.sampling import apply_top_k_top_p, sample_from_probs
+from adrenaline.kernels.sampling import apply_min_p, apply_top_k_top_p, sample_from_probs
 
 
 class Sampler:
@@ -16,18 +17,24 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]
                  ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [B, V] float32, row i for requests[i] -> (token ids, per-row logprobs)."""
-        if logits.device.type != "cpu" and all(r.params.greedy and r.params.logprobs is None
-                                               for r in requests):
+        if logits.device.type != "cpu" and all(
+                r.params.greedy and r.params.logprobs is None and not r.params.processes_logits
+                for r in requests):
             # Greedy on an accelerator: only B token ids cross to the host, not B x V logits.
             return logits.argmax(dim=-1).tolist(), [None] * len(requests)
-        logits = logits.cpu()
-        tokens = logits.argmax(dim=-1)
+        logits = logits.cpu()  # raw: logprobs come from these
+        processed = (process_logits(logits, requests)
+                     if any(r.params.processes_logits for r in requests) else logits)
+        tokens = processed.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows)
             params = [requests[i].params for i in sampled_rows]
             temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-            scaled = logits[rows] / temps[:, None]
+            scaled = processed[rows] / temps[:, None]
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+            if bool((min_p > 0).any()):
+                scaled = apply_min_p(scaled, min_p)
             top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
             if bool((top_k > 0).any() or (top_p < 1).any()):

@@ -31,3 +31,32 @@ def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | No
     for i, gen in enumerate(generators):
         out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
     return out
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, frequency: torch.Tensor,
+                    presence: torch.Tensor) -> torch.Tensor:
+    """vLLM's penalties, on logits [B, V] (a new tensor).
+
+    prompt_mask: [B, V] bool, tokens in the prompt; output_counts: [B, V] int, each token's
+    count in the output so far; repetition/frequency/presence: [B] float32. A token seen in
+    the prompt or the output has its logit divided by ``repetition`` when positive and
+    multiplied by it otherwise; then ``frequency * count`` and ``presence * (count > 0)``
+    are subtracted.
+    """
+    in_output = output_counts > 0
+    rep = repetition[:, None].expand_as(logits)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | in_output, penalized, logits)
+    return (logits - frequency[:, None] * output_counts.to(logits.dtype)
+            - presence[:, None] * in_output.to(logits.dtype))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens whose probability is below ``min_p`` times the top one's.
+
+    logits: [B, V] (temperature already applied); min_p: [B] in [0, 1] (0 is off).
+    """
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))

@@ -43,7 +43,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list (else tools are described in a
+        system message by the caller)."""
+        return "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if self._compiled is None:
             import jinja2.sandbox
 
@@ -51,7 +58,8 @@ class Tokenizer:
             env.globals["raise_exception"] = _raise
             self._compiled = env.from_string(self.chat_template)
         return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     tools=tools)
 
 
 def _token_text(tok) -> str | None:

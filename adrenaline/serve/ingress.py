@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from adrenaline.engine.core import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
-from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
+from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, choice_request_id
 from adrenaline.app_config import AppArgs, parse_app_args
 from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
 from adrenaline.serve.openai_api.errors import APIError, finish_error, router_error
@@ -86,6 +86,7 @@ class _RouterStream:
         self._gen = router.options(stream=True).generate.remote(req)
         self._done = False
         self._reason = "abort"  # what close() records if no final delta came
+        self._unfinished = set(range(req.params.n))  # choices without a final delta yet
 
     async def next(self) -> TokenDelta:
         try:
@@ -99,9 +100,23 @@ class _RouterStream:
             raise err from None
         self._tracker.tokens(len(delta.token_ids))
         if delta.finish_reason is not None:
-            self._done = True
-            self._tracker.finish(delta.finish_reason)
+            self._unfinished.discard(delta.index)
+            if not self._unfinished:
+                self._done = True
+                self._tracker.finish(delta.finish_reason)
         return delta
+
+    def stop_choice(self, index: int) -> None:
+        """Choice ``index`` matched a stop string: stop generating it (the whole request
+        once no other choice runs). Idempotent."""
+        if index not in self._unfinished:
+            return
+        self._unfinished.discard(index)
+        if not self._unfinished:
+            self._reason = "stop"
+            self.close()
+        elif not self._done:
+            self._spawn(self._abort(choice_request_id(self._request_id, index)))
 
     def close(self) -> None:
         if self._done:
@@ -109,17 +124,18 @@ class _RouterStream:
         self._done = True
         self._tracker.finish(self._reason)
         self._gen.cancel()
-        task = asyncio.get_running_loop().create_task(self._abort(),
-                                                      context=contextvars.Context())
+        self._spawn(self._abort(self._request_id))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _abort(self) -> None:
+    async def _abort(self, request_id: str) -> None:
         try:
-            await asyncio.wait_for(self._router.abort.remote(self._request_id),
-                                   ROUTER_CALL_TIMEOUT_S)
+            await asyncio.wait_for(self._router.abort.remote(request_id), ROUTER_CALL_TIMEOUT_S)
         except Exception as e:
-            logger.warning("abort of %s failed: %s", self._request_id, _describe(e))
+            logger.warning("abort of %s failed: %s", request_id, _describe(e))
 
 
 class _SSEResponse(StreamingResponse):
@@ -264,8 +280,9 @@ class Ingress:
             err = finish_error(delta)
             if err is not None:
                 raise err
-            responder.add(delta)
-            if delta.finish_reason is not None:
+            if responder.add(delta).stopped_early:
+                stream.stop_choice(delta.index)
+            if responder.done:
                 return Response(json_bytes(responder.response()),
                                 media_type="application/json")
             delta = await stream.next()
@@ -283,7 +300,9 @@ class Ingress:
                 chunk = responder.chunk(delta)
                 if chunk is not None:
                     yield sse_event(chunk)
-                if delta.finish_reason is not None:
+                if responder.choices[delta.index].stopped_early:
+                    stream.stop_choice(delta.index)
+                if responder.done:
                     if parsed.include_usage:
                         yield sse_event(responder.usage_chunk())
                     break

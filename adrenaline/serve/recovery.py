@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
-
 from adrenaline.protocol import GenerateRequest, TokenDelta
 
 RESTART = "restart"  # finish_reason of the sentinel that stops an attempt on a lost cluster
@@ -25,15 +23,15 @@ class Restart(Exception):
 def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequest:
     """The request that continues ``req`` after ``produced`` tokens were already streamed.
 
-    Its prompt is the original prompt plus those tokens, so its first token is the next
-    one; max_tokens shrinks by as many, so the total length is unchanged.
+    Prefilled over its prompt plus those tokens, which stay output (counted against
+    max_tokens and min_tokens, penalized, replayed into its grammar), so its first token
+    is the next one.
     """
     if not produced:
         return req
-    params = msgspec.structs.replace(req.params, max_tokens=req.params.max_tokens - len(produced))
-    return GenerateRequest(request_id=req.request_id,
-                           prompt_token_ids=list(req.prompt_token_ids) + list(produced),
-                           params=params)
+    return GenerateRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+                           params=req.params,
+                           output_token_ids=list(req.output_token_ids) + list(produced))
 
 
 def drain(queue: asyncio.Queue[TokenDelta]) -> bool:

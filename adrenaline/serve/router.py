@@ -19,6 +19,12 @@ every attempt on the old generation stops (Restart) and the request reruns
 on the new one from its prompt plus the tokens already yielded (recompute),
 so the client sees each token exactly once and, for greedy requests, exactly
 the tokens it would have had.
+
+An n-choice request is prefilled once (the prefill worker samples each choice's first
+token from the same logits and holds the choices sharing the prompt's blocks); from
+there each choice is a request of its own (id ``choice_request_id``): placed on a decode
+instance, admitted locally or offloaded, handed off and decoded, its deltas tagged with
+its ``index``. A rerun reruns one choice (its own prefill).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextvars
 import itertools
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 import ray
 import ray.exceptions
@@ -35,8 +42,9 @@ from ray import serve
 
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError
-from adrenaline.policy import make_policy
-from adrenaline.protocol import GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics
+from adrenaline.policy import Placement, make_policy
+from adrenaline.protocol import (GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics,
+                                 choice_request_id)
 from adrenaline.app_config import AppArgs
 from adrenaline.serve.admission import Admission, new_load
 from adrenaline.serve.recovery import RESTART, Restart, drain, recompute_request
@@ -62,6 +70,15 @@ def _consume_error(task: asyncio.Task) -> None:
         task.exception()
 
 
+@dataclass
+class _SharedPrefill:
+    """A choice's first attempt: the n-choice request's one prefill, on instance ``prefill``."""
+
+    prefill: int
+    task: asyncio.Task  # -> list[PrefillResult], one per choice
+    index: int
+
+
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 class Router:
     def __init__(self, args: AppArgs):
@@ -77,6 +94,7 @@ class Router:
         # Load of the current cluster; an attempt updates the object it started with.
         self.load = new_load(self.cluster)
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self._groups: dict[str, list[str]] = {}  # n-choice request id -> its choices' ids
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: list[asyncio.Task] = []
         self.admission = Admission(args.limits)  # limits, waiters, load ledger
@@ -130,9 +148,10 @@ class Router:
         return {"prefill": pids[:n_p], "decode": pids[n_p:n_p + n_d], "executor": pids[n_p + n_d:]}
 
     async def abort(self, request_id: str) -> None:
-        q = self._streams.get(request_id)
-        if q is not None:
-            q.put_nowait(TokenDelta(request_id=request_id, token_ids=[], finish_reason="abort"))
+        for rid in self._groups.get(request_id, [request_id]):
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
 
     def validate(self, req: GenerateRequest) -> None:
         n = len(req.prompt_token_ids)
@@ -145,7 +164,7 @@ class Router:
         if final_len > self.info.max_request_tokens:
             raise InvalidRequestError(f"prompt plus max_tokens needs {final_len} tokens of KV "
                                       f"cache; an instance holds {self.info.max_request_tokens}")
-        if req.request_id in self._streams:
+        if req.request_id in self._streams or req.request_id in self._groups:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
 
     async def generate(self, req: GenerateRequest):
@@ -154,16 +173,29 @@ class Router:
         self.admission.refuse_if_overloaded()
         self.supervisor.start()
         self.supervisor.raise_if_down()
+        self.admission.num_ongoing += 1
+        try:
+            if req.params.n == 1:
+                async for delta in self._choice(req, None):
+                    yield delta
+            else:
+                async for delta in self._choices(req):
+                    yield delta
+        finally:
+            self.admission.num_ongoing -= 1
+
+    async def _choice(self, req: GenerateRequest, shared: _SharedPrefill | None):
+        """One choice's deltas, rerun on a replacement cluster as often as one is lost."""
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[req.request_id] = queue
-        self.admission.num_ongoing += 1
         produced: list[int] = []  # tokens already yielded: never sent again
         try:
             while True:
                 await self.supervisor.ready()  # ServiceUnavailableError if none can start
                 if not drain(queue):
                     return  # aborted meanwhile
-                attempt = self._attempt(recompute_request(req, produced), queue)
+                attempt = self._attempt(recompute_request(req, produced), queue, shared)
+                shared = None  # a rerun prefills again, on its own
                 try:
                     async for delta in attempt:
                         produced.extend(delta.token_ids)
@@ -176,8 +208,57 @@ class Router:
                 finally:
                     await attempt.aclose()  # its finally frees what it holds
         finally:
-            self.admission.num_ongoing -= 1
             self._streams.pop(req.request_id, None)
+
+    async def _choices(self, req: GenerateRequest):
+        """An n-choice request: one prefill, then each choice on its own, deltas merged."""
+        n = req.params.n
+        ids = [choice_request_id(req.request_id, i) for i in range(n)]
+        self._groups[req.request_id] = ids
+        await self.supervisor.ready()
+        gen, cluster = self.supervisor.generation, self.cluster
+        p = self.policy.place(req, self.load).prefill
+        prefill = _detached(self._call(gen, cluster.prefill[p].prefill.remote(req)))
+        prefill.add_done_callback(_consume_error)  # each choice awaits it
+        merged: asyncio.Queue = asyncio.Queue()
+        ended = finished = 0  # choices whose stream ended / that ended with a finish reason
+
+        async def run(i: int) -> None:
+            child = GenerateRequest(request_id=ids[i], prompt_token_ids=req.prompt_token_ids,
+                                    params=req.params.for_choice(i))
+            try:
+                async for delta in self._choice(child, _SharedPrefill(p, prefill, i)):
+                    delta.index = i
+                    merged.put_nowait(delta)
+                merged.put_nowait(None)  # this choice is over (finished, or aborted alone)
+            except Exception as e:
+                merged.put_nowait(e)
+
+        tasks = [asyncio.get_running_loop().create_task(run(i)) for i in range(n)]
+        try:
+            while ended < n:
+                item = await merged.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    ended += 1
+                    continue
+                yield item
+                finished += item.finish_reason is not None
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._groups.pop(req.request_id, None)
+            if finished < n and gen == self.supervisor.generation:
+                # Choices still held in the shared blocks (or the prompt still queued) go too.
+                _detached(self._release_prefill(cluster, p, req.request_id))
+
+    async def _release_prefill(self, cluster: Cluster, p: int, request_id: str) -> None:
+        try:
+            await cluster.prefill[p].release.remote(request_id)
+        except Exception as e:
+            log.warning("cleanup of %s: %s", request_id, e)
 
     async def _call(self, gen: int, ref):
         """Await an actor call of generation ``gen``; Restart if that cluster was lost."""
@@ -190,11 +271,17 @@ class Router:
                 raise Restart() from e
             raise
 
-    async def _attempt(self, req: GenerateRequest, queue: asyncio.Queue[TokenDelta]):
-        """One pass of a request through the current cluster (see the module docstring)."""
+    async def _attempt(self, req: GenerateRequest, queue: asyncio.Queue[TokenDelta],
+                       shared: _SharedPrefill | None = None):
+        """One pass of a request through the current cluster (see the module docstring).
+
+        With ``shared``, the request is a choice whose prefill is the shared one.
+        """
         gen, cluster, load = self.supervisor.generation, self.cluster, self.load
         self._start_pollers()
         where = self.policy.place(req, load)
+        if shared is not None:  # the choice's KV is on the shared prefill's instance
+            where = Placement(prefill=shared.prefill, decode=where.decode, offload=where.offload)
         p, d = where.prefill, where.decode
         reserved = len(req.prompt_token_ids) + req.params.max_tokens
         prefill = cluster.prefill[p]
@@ -206,11 +293,15 @@ class Router:
         adm.placed(load, where, reserved)
         try:
             try:
-                pre = await self._call(gen, prefill.prefill.remote(req))
+                if shared is None:
+                    pre = (await self._call(gen, prefill.prefill.remote(req)))[0]
+                else:
+                    pre = (await asyncio.shield(shared.task))[shared.index]
             finally:
                 adm.prefilled(load, where)
             yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
-                             logprobs=pre.logprobs, finish_reason=pre.finish_reason)
+                             logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
+                             finish_reason=pre.finish_reason)
             if pre.finish_reason is not None:
                 stage = "done"
                 return
@@ -243,17 +334,28 @@ class Router:
                     stage = "done"
                     break
         finally:
-            adm.ended(load, where, reserved, admitted, offload)
-            if gen == self.supervisor.generation and (stage != "done" or on_executor):
+            def ended() -> None:
+                adm.ended(load, where, reserved, admitted, offload)
+
+            if shared is not None and stage == "prefill":
+                ended()  # the shared prefill is released as a whole (see _choices)
+            elif gen == self.supervisor.generation and (stage != "done" or on_executor):
                 # Cancelled or failed midway: free it wherever it is. Detached from this
                 # request's context, since Serve cancels a cancelled request's child calls.
                 # (On a lost cluster there is nothing to free: its actors are gone.)
                 # Only a request that reached its decode instance is aborted there (an
                 # unknown id would be remembered there as aborted-in-flight).
                 reached_decode = stage in ("handoff", "decode")
+                # An executor's pages count as taken until it freed them: the next request
+                # admitted there must find them free (its adopt does not wait for room).
                 _detached(self._cleanup(cluster, req.request_id, p, d, stage != "done",
                                         reached_decode,
-                                        cluster.executors[p] if on_executor else None))
+                                        cluster.executors[p] if on_executor else None,
+                                        then=ended if on_executor else None))
+                if not on_executor:
+                    ended()
+            else:
+                ended()
 
     async def _handoff(self, cluster: Cluster, req: GenerateRequest, pre, p: int, d: int,
                        offload: bool) -> None:
@@ -293,7 +395,15 @@ class Router:
         return profile_cluster(self.cluster, args)
 
     async def _cleanup(self, cluster: Cluster, request_id: str, p: int, d: int, abort: bool,
-                       on_decode: bool, executor) -> None:
+                       on_decode: bool, executor, then=None) -> None:
+        try:
+            await self._free_everywhere(cluster, request_id, p, d, abort, on_decode, executor)
+        finally:
+            if then is not None:
+                then()
+
+    async def _free_everywhere(self, cluster: Cluster, request_id: str, p: int, d: int,
+                               abort: bool, on_decode: bool, executor) -> None:
         # Each free is independent: one failing must not skip the others.
         calls = []
         if abort:  # decode first: the executor's pages are freed only after its last step

@@ -49,17 +49,19 @@ def client(ray_cluster):
     serve.delete(APP)
 
 
-async def _stream(client, prompt, seen: list[int], delay_s: float) -> list[int]:
+async def _stream(client, prompt, seen: list[int], delay_s: float,
+                  params: SamplingParams = PARAMS) -> list[int]:
     """Stream one request; ``seen`` grows with every delta (to time the kill)."""
     await asyncio.sleep(delay_s)
     out = None
-    async for out in client.stream(prompt, PARAMS):
+    async for out in client.stream(prompt, params):
         seen.append(1)
     assert out.finish_reason in ("length", "stop")
     return out.token_ids
 
 
-async def _kill_mid_stream(client, role: str, prompts) -> tuple[list[list[int]], dict]:
+async def _kill_mid_stream(client, role: str, prompts, params: SamplingParams = PARAMS
+                           ) -> tuple[list[list[int]], dict]:
     from ray import serve
 
     router = serve.get_deployment_handle("Router", app_name=APP)
@@ -67,7 +69,7 @@ async def _kill_mid_stream(client, role: str, prompts) -> tuple[list[list[int]],
     pid = (await router.worker_pids.remote())[role][0]
     seen: list[int] = []
     # Staggered arrivals: at the kill some requests are decoding, some in prefill or handoff.
-    tasks = [asyncio.create_task(_stream(client, p, seen, 0.05 * i))
+    tasks = [asyncio.create_task(_stream(client, p, seen, 0.05 * i, params))
              for i, p in enumerate(prompts)]
     while len(seen) < 3 * len(prompts):  # well into the streams
         await asyncio.sleep(0.01)
@@ -86,6 +88,22 @@ def test_kill_mid_stream_every_request_exact(client, offline, role):
     assert delta["num_recoveries"] == 1, delta
     assert delta["num_reruns"] >= 1, delta  # some requests really were rerun
     assert outs == expected  # exact greedy tokens: none repeated, none lost
+
+
+def test_rerun_keeps_grammar_and_penalties(client, offline):
+    """A rerun continues a structured-output request with penalties exactly: the streamed
+    tokens stay output (penalized, counted, replayed into the grammar) on the new cluster."""
+    import json
+
+    schema = {"type": "object", "required": ["text"], "additionalProperties": False,
+              "properties": {"text": {"type": "string", "minLength": 120}}}
+    params = SamplingParams(max_tokens=48, temperature=0, repetition_penalty=1.3,
+                            frequency_penalty=0.4, min_tokens=4, json_schema=json.dumps(schema))
+    prompts = _prompts(6, seed=5)
+    expected = [o.token_ids for o in offline.generate(prompts, params)]
+    outs, delta = asyncio.run(_kill_mid_stream(client, "decode", prompts, params))
+    assert delta["num_recoveries"] == 1 and delta["num_reruns"] >= 1, delta
+    assert outs == expected
 
 
 def test_http_streams_survive_a_decode_kill(ray_cluster, client, offline):

@@ -84,6 +84,11 @@ COMMON = {
     "stop": _field(st.one_of(ODD_TEXT, st.lists(ODD_TEXT, max_size=5))),
     "best_of": _field(st.integers(0, 3)), "echo": _field(st.booleans()),
     "presence_penalty": _field(st.floats(-2, 2)), "logit_bias": ANY_JSON,
+    "frequency_penalty": _field(st.floats(-3, 3)), "repetition_penalty": _field(st.floats(0, 3)),
+    "min_tokens": _field(st.integers(-1, 5)), "min_p": _field(st.floats(0, 1)),
+    "response_format": _field(st.sampled_from([
+        {"type": "text"}, {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}])),
     "unknown_field": ANY_JSON,
 }
 MODEL = st.one_of(st.just("tiny"), st.just("tiny"), st.just("tiny"),
@@ -95,7 +100,8 @@ CHAT = st.fixed_dictionaries(
     {"model": MODEL, "messages": _field(st.lists(MESSAGE, max_size=4)),
      "max_tokens": MAX_TOKENS},
     optional={**COMMON, "max_completion_tokens": MAX_TOKENS, "logprobs": _field(st.booleans()),
-              "top_logprobs": _field(st.integers(-1, 25)), "tools": ANY_JSON})
+              "top_logprobs": _field(st.integers(-1, 25)), "tools": ANY_JSON,
+              "tool_choice": _field(st.sampled_from(["none", "auto", "required"]))})
 PATHS = st.sampled_from(["/v1/completions", "/v1/chat/completions"])
 CONTENT_TYPES = st.sampled_from(["application/json", "text/plain", "", "application/x-www-form"
                                  "-urlencoded", "multipart/form-data; boundary=x"])

@@ -89,6 +89,8 @@ def test_recompute_request_continues_after_streamed_tokens():
                           params=SamplingParams(max_tokens=10, temperature=0))
     assert recompute_request(req, []) is req
     again = recompute_request(req, [7, 8, 9, 10])
-    assert again.prompt_token_ids == [1, 2, 3, 7, 8, 9, 10] and again.request_id == "r"
-    assert again.params.max_tokens == 6 and again.params.temperature == 0
-    assert req.prompt_token_ids == [1, 2, 3]  # the original is untouched
+    # The streamed tokens stay output: max_tokens, min_tokens, penalties and grammar see them.
+    assert again.prompt_token_ids == [1, 2, 3] and again.request_id == "r"
+    assert again.output_token_ids == [7, 8, 9, 10] and again.params == req.params
+    assert recompute_request(again, [11]).output_token_ids == [7, 8, 9, 10, 11]
+    assert req.output_token_ids == []  # the original is untouched

@@ -1,12 +1,14 @@
 """Responses of the OpenAI-compatible API: TokenDeltas -> response bodies and stream chunks.
 
 ``IncrementalDetokenizer`` turns a growing token sequence into text suffixes that are
-never retracted; ``CompletionResponder`` / ``ChatResponder`` build the final body or the
-stream chunks; ``sse_event`` / ``SSE_DONE`` frame them as server-sent events.
+never retracted; each choice (``_Choice``) cuts its text at a stop string and holds back a
+tail that may begin one, and collects tool calls; ``CompletionResponder`` /
+``ChatResponder`` build the final body or the stream chunks of all ``n`` choices; ``sse_event`` / ``SSE_DONE`` frame them as server-sent events.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import msgspec
@@ -15,6 +17,7 @@ from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import TokenDelta
 from adrenaline.serve.openai_api.errors import APIError
 from adrenaline.serve.openai_api.requests import ParsedRequest
+from adrenaline.serve.openai_api.tools import TOOL_CALL_OPEN, parse_tool_calls
 
 # ---------------------------------------------------------------------------------------------
 # Detokenization
@@ -62,6 +65,108 @@ def token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stop strings and tool-call markers
+
+
+def held_suffix(text: str, markers: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a marker: text a
+    stream must hold back, since the next tokens may complete the marker."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+def _find_first(text: str, markers: list[str]) -> int:
+    hits = [i for i in (text.find(m) for m in markers) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class _Choice:
+    """One choice's state: its tokens, and its text as released to the client.
+
+    Invariants: ``text`` (released) never contains a stop string, and while streaming
+    never ends with the start of one (that tail is held in ``pending``); once a stop string
+    matched, the text before it is final and the choice is finished with "stop". With tool
+    calls, output that is (or, in "auto", follows ``<tool_call>``) a call goes to ``call``
+    instead, parsed when the choice finishes.
+    """
+
+    def __init__(self, index: int, parsed: ParsedRequest, tokenizer: Tokenizer | None):
+        self.index = index
+        self.parsed = parsed
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float] | None] = []
+        self.finish_reason: str | None = None
+        self.stopped_early = False  # finished by a stop string (the router still runs it)
+        self.text = ""
+        self.pending = ""
+        tools = parsed.tools
+        self.call: str | None = "" if tools and tools.choice != "auto" else None
+        self.tool_calls: list[dict] | None = None
+        self._markers = list(parsed.stop) + ([TOOL_CALL_OPEN] if tools and tools.choice == "auto"
+                                             else [])
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def advance(self, delta: TokenDelta) -> str:
+        """Record a delta; returns the text it releases (none once finished)."""
+        if self.finished:
+            return ""  # a choice stopped by a stop string: what the router still sent
+        self.token_ids.extend(delta.token_ids)
+        if self.parsed.num_logprobs is not None:
+            lps = delta.logprobs or []
+            self.logprobs.extend(lps[i] if i < len(lps) else None
+                                 for i in range(len(delta.token_ids)))
+        self.pending += self.detok.add(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.pending += self.detok.finish()
+        finish = delta.finish_reason
+        stop = self.parsed.stop
+        if stop and len(self.token_ids) >= self.parsed.min_tokens:
+            at = _find_first(self.pending, stop)
+            if at >= 0:
+                self.pending = self.pending[:at]
+                self.stopped_early = delta.finish_reason is None
+                finish = "stop"
+        if self.call is None and self.parsed.tools is not None:  # "auto": a call begins?
+            at = self.pending.find(TOOL_CALL_OPEN)
+            if at >= 0:
+                self.call = self.pending[at:]
+                self.pending = self.pending[:at]
+        elif self.call is not None:
+            self.call += self.pending
+            self.pending = ""
+        hold = 0 if finish is not None else held_suffix(self.pending, self._markers)
+        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[
+            len(self.pending) - hold:]
+        if finish is not None:
+            out += self._finish(finish)
+        self.text += out
+        return out
+
+    def _finish(self, reason: str) -> str:
+        """Settle the choice; returns text released by a failed tool-call parse."""
+        self.finish_reason = reason
+        if self.call is None:
+            return ""
+        self.tool_calls = parse_tool_calls(self.parsed.tools, self.call)
+        if self.tool_calls is None:
+            return self.call  # not a call after all: it is the answer's text
+        for c in self.tool_calls:
+            c["id"] = f"call_{uuid.uuid4().hex[:24]}"
+        if reason == "stop" and self.parsed.tools.choice != "named":
+            self.finish_reason = "tool_calls"
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
 # Responses
 
 
@@ -71,11 +176,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class _Responder:
-    """Collects one request's deltas; builds its stream chunks and its final body.
+    """Collects one request's deltas (its ``n`` choices'); builds stream chunks and the body.
 
-    Invariants: ``token_ids`` holds every generated token in order; in streaming
-    mode the concatenated chunk texts equal ``decode(token_ids)`` once the final
-    delta went through ``chunk``.
+    Invariants: each choice's ``token_ids`` holds its generated tokens in order (up to the
+    one completing a stop string); in streaming mode the concatenated chunk texts of a
+    choice equal its final ``text``.
     """
 
     object_name = ""
@@ -83,29 +188,17 @@ class _Responder:
     def __init__(self, parsed: ParsedRequest, tokenizer: Tokenizer | None):
         self.parsed = parsed
         self.tokenizer = tokenizer
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict[int, float] | None] = []
-        self.finish_reason: str | None = None
+        self.choices = [_Choice(i, parsed, tokenizer) for i in range(parsed.n)]
 
-    def add(self, delta: TokenDelta) -> None:
-        """Record a (non-error) delta without formatting it (non-streaming)."""
-        self.token_ids.extend(delta.token_ids)
-        if self.parsed.num_logprobs is not None:
-            lps = delta.logprobs or []
-            self.logprobs.extend(lps[i] if i < len(lps) else None
-                                 for i in range(len(delta.token_ids)))
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
+    @property
+    def done(self) -> bool:
+        return all(c.finished for c in self.choices)
 
-    def _advance(self, delta: TokenDelta) -> tuple[int, str]:
-        """Record a streamed delta; returns (index of its first token, the new text to send)."""
-        start = len(self.token_ids)
-        self.add(delta)
-        text = self.detok.add(delta.token_ids)
-        if delta.finish_reason is not None:
-            text += self.detok.finish()
-        return start, text
+    def add(self, delta: TokenDelta) -> _Choice:
+        """Record a (non-error) delta of choice ``delta.index``; returns that choice."""
+        choice = self.choices[delta.index]
+        choice.advance(delta)
+        return choice
 
     def _chunk_body(self, choice: dict) -> dict:
         body = self._envelope(self.object_name, [choice])
@@ -113,11 +206,8 @@ class _Responder:
             body["usage"] = None  # usage comes in its own chunk before [DONE]
         return body
 
-    def text(self) -> str:
-        return self.tokenizer.decode(self.token_ids) if self.tokenizer is not None else ""
-
     def usage(self) -> dict:
-        return usage(self.parsed.num_prompt_tokens, len(self.token_ids))
+        return usage(self.parsed.num_prompt_tokens, sum(len(c.token_ids) for c in self.choices))
 
     def _envelope(self, object_name: str, choices: list) -> dict:
         p = self.parsed
@@ -130,12 +220,13 @@ class _Responder:
         body["usage"] = self.usage()
         return body
 
-    def _sorted_entries(self, i: int) -> tuple[float | None, list[tuple[int, float]]]:
-        """(sampled token's logprob, all entries by decreasing logprob) of generated token i."""
-        entry = self.logprobs[i] if i < len(self.logprobs) else None
+    @staticmethod
+    def _sorted_entries(c: _Choice, i: int) -> tuple[float | None, list[tuple[int, float]]]:
+        """(sampled token's logprob, all entries by decreasing logprob) of c's token i."""
+        entry = c.logprobs[i] if i < len(c.logprobs) else None
         if not entry:
             return None, []
-        return entry.get(self.token_ids[i]), sorted(entry.items(), key=lambda kv: -kv[1])
+        return entry.get(c.token_ids[i]), sorted(entry.items(), key=lambda kv: -kv[1])
 
 
 class CompletionResponder(_Responder):
@@ -143,40 +234,47 @@ class CompletionResponder(_Responder):
 
     def __init__(self, parsed: ParsedRequest, tokenizer: Tokenizer | None):
         super().__init__(parsed, tokenizer)
-        self._text_offset = 0  # streaming: offset of the next token's text in the completion
+        self._text_offset = [0] * parsed.n  # streaming: offset of each choice's next token
 
-    def _logprobs(self, start: int, end: int, text_offset: int = 0) -> dict | None:
-        """Completions logprobs of tokens [start, end); token ``start``'s text starts at
-        ``text_offset`` (advanced into ``self._text_offset`` when streaming)."""
+    def _logprobs(self, c: _Choice, start: int, end: int, text_offset: int = 0) -> dict | None:
+        """Completions logprobs of c's tokens [start, end); token ``start``'s text starts at
+        ``text_offset`` (advanced in ``self._text_offset`` when streaming)."""
         if self.parsed.num_logprobs is None:
             return None
-        self._text_offset = text_offset
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                 "text_offset": []}
         for i in range(start, end):
-            tok = token_text(self.tokenizer, self.token_ids[i])
-            lp, entries = self._sorted_entries(i)
+            tok = token_text(self.tokenizer, c.token_ids[i])
+            lp, entries = self._sorted_entries(c, i)
             out["tokens"].append(tok)
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append({token_text(self.tokenizer, t): v for t, v in entries}
                                        if entries else None)
-            out["text_offset"].append(self._text_offset)
-            self._text_offset += len(tok)
+            out["text_offset"].append(text_offset)
+            text_offset += len(tok)
+        self._text_offset[c.index] = text_offset
         return out
 
     def chunk(self, delta: TokenDelta) -> dict | None:
         """The stream chunk for ``delta`` (None when it would carry nothing)."""
-        start, text = self._advance(delta)
-        logprobs = self._logprobs(start, len(self.token_ids), self._text_offset)
-        if not text and logprobs is None and delta.finish_reason is None:
+        c = self.choices[delta.index]
+        if c.finished:
             return None
-        return self._chunk_body({"index": 0, "text": text, "logprobs": logprobs,
-                                 "finish_reason": delta.finish_reason})
+        start, first = len(c.token_ids), not c.token_ids
+        text = c.advance(delta)
+        if first and self.parsed.echo:
+            text = self.parsed.echo + text
+        logprobs = self._logprobs(c, start, len(c.token_ids), self._text_offset[c.index])
+        if not text and logprobs is None and not c.finished:
+            return None
+        return self._chunk_body({"index": c.index, "text": text, "logprobs": logprobs,
+                                 "finish_reason": c.finish_reason})
 
     def response(self) -> dict:
         body = self._envelope("text_completion", [
-            {"index": 0, "text": self.text(), "logprobs": self._logprobs(0, len(self.token_ids)),
-             "finish_reason": self.finish_reason}])
+            {"index": c.index, "text": (self.parsed.echo or "") + c.text,
+             "logprobs": self._logprobs(c, 0, len(c.token_ids)), "finish_reason": c.finish_reason}
+            for c in self.choices])
         body["usage"] = self.usage()
         return body
 
@@ -186,41 +284,59 @@ class ChatResponder(_Responder):
 
     def __init__(self, parsed: ParsedRequest, tokenizer: Tokenizer | None):
         super().__init__(parsed, tokenizer)
-        self._sent_role = False
+        self._sent_role = [False] * parsed.n
 
-    def _logprobs(self, start: int, end: int) -> dict | None:
+    def _logprobs(self, c: _Choice, start: int, end: int) -> dict | None:
         n = self.parsed.num_logprobs
         if n is None:
             return None
         content = []
         for i in range(start, end):
-            tok = token_text(self.tokenizer, self.token_ids[i])
-            lp, entries = self._sorted_entries(i)
+            tok = token_text(self.tokenizer, c.token_ids[i])
+            lp, entries = self._sorted_entries(c, i)
             top = [{"token": (t := token_text(self.tokenizer, tid)), "logprob": v,
                     "bytes": list(t.encode())} for tid, v in entries[:n]]
             content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
                             "top_logprobs": top})
         return {"content": content}
 
+    @staticmethod
+    def _tool_calls(c: _Choice, streaming: bool) -> list[dict]:
+        return [{**({"index": k} if streaming else {}), "id": call["id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": call["arguments"]}}
+                for k, call in enumerate(c.tool_calls or [])]
+
     def chunk(self, delta: TokenDelta) -> dict | None:
-        """The stream chunk for ``delta``; the first one carries the role."""
-        start, text = self._advance(delta)
-        logprobs = self._logprobs(start, len(self.token_ids))
-        if self._sent_role and not text and logprobs is None and delta.finish_reason is None:
+        """The stream chunk for ``delta``; a choice's first one carries the role."""
+        c = self.choices[delta.index]
+        if c.finished:
             return None
-        if not self._sent_role:
-            self._sent_role = True
-            message: dict = {"role": "assistant", "content": text}
-        else:
-            message = {"content": text} if text else {}
-        return self._chunk_body({"index": 0, "delta": message, "logprobs": logprobs,
-                                 "finish_reason": delta.finish_reason})
+        start = len(c.token_ids)
+        text = c.advance(delta)
+        logprobs = self._logprobs(c, start, len(c.token_ids))
+        sent_role = self._sent_role[c.index]
+        if sent_role and not text and logprobs is None and not c.finished:
+            return None
+        message: dict = {"content": text} if text else {}
+        if not sent_role:
+            self._sent_role[c.index] = True
+            message = {"role": "assistant", "content": text}
+        if c.tool_calls:
+            message["tool_calls"] = self._tool_calls(c, streaming=True)
+        return self._chunk_body({"index": c.index, "delta": message, "logprobs": logprobs,
+                                 "finish_reason": c.finish_reason})
 
     def response(self) -> dict:
-        body = self._envelope("chat.completion", [
-            {"index": 0, "message": {"role": "assistant", "content": self.text()},
-             "logprobs": self._logprobs(0, len(self.token_ids)),
-             "finish_reason": self.finish_reason}])
+        choices = []
+        for c in self.choices:
+            message: dict = {"role": "assistant", "content": c.text or (
+                None if c.tool_calls else "")}
+            if c.tool_calls:
+                message["tool_calls"] = self._tool_calls(c, streaming=False)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": self._logprobs(c, 0, len(c.token_ids)),
+                            "finish_reason": c.finish_reason})
+        body = self._envelope("chat.completion", choices)
         body["usage"] = self.usage()
         return body
 
