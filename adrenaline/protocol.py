@@ -100,6 +100,8 @@ class KVReport(msgspec.Struct, kw_only=True):
     num_free: int
     owners: dict[str, int]  # owner (request id or executor handle) -> pages held
     problems: list[str]
+    num_cached: int = 0  # pages holding a cached prefix block (in use or free)
+    num_evictable: int = 0  # free pages still holding a cached prefix block (counted free)
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,12 @@ A request's lifecycle in one engine:
                                                                         token, one more slot)
     RUNNING ──EOS / stop id / max_tokens / max_model_len──> FINISHED (blocks freed)
 
+With prefix caching on (EngineConfig.enable_prefix_caching, the default), a
+prefill computes only the tokens after the longest cached prefix, every
+full block is registered in the cache once its KV is written, and a freed
+block keeps its content until its memory is needed (engine/block_manager.py).
+A prefill role therefore keeps a handed-off request's full blocks as cached.
+
 Disaggregated roles reuse these pieces: a prefill worker runs only the
 prefill step and hands the KV off (to a decode worker, or to its colocated
 attention executor when the request is offloaded); a decode worker adopts
@@ -85,7 +91,8 @@ class EngineCore:
             from adrenaline.kernels.flashinfer_ops import FlashInferOps
             self.model.use_ops(FlashInferOps())
         self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
-        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size,
+                                          enable_caching=config.enable_prefix_caching)
         graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs)
         on_cuda = graph_batch > 0 and self.device.type == "cuda"
         # One scratch block past the block manager's range: graph padding rows write there.
@@ -184,6 +191,8 @@ class EngineCore:
         tokens, logprobs = self.runner.execute(plan)
         for req, token, lp in zip(plan.requests, tokens, logprobs):
             req.num_computed = req.num_tokens
+            if not req.is_offloaded:  # its full blocks' KV is written: cache them
+                self.block_manager.cache_blocks(req.request_id, req.token_ids, req.num_computed)
             req.append_token(token, lp)
             if req.finish_reason is not None:
                 self.scheduler.finish(req)
