@@ -59,6 +59,12 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on
     kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
     busy_s: float = 0.0  # executor: time computing attention
+    # Prefix cache (prefill and decode engines; cumulative since the worker started):
+    # tokens prefilled, tokens of those whose KV came from the cache, and pages now
+    # holding a cached prefix block.
+    prefill_tokens: int = 0
+    prefix_cached_tokens: int = 0
+    kv_blocks_cached: int = 0
 
 
 class PrefillResult(msgspec.Struct, kw_only=True):
@@ -77,6 +83,11 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     generator_state: bytes | None = None
     kv_shape: tuple[int, ...] = ()
     kv_dtype: str = ""
+    # Prefix cache: prompt tokens whose KV came from the prefill instance's cache, and
+    # the block hashes it evicted during this prefill's step (the router's record of
+    # what the instance holds drops them; see policy/prefix.py).
+    num_cached_tokens: int = 0
+    evicted_hashes: list[int] = []
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
@@ -89,6 +100,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     eos_token_ids: tuple[int, ...]
     num_kv_blocks: int
     block_size: int
+    prefix_caching: bool = False  # EngineConfig.enable_prefix_caching
 
 
 class KVReport(msgspec.Struct, kw_only=True):

@@ -21,13 +21,20 @@ from adrenaline.actors.cluster import Cluster
 from adrenaline.app_config import LimitsConfig
 from adrenaline.errors import OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, PlacementPolicy
+from adrenaline.policy.prefix import PrefixIndex
 from adrenaline.protocol import GenerateRequest
 from adrenaline.serve.recovery import Restart
 
 
 def new_load(cluster: Cluster) -> ClusterLoad:
     n_p, n_d, n_e = len(cluster.prefill), len(cluster.decode), len(cluster.executors)
+    # The router's record of each prefill instance's prefix cache starts empty, like the
+    # instances' caches; none when prefix caching is off there.
+    caching = all(i.prefix_caching for i in cluster.prefill_info)
+    prefixes = [PrefixIndex(i.num_kv_blocks, i.block_size)
+                for i in cluster.prefill_info] if caching else []
     return ClusterLoad(prefill_inflight=[0] * n_p, decode_active=[0] * n_d,
+                       prefill_prefix=prefixes, prefill_queued_tokens=[0] * n_p,
                        decode_reserved_tokens=[0] * n_d,
                        decode_capacity_tokens=[i.num_kv_blocks * i.block_size
                                                for i in cluster.decode_info],
@@ -58,14 +65,20 @@ class Admission:
         raise OverloadedError(f"the server is overloaded: {why}; retry later",
                               retry_after_s=lim.retry_after_s)
 
-    def placed(self, load: ClusterLoad, where: Placement, reserved: int) -> None:
-        """Pending load is counted at placement, so placements made meanwhile see it."""
+    def placed(self, load: ClusterLoad, where: Placement, reserved: int,
+               prefill_tokens: int = 0) -> None:
+        """Pending load is counted at placement, so placements made meanwhile see it.
+        ``prefill_tokens``: the prompt tokens the prefill instance is expected to compute."""
         load.prefill_inflight[where.prefill] += 1
+        if load.prefill_queued_tokens:
+            load.prefill_queued_tokens[where.prefill] += prefill_tokens
         load.decode_pending_tokens[where.decode] += reserved
         self.num_queued += 1
 
-    def prefilled(self, load: ClusterLoad, where: Placement) -> None:
+    def prefilled(self, load: ClusterLoad, where: Placement, prefill_tokens: int = 0) -> None:
         load.prefill_inflight[where.prefill] -= 1
+        if load.prefill_queued_tokens:
+            load.prefill_queued_tokens[where.prefill] -= prefill_tokens
 
     async def wait(self, policy: PlacementPolicy, req: GenerateRequest, where: Placement,
                    load: ClusterLoad, is_current: Callable[[], bool]) -> Placement:

@@ -190,18 +190,21 @@ class Router:
         where = self.policy.place(req, load)
         p, d = where.prefill, where.decode
         reserved = len(req.prompt_token_ids) + req.params.max_tokens
+        # Prompt tokens prefill p is expected to compute (its cached prefix excluded).
+        uncached = len(req.prompt_token_ids) - load.cached_prefix_tokens(req)[p]
         prefill = cluster.prefill[p]
         offload, admitted = False, False
         on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
         self.num_placed += 1
         adm = self.admission
-        adm.placed(load, where, reserved)
+        adm.placed(load, where, reserved, uncached)
         try:
             try:
                 pre = await self._call(gen, prefill.prefill.remote(req))
             finally:
-                adm.prefilled(load, where)
+                adm.prefilled(load, where, uncached)
+            self._record_prefix(load, p, req, pre)
             yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs, finish_reason=pre.finish_reason)
             if pre.finish_reason is not None:
@@ -245,6 +248,14 @@ class Router:
                 _detached(self._cleanup(cluster, req.request_id, p, d, stage != "done",
                                         reached_decode,
                                         cluster.executors[p] if on_executor else None))
+
+    @staticmethod
+    def _record_prefix(load, p: int, req: GenerateRequest, pre) -> None:
+        """Prefill p now holds the prompt's full blocks, less what its step evicted."""
+        if load.prefill_prefix:
+            index = load.prefill_prefix[p]
+            index.remove(pre.evicted_hashes)
+            index.add(load.prompt_block_hashes(req))
 
     async def _handoff(self, cluster: Cluster, req: GenerateRequest, pre, p: int, d: int,
                        offload: bool) -> None:
