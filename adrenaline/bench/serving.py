@@ -328,7 +328,7 @@ def prefix_table(rows: list[dict]) -> str:
     """Prefix-compare rows as a markdown table, with TTFT p50 relative to caching off."""
     base = next((r["metrics"]["ttft_p50_ms"] for r in rows if r["system"] == "cache_off"), None)
     head = ("| system | TTFT p50 ms | TTFT p99 ms | req/s | output tok/s | TPOT p50 ms | "
-            "prefix hit rate | TTFT p50 vs off |")
+            "prefix hit rate | off / this, TTFT p50 |")
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for r in rows:
         m = r["metrics"]
@@ -336,7 +336,7 @@ def prefix_table(rows: list[dict]) -> str:
         lines.append(f"| {r['system']} | {m['ttft_p50_ms']:.0f} | {m['ttft_p99_ms']:.0f} | "
                      f"{m['request_throughput']:.2f} | {m['output_throughput']:.1f} | "
                      f"{m['tpot_p50_ms']:.1f} | {_fmt(r.get('prefix_hit_rate'), '.3f')} | "
-                     f"{_fmt(ratio, '.2f')}{'x lower' if ratio else ''} |")
+                     f"{_fmt(ratio, '.2f')}{'x' if ratio else ''} |")
     return "\n".join(lines)
 
 
@@ -430,12 +430,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="sweep mode: CPUs vLLM's OpenMP threads bind to, e.g. 1 (default: all)")
     ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
     ap.add_argument("--num-conversations", type=int, default=12, help="multi-turn")
-    ap.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    ap.add_argument("--turns", type=int, default=5, help="multi-turn: turns per conversation")
     ap.add_argument("--system-len", type=int, default=128, help="multi-turn: shared system prompt")
-    ap.add_argument("--user-len", type=int, default=96, help="multi-turn: tokens per user message")
-    ap.add_argument("--answer-len", type=int, default=32,
+    ap.add_argument("--user-len", type=int, default=64, help="multi-turn: tokens per user message")
+    ap.add_argument("--answer-len", type=int, default=48,
                     help="multi-turn: tokens of each earlier answer in the history")
-    ap.add_argument("--turn-gap-s", type=float, default=6.0, help="multi-turn: s between turns")
+    ap.add_argument("--turn-gap-s", type=float, default=8.0, help="multi-turn: s between turns")
     ap.add_argument("--prefix-compare", action="store_true",
                     help="run the workload on caching off / on / on + placement by prefix")
     ap.add_argument("--num-prefill", type=int, default=2, help="prefix-compare: prefill instances")
