@@ -421,7 +421,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--systems", default="none,static,load_aware",
                     help="sweep mode: none, static, load_aware (adrenaline policies), vllm")
     ap.add_argument("--num-cpus", type=int, default=2, help="sweep mode: ray.init num_cpus")
-    ap.add_argument("--decode-kv-tokens", type=int, default=1536, help="sweep mode")
+    ap.add_argument("--decode-kv-tokens", type=int, default=None,
+                    help="sweep mode (default 1536: KV-bound); prefix-compare (default 16384)")
     ap.add_argument("--prefill-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--executor-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--vllm-dtype", default="bfloat16", help="sweep mode: vLLM's --dtype")
@@ -446,6 +447,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.model is None:
         args.model = "small" if args.sweep_rates or args.prefix_compare else "tiny"
+    if args.decode_kv_tokens is None:  # prefix-compare: decode must not be the bottleneck
+        args.decode_kv_tokens = 16384 if args.prefix_compare else 1536
     return args
 
 
@@ -469,7 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**result_header("serving"), "model": args.model, "workload": workload,
               "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms}}
     if args.prefix_compare:
-        result["num_prefill"] = args.num_prefill
+        result["layout"] = {"num_prefill": args.num_prefill, "num_decode": 1,
+                            "prefill_kv_tokens": args.prefill_kv_tokens,
+                            "decode_kv_tokens": args.decode_kv_tokens}
         result["rows"], result["skipped"] = prefix_compare(args, requests, offsets, slo)
     elif args.sweep_rates:
         result["rows"], result["skipped"] = sweep(args, requests, slo)
