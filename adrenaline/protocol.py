@@ -59,7 +59,7 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on
     kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
     busy_s: float = 0.0  # executor: time computing attention
-    # Prefix cache (prefill and decode engines; cumulative since the worker started):
+    # Prefix cache (prefill workers; the token counts are cumulative since it started):
     # tokens prefilled, tokens of those whose KV came from the cache, and pages now
     # holding a cached prefix block.
     prefill_tokens: int = 0

@@ -8,7 +8,9 @@ requested length; ``stream_options.include_usage`` so the token counts are exact
 ``serving_workloads.arrival_offsets`` and capped by ``--max-concurrency``. Each request's
 timeline (start, arrival of every token chunk, end of stream) feeds
 ``serving_metrics.compute_metrics``. The benchmark's duration runs from the first send to the
-last request's end.
+last request's end. Meanwhile ``metrics_sampler`` scrapes the server's ``/metrics`` every
+``--sample-interval`` s (offload ratio, KV use per instance, executor attention bandwidth);
+the samples go into the JSON row.
 
 Multi-turn (``--dataset multi-turn``, or ``sharegpt-multi-turn`` with ``--dataset-path``):
 ``--num-conversations`` conversations of ``--turns`` turns each, started at ``--request-rate``
@@ -16,9 +18,7 @@ conversations/s, turns ``--turn-gap-s`` apart (``serving_workloads.multi_turn_sc
 ``--prefix-compare`` runs it against three apps in turn, ``--num-prefill`` prefill + 1 decode
 instances: prefix caching off, on with the current placement, and on with placement by prefix
 (``PREFIX_SYSTEMS``), same requests and send times; each row has the prefix cache hit rate
-in tokens (from /metrics before and after the run). Meanwhile ``metrics_sampler`` scrapes the server's ``/metrics`` every
-``--sample-interval`` s (offload ratio, KV use per instance, executor attention bandwidth);
-the samples go into the JSON row.
+in tokens (from /metrics before and after the run).
 
 Sweep mode (``--sweep-rates 0.5,1,2 --systems none,static,load_aware,vllm``) starts each system
 itself (``serving_sweep.py``: adrenaline apps in this process's Ray cluster, vLLM CPU's OpenAI
@@ -55,6 +55,7 @@ PREFIX_SYSTEMS: dict[str, tuple[bool, bool]] = {  # name -> (prefix caching, pla
     "cache_on": (True, False),
     "cache_prefix": (True, True),
 }
+
 
 def sweep_app_args(args, system: str) -> dict:
     """A KV-capacity-bound 1P1D layout: the decode budget caps its batch; the

@@ -3,7 +3,7 @@
 A full block's hash chains the previous block's hash with the block's own
 token ids, so equal hashes mean equal token prefixes (up to a 64-bit digest
 collision), not merely equal blocks. Only full blocks have hashes: a partial
-last block is never shared. The hash is a keyed-free BLAKE2b digest, so every
+last block is never shared. The hash is an unkeyed BLAKE2b digest, so every
 process (prefill workers, the router) computes the same value for the same
 tokens, whatever PYTHONHASHSEED is.
 """

@@ -190,9 +190,6 @@ class BlockManager:
         self._evicted.clear()
         return out
 
-    def cached_hashes(self) -> set[int]:
-        return set(self._block_of)
-
     def check_invariants(self) -> None:
         """Every block is free, evictable or used, exactly once, with a matching reference
         count; the cache's maps agree (used by tests, the KV audit and debug checks)."""
