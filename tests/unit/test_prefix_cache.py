@@ -145,3 +145,26 @@ def test_prefill_role_keeps_handed_off_blocks_cached():
                        kv_a.narrow(e.backend.block_dim + 1, 0, 7))
     e.release("b")
     e.block_manager.check_invariants()
+
+
+def test_colocated_local_and_offloaded_with_cache_hits_match_uncached():
+    from adrenaline.config import EngineConfig
+    from adrenaline.engine.colocated import ColocatedPD
+
+    shared = list(range(50, 98))  # 3 full blocks of 16 shared by every prompt
+    prompts = [shared + [200 + i, 300 + i, 400 + i] for i in range(4)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in
+            LLM("tiny", enable_prefix_caching=False).generate(prompts, params)]
+    pd = ColocatedPD("tiny", prefill=EngineConfig(kv_cache_tokens=2048),
+                     decode=EngineConfig(kv_cache_tokens=1024),
+                     executor=EngineConfig(kv_cache_tokens=1024))
+    try:
+        for _ in range(2):  # the second round's prefills all start from the cache
+            got = pd.generate(prompts, params, offload=lambda i: i % 2 == 0)
+            assert [r.output_token_ids for r in got] == want
+        assert pd.prefill.scheduler.num_cached_tokens >= 4 * len(shared)
+        assert pd.num_offloaded == 2
+        assert pd.blocks_in_use() == {"prefill": 0, "decode": 0, "executor": 0}
+    finally:
+        pd.close()
