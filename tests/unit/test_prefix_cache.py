@@ -164,7 +164,7 @@ def test_colocated_local_and_offloaded_with_cache_hits_match_uncached():
             got = pd.generate(prompts, params, offload=lambda i: i % 2 == 0)
             assert [r.output_token_ids for r in got] == want
         assert pd.prefill.scheduler.num_cached_tokens >= 4 * len(shared)
-        assert pd.num_offloaded == 2
+        assert pd.num_offloaded == 4  # 2 per round
         assert pd.blocks_in_use() == {"prefill": 0, "decode": 0, "executor": 0}
     finally:
         pd.close()
