@@ -109,8 +109,9 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decode: RoleConfig = RoleConfig()
     executor: ExecutorConfig = ExecutorConfig()
     policy: str = "least_loaded"  # placement policy, by name or "module:Class"
-    # Options of the policy (e.g. {"ratio": 0.5} for static, {"tpot_slo_ms": 100} for load_aware).
-    policy_options: dict[str, float] = {}
+    # Options of the policy (e.g. {"ratio": 0.5} for static, {"tpot_slo_ms": 100} for load_aware;
+    # any policy: {"prefix_placement": false}, {"prefix_balance": 1.0}, see policy/prefix.py).
+    policy_options: dict[str, bool | float] = {}
     transport: str = "auto"  # "auto" | "gloo" | "nccl"
     limits: LimitsConfig = LimitsConfig()
     recovery: RecoveryConfig = RecoveryConfig()

@@ -90,6 +90,10 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # On CUDA in bf16/fp16: flashinfer's fused RMSNorm, residual-add + RMSNorm, RoPE and
     # SiLU-and-mul instead of plain torch ops (same math, fewer kernels, float32 inside).
     fused_ops: bool = True
+    # Prefix caching (engine/block_manager.py): full KV blocks are kept, keyed by a hash
+    # chain of their tokens, and a prefill computes only the tokens after the longest
+    # cached prefix. Freed cached blocks are evicted (LRU) only when memory is needed.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,

@@ -68,6 +68,12 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on
     kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
     busy_s: float = 0.0  # executor: time computing attention
+    # Prefix cache (prefill workers; the token counts are cumulative since it started):
+    # tokens prefilled, tokens of those whose KV came from the cache, and pages now
+    # holding a cached prefix block.
+    prefill_tokens: int = 0
+    prefix_cached_tokens: int = 0
+    kv_blocks_cached: int = 0
 
 
 class PrefillResult(msgspec.Struct, kw_only=True):
@@ -86,6 +92,11 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     generator_state: bytes | None = None
     kv_shape: tuple[int, ...] = ()
     kv_dtype: str = ""
+    # Prefix cache: prompt tokens whose KV came from the prefill instance's cache, and
+    # the block hashes it evicted during this prefill's step (the router's record of
+    # what the instance holds drops them; see policy/prefix.py).
+    num_cached_tokens: int = 0
+    evicted_hashes: list[int] = []
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
@@ -98,6 +109,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     eos_token_ids: tuple[int, ...]
     num_kv_blocks: int
     block_size: int
+    prefix_caching: bool = False  # EngineConfig.enable_prefix_caching
 
 
 class KVReport(msgspec.Struct, kw_only=True):
@@ -109,6 +121,8 @@ class KVReport(msgspec.Struct, kw_only=True):
     num_free: int
     owners: dict[str, int]  # owner (request id or executor handle) -> pages held
     problems: list[str]
+    num_cached: int = 0  # pages holding a cached prefix block (in use or free)
+    num_evictable: int = 0  # free pages still holding a cached prefix block (counted free)
 
     @property
     def ok(self) -> bool:

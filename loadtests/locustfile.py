@@ -12,8 +12,16 @@ lengths). Streamed requests also report, as their own request types:
   n_out > 1 (n_out from the usage chunk),
 so Locust's stats and CSVs carry their percentiles next to the request rows.
 
+``MultiTurnUser`` (one user in four by default; run it alone with
+``locust -f loadtests/locustfile.py MultiTurnUser ...``) holds a conversation: every turn's
+prompt is the conversation so far (a system prompt shared by all users, earlier messages,
+earlier answers) plus a new message, streamed, named ``multi-turn [turn k]``; after
+``ADRENALINE_TURNS`` turns (default 4) it starts a new conversation. With prefix caching the
+server recomputes only the new part of each turn (see /metrics'
+``adrenaline_worker_prefix_cache_hit_ratio``).
+
 Environment: ``ADRENALINE_MODEL`` (default "tiny"), ``ADRENALINE_VOCAB`` (default 4096),
-``ADRENALINE_MAX_TOKENS`` (default 16).
+``ADRENALINE_MAX_TOKENS`` (default 16), ``ADRENALINE_TURNS`` (default 4).
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ from locust import FastHttpUser, between, events, task
 MODEL = os.environ.get("ADRENALINE_MODEL", "tiny")
 VOCAB = int(os.environ.get("ADRENALINE_VOCAB", "4096"))
 MAX_TOKENS = int(os.environ.get("ADRENALINE_MAX_TOKENS", "16"))
+TURNS = int(os.environ.get("ADRENALINE_TURNS", "4"))
 PROMPT_LENS = {"short": 16, "medium": 128, "long": 512}
+SYSTEM_PROMPT = [random.Random(0).randrange(10, VOCAB - 10) for _ in range(64)]
+MESSAGE_LEN = 48  # tokens of each user message
 WORDS = "the llama walks over the green hill and sees a quiet river under a bright sky".split()
 
 
@@ -40,6 +51,7 @@ def _fire(kind: str, name: str, ms: float) -> None:
 class OpenAIUser(FastHttpUser):
     """One client; the weights pick a request shape per task run."""
 
+    weight = 3
     wait_time = between(0.05, 0.2)
 
     def _size(self) -> tuple[str, int]:
@@ -85,35 +97,66 @@ class OpenAIUser(FastHttpUser):
         self._stream("/v1/chat/completions", self._chat_body(n, True), f"chat stream [{label}]")
 
     def _stream(self, path: str, body: dict, name: str) -> None:
-        start = time.perf_counter()
-        first = None
-        n_out = 0
-        with self.client.post(path, json=body, name=name, stream=True, catch_response=True) as r:
-            if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}")
-                return
-            buf, done = b"", False
-            while piece := r.stream.read(4096):
-                buf += piece
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    line = line.strip()
-                    if not line.startswith(b"data: "):
-                        continue
-                    if line == b"data: [DONE]":
-                        done = True
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        n_out = chunk["usage"]["completion_tokens"]
-                    for c in chunk.get("choices") or []:
-                        delta = c.get("text") or (c.get("delta") or {}).get("content")
-                        if delta and first is None:
-                            first = time.perf_counter()
-            end = time.perf_counter()
-            if not done or first is None:
-                r.failure("stream ended without [DONE] or without tokens")
-                return
-        _fire("TTFT", name, (first - start) * 1e3)
-        if n_out > 1:
-            _fire("TPOT", name, ((end - start) - (first - start)) / (n_out - 1) * 1e3)
+        stream_request(self.client, path, body, name)
+
+
+class MultiTurnUser(FastHttpUser):
+    """One conversation at a time; each turn repeats the whole conversation so far."""
+
+    weight = 1
+    wait_time = between(0.5, 1.5)  # the user reads the answer and types
+
+    def on_start(self) -> None:
+        self._new_conversation()
+
+    def _new_conversation(self) -> None:
+        self.history = list(SYSTEM_PROMPT)
+        self.turn = 0
+
+    @task
+    def next_turn(self) -> None:
+        if self.turn == TURNS:
+            self._new_conversation()
+        self.turn += 1
+        prompt = self.history + [random.randrange(10, VOCAB - 10) for _ in range(MESSAGE_LEN)]
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        stream_request(self.client, "/v1/completions", body, f"multi-turn [turn {self.turn}]")
+        # The answer joins the history (token ids stand for its text: the lengths are exact).
+        self.history = prompt + [random.randrange(10, VOCAB - 10) for _ in range(MAX_TOKENS)]
+
+
+def stream_request(client, path: str, body: dict, name: str) -> None:
+    """POST a streamed request; report it, and its TTFT and TPOT as their own rows."""
+    start = time.perf_counter()
+    first = None
+    n_out = 0
+    with client.post(path, json=body, name=name, stream=True, catch_response=True) as r:
+        if r.status_code != 200:
+            r.failure(f"HTTP {r.status_code}")
+            return
+        buf, done = b"", False
+        while piece := r.stream.read(4096):
+            buf += piece
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                line = line.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                if line == b"data: [DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    n_out = chunk["usage"]["completion_tokens"]
+                for c in chunk.get("choices") or []:
+                    delta = c.get("text") or (c.get("delta") or {}).get("content")
+                    if delta and first is None:
+                        first = time.perf_counter()
+        end = time.perf_counter()
+        if not done or first is None:
+            r.failure("stream ended without [DONE] or without tokens")
+            return
+    _fire("TTFT", name, (first - start) * 1e3)
+    if n_out > 1:
+        _fire("TPOT", name, ((end - start) - (first - start)) / (n_out - 1) * 1e3)

@@ -39,7 +39,8 @@ class EngineThread:
                           vocab_size=e.model_config.vocab_size,
                           max_request_tokens=e.max_request_tokens,
                           eos_token_ids=e.model_config.eos_token_ids,
-                          num_kv_blocks=e.num_kv_blocks, block_size=e.config.block_size)
+                          num_kv_blocks=e.num_kv_blocks, block_size=e.config.block_size,
+                          prefix_caching=e.config.enable_prefix_caching)
 
 
 def _build(args: AppArgs, config: EngineConfig) -> EngineCore:

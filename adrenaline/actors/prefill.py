@@ -4,6 +4,13 @@ Lifecycle of a request here: prefill(req) queues it; the loop admits queued
 requests into prefill steps (the engine's token budget batches them) and
 answers each with its first token; the KV stays held until the router calls
 send_kv (to a decode worker) or release (finished or aborted).
+
+Prefix caching (on by default): a prompt's full blocks stay registered in
+the engine's prefix cache after its KV is handed off and its blocks freed,
+so a later prompt with the same prefix (the next turn of a conversation)
+computes only what follows it. Each PrefillResult reports the tokens it
+took from the cache and the hashes its step evicted, which is how the
+router keeps its record of what this instance holds.
 """
 
 from __future__ import annotations
@@ -96,7 +103,10 @@ class PrefillWorker:
         return WorkerMetrics(role="prefill", index=self.index, num_running=len(e.held),
                              num_waiting=len(e.scheduler.waiting) + len(self._queue),
                              kv_blocks_used=e.block_manager.num_used_blocks,
-                             kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps)
+                             kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
+                             prefill_tokens=e.scheduler.num_prefill_tokens,
+                             prefix_cached_tokens=e.scheduler.num_cached_tokens,
+                             kv_blocks_cached=e.block_manager.num_cached_blocks)
 
     async def check_kv(self) -> KVReport:
         """Audit: every page is owned by a queued, prefilling or held request, or free."""
@@ -157,16 +167,17 @@ class PrefillWorker:
                 continue
             done = await self.engine.run(engine.prefill_step)
             self._num_steps += 1
+            evicted = engine.block_manager.drain_evicted()
             for r in done:
                 fut = self._waiting.pop(r.request_id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result([self._result(c) for c in (r.choices or (r,))])
+                    fut.set_result([self._result(c, evicted) for c in (r.choices or (r,))])
                 elif r.request_id in engine.held or r.choices:  # its caller is gone
                     await self.engine.run(engine.release, r.request_id)
             if engine.scheduler.waiting and done:
                 self._wake.set()  # more prompts fit right away
 
-    def _result(self, r: Request) -> PrefillResult:
+    def _result(self, r: Request, evicted: list[int]) -> PrefillResult:
         held = r.finish_reason is None
         shape, dtype = (), ""
         if held:
@@ -178,4 +189,5 @@ class PrefillWorker:
             request_id=r.request_id, token_ids=list(r.token_ids), num_computed=r.num_computed,
             logprobs=r.logprobs, finish_reason=r.finish_reason,
             generator_state=bytes(r.generator.get_state().numpy().tobytes()) if r.generator else None,
-            kv_shape=tuple(shape), kv_dtype=dtype)
+            kv_shape=tuple(shape), kv_dtype=dtype, num_cached_tokens=r.num_cached_tokens,
+            evicted_hashes=evicted)

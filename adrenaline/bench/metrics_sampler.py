@@ -9,7 +9,9 @@ the server has no metrics route):
 - ``kv_use``: {instance: KV blocks used / (used + free)} from adrenaline's per-worker gauges,
   instances named ``f"{role}{index}"`` (``decode0``, ``prefill0``, ``executor0``); vLLM's
   ``vllm:kv_cache_usage_perc`` appears as ``vllm0``;
-- ``attn_kv_bytes``: {instance: cumulative KV bytes attention read}, executors only.
+- ``attn_kv_bytes``: {instance: cumulative KV bytes attention read}, executors only;
+- ``prefix_hit_tokens`` / ``prefix_prefill_tokens``: cumulative prompt tokens taken from the
+  prefix cache / prefilled, summed over the prefill instances (0 where not exported).
 
 ``add_bandwidth`` turns the cumulative bytes into ``attn_gbs`` {instance: GB/s over the interval
 before each sample}; the first sample has none.
@@ -28,7 +30,8 @@ def parse_metrics(text: str) -> dict:
     """One sample (without ``t``) from a Prometheus text exposition."""
     used: dict[str, float] = {}
     free: dict[str, float] = {}
-    out: dict = {"offload_ratio": None, "kv_use": {}, "attn_kv_bytes": {}}
+    out: dict = {"offload_ratio": None, "kv_use": {}, "attn_kv_bytes": {},
+                 "prefix_hit_tokens": 0.0, "prefix_prefill_tokens": 0.0}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             inst = f"{s.labels.get('role', '')}{s.labels.get('index', '')}"
@@ -40,6 +43,10 @@ def parse_metrics(text: str) -> dict:
                 free[inst] = s.value
             elif s.name == "adrenaline_worker_attention_kv_bytes_read" and inst.startswith("executor"):
                 out["attn_kv_bytes"][inst] = s.value
+            elif s.name == "adrenaline_worker_prefix_cache_hit_tokens":
+                out["prefix_hit_tokens"] += s.value
+            elif s.name == "adrenaline_worker_prefix_cache_prefill_tokens":
+                out["prefix_prefill_tokens"] += s.value
             elif s.name == "vllm:kv_cache_usage_perc":
                 out["kv_use"][f"vllm{s.labels.get('engine', '0')}"] = s.value
     for inst, u in used.items():
@@ -83,3 +90,22 @@ def add_bandwidth(samples: list[dict]) -> list[dict]:
                     s["attn_gbs"][inst] = max(0.0, b - prev["attn_kv_bytes"][inst]) / dt / 1e9
         prev = s
     return samples
+
+
+def scrape(base_url: str) -> dict | None:
+    """One synchronous sample (without ``t``); None when the server has no /metrics."""
+    import httpx
+
+    try:
+        resp = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    return parse_metrics(resp.text) if resp.status_code == 200 else None
+
+
+def prefix_hit_rate(before: dict | None, after: dict | None) -> float | None:
+    """Prefix cache hit rate in tokens between two samples (None: unknown or nothing prefilled)."""
+    if before is None or after is None:
+        return None
+    total = after["prefix_prefill_tokens"] - before["prefix_prefill_tokens"]
+    return (after["prefix_hit_tokens"] - before["prefix_hit_tokens"]) / total if total > 0 else None

@@ -12,6 +12,14 @@ last request's end. Meanwhile ``metrics_sampler`` scrapes the server's ``/metric
 ``--sample-interval`` s (offload ratio, KV use per instance, executor attention bandwidth);
 the samples go into the JSON row.
 
+Multi-turn (``--dataset multi-turn``, or ``sharegpt-multi-turn`` with ``--dataset-path``):
+``--num-conversations`` conversations of ``--turns`` turns each, started at ``--request-rate``
+conversations/s, turns ``--turn-gap-s`` apart (``serving_workloads.multi_turn_schedule``).
+``--prefix-compare`` runs it against three apps in turn, ``--num-prefill`` prefill + 1 decode
+instances: prefix caching off, on with the current placement, and on with placement by prefix
+(``PREFIX_SYSTEMS``), same requests and send times; each row has the prefix cache hit rate
+in tokens (from /metrics before and after the run).
+
 Sweep mode (``--sweep-rates 0.5,1,2 --systems none,static,load_aware,vllm``) starts each system
 itself (``serving_sweep.py``: adrenaline apps in this process's Ray cluster, vLLM CPU's OpenAI
 server from its own venv), one after another, and runs the same requests at every rate; with
@@ -30,14 +38,24 @@ import socket
 import sys
 import time
 
-from adrenaline.bench.metrics_sampler import add_bandwidth, sample_metrics
+from adrenaline.bench.metrics_sampler import add_bandwidth, prefix_hit_rate, sample_metrics, scrape
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, ServingMetrics, Slo, compute_metrics
 from adrenaline.bench.serving_sweep import (ADRENALINE_SYSTEMS, VLLM_SYSTEM, Endpoint, Launcher,
                                             adrenaline_system, ray_serve, run_sweep, sweep_table)
 from adrenaline.bench.serving_workloads import (DatasetError, SampleRequest, arrival_offsets,
-                                               random_requests, sharegpt_requests,
+                                               history_fraction, multi_turn_conversations,
+                                               multi_turn_schedule, random_requests,
+                                               sharegpt_multi_turn, sharegpt_requests,
                                                synthetic_sharegpt_requests)
+
+# Prefix-compare mode: the same app three ways (policy least_loaded, no executor).
+PREFIX_SYSTEMS: dict[str, tuple[bool, bool]] = {  # name -> (prefix caching, placement by prefix)
+    "cache_off": (False, False),
+    "cache_on": (True, False),
+    "cache_prefix": (True, True),
+}
+
 
 def sweep_app_args(args, system: str) -> dict:
     """A KV-capacity-bound 1P1D layout: the decode budget caps its batch; the
@@ -118,12 +136,15 @@ async def send_request(client, url: str, model: str, req: SampleRequest) -> Requ
 async def run_benchmark(base_url: str, model: str, requests: list[SampleRequest],
                         request_rate: float = math.inf, burstiness: float = 1.0,
                         max_concurrency: int | None = None, seed: int = 0,
-                        progress: bool = True) -> tuple[list[RequestTimeline], float]:
-    """Send ``requests`` on the arrival schedule; (timelines in request order, duration s)."""
+                        progress: bool = True, offsets: list[float] | None = None
+                        ) -> tuple[list[RequestTimeline], float]:
+    """Send ``requests`` on the arrival schedule (``offsets`` when given, else paced by
+    ``request_rate``); (timelines in request order, duration s)."""
     import httpx
 
     url = base_url.rstrip("/") + "/v1/completions"
-    offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
+    if offsets is None:
+        offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = _Progress(len(requests), disable=not progress)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -144,6 +165,28 @@ async def run_benchmark(base_url: str, model: str, requests: list[SampleRequest]
         duration = time.perf_counter() - t0
     bar.close()
     return list(timelines), duration
+
+
+def build_workload(args) -> tuple[list[SampleRequest], list[float] | None]:
+    """(requests, send offsets): multi-turn datasets fix the offsets; the others get None
+    (paced by --request-rate)."""
+    if args.dataset == "multi-turn":
+        vocab = args.vocab_size or _vocab_size(args.tokenizer or args.model)
+        convs = multi_turn_conversations(args.num_conversations, args.turns, vocab,
+                                         args.system_len, args.user_len, args.answer_len,
+                                         args.output_len, args.seed)
+    elif args.dataset == "sharegpt-multi-turn":
+        if not args.dataset_path:
+            raise SystemExit("--dataset sharegpt-multi-turn needs --dataset-path")
+        try:
+            convs = sharegpt_multi_turn(args.dataset_path, args.num_conversations, args.turns,
+                                        _encoder(args), seed=args.seed)
+        except DatasetError as e:
+            raise SystemExit(str(e)) from None
+    else:
+        return build_requests(args), None
+    return multi_turn_schedule(convs, args.request_rate, args.turn_gap_s, args.burstiness,
+                               args.seed)
 
 
 def build_requests(args) -> list[SampleRequest]:
@@ -212,7 +255,8 @@ def _result(args, rate: float, m: ServingMetrics, timelines: list[RequestTimelin
             "errors": [t.error for t in timelines if t.error][:20]}
 
 
-async def _run_sampled(args, ep: Endpoint, requests: list[SampleRequest], rate: float
+async def _run_sampled(args, ep: Endpoint, requests: list[SampleRequest], rate: float,
+                       offsets: list[float] | None = None
                        ) -> tuple[list[RequestTimeline], float, list[dict]]:
     """run_benchmark while ``metrics_sampler`` scrapes the server every --sample-interval s."""
     import httpx
@@ -226,7 +270,7 @@ async def _run_sampled(args, ep: Endpoint, requests: list[SampleRequest], rate: 
         try:
             timelines, duration = await run_benchmark(
                 ep.base_url, ep.model, requests, rate, args.burstiness, args.max_concurrency,
-                args.seed, progress=not args.no_progress)
+                args.seed, progress=not args.no_progress, offsets=offsets)
         finally:
             stop.set()
         samples = await sampler if sampler is not None else []
@@ -234,12 +278,71 @@ async def _run_sampled(args, ep: Endpoint, requests: list[SampleRequest], rate: 
 
 
 def bench_rate(args, requests: list[SampleRequest], slo: Slo, ep: Endpoint, rate: float,
-               title: str = "") -> dict:
-    """One run of ``requests`` at ``rate`` against ``ep``: a result row (metrics, samples)."""
-    timelines, duration, samples = asyncio.run(_run_sampled(args, ep, requests, rate))
+               title: str = "", offsets: list[float] | None = None) -> dict:
+    """One run of ``requests`` at ``rate`` (or at ``offsets``) against ``ep``: a result row
+    (metrics, samples, and the prefix cache hit rate in tokens where the server exports it)."""
+    before = scrape(ep.base_url)
+    timelines, duration, samples = asyncio.run(_run_sampled(args, ep, requests, rate, offsets))
+    hit_rate = prefix_hit_rate(before, scrape(ep.base_url))
     m = compute_metrics(timelines, duration, slo)
     print_table(m, title or "Serving Benchmark Result")
-    return {**_result(args, rate, m, timelines), "samples": samples}
+    if hit_rate is not None:
+        print(f"{'Prefix cache hit rate (tokens)':<40}{hit_rate:>12.3f}")
+    return {**_result(args, rate, m, timelines), "samples": samples,
+            "prefix_hit_rate": hit_rate}
+
+
+def prefix_app_args(args, caching: bool, by_prefix: bool) -> dict:
+    """Prefix-compare layout: --num-prefill prefill + 1 decode instances, no executor."""
+    engine = {"num_threads": 1, "enable_prefix_caching": caching}
+    return {"model": args.model, "dtype": args.dtype, "policy": "least_loaded",
+            "policy_options": {"prefix_placement": by_prefix},
+            "prefill": {"num_instances": args.num_prefill,
+                        "engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
+            "decode": {"engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens}},
+            "executor": {"enabled": False}}
+
+
+def prefix_compare(args, requests: list[SampleRequest], offsets: list[float] | None, slo: Slo
+                   ) -> tuple[list[dict], dict[str, str]]:
+    """The three PREFIX_SYSTEMS, one after another, on the same requests and send times."""
+    port = _free_port()
+    launchers = {name: functools.partial(adrenaline_system, prefix_app_args(args, *flags),
+                                         name, port, args.model)
+                 for name, flags in PREFIX_SYSTEMS.items()}
+    # Warm-up prompts share no prefix with the workload, so no system starts with it cached.
+    lens = sorted({r.prompt_len for r in requests})[:2]
+    vocab = args.vocab_size or _vocab_size(args.tokenizer or args.model)
+    warm = [random_requests(1, n, 4, vocab, seed=10_000 + i)[0] for i, n in enumerate(lens)]
+
+    def warmup(ep: Endpoint) -> None:
+        asyncio.run(run_benchmark(ep.base_url, ep.model, warm, progress=False))
+
+    def bench(system: str, ep: Endpoint, rate: float) -> dict:
+        return bench_rate(args, requests, slo, ep, rate, title=system, offsets=offsets)
+
+    with ray_serve(args.num_cpus, port):
+        return run_sweep(launchers, [args.request_rate], bench, warmup)
+
+
+def prefix_table(rows: list[dict]) -> str:
+    """Prefix-compare rows as a markdown table, with TTFT p50 relative to caching off."""
+    base = next((r["metrics"]["ttft_p50_ms"] for r in rows if r["system"] == "cache_off"), None)
+    head = ("| system | TTFT p50 ms | TTFT p99 ms | req/s | output tok/s | TPOT p50 ms | "
+            "prefix hit rate | off / this, TTFT p50 |")
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for r in rows:
+        m = r["metrics"]
+        ratio = base / m["ttft_p50_ms"] if base and m["ttft_p50_ms"] else None
+        lines.append(f"| {r['system']} | {m['ttft_p50_ms']:.0f} | {m['ttft_p99_ms']:.0f} | "
+                     f"{m['request_throughput']:.2f} | {m['output_throughput']:.1f} | "
+                     f"{m['tpot_p50_ms']:.1f} | {_fmt(r.get('prefix_hit_rate'), '.3f')} | "
+                     f"{_fmt(ratio, '.2f')}{'x' if ratio else ''} |")
+    return "\n".join(lines)
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def sweep_launchers(args, port: int) -> dict[str, Launcher]:
@@ -300,7 +403,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab-size", type=int, default=None)
     ap.add_argument("--dtype", default="auto", help="sweep mode: the app's dtype")
     ap.add_argument("--num-prompts", type=int, default=32)
-    ap.add_argument("--dataset", choices=["random", "sharegpt-synthetic", "sharegpt"], default="random")
+    ap.add_argument("--dataset", default="random",
+                    choices=["random", "sharegpt-synthetic", "sharegpt", "multi-turn",
+                             "sharegpt-multi-turn"])
     ap.add_argument("--dataset-path", default=None)
     ap.add_argument("--sharegpt-output-len", type=int, default=None)
     ap.add_argument("--input-len", type=int, default=128, help="random: mean; synthetic: median")
@@ -317,7 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--systems", default="none,static,load_aware",
                     help="sweep mode: none, static, load_aware (adrenaline policies), vllm")
     ap.add_argument("--num-cpus", type=int, default=2, help="sweep mode: ray.init num_cpus")
-    ap.add_argument("--decode-kv-tokens", type=int, default=1536, help="sweep mode")
+    ap.add_argument("--decode-kv-tokens", type=int, default=None,
+                    help="sweep mode (default 1536: KV-bound); prefix-compare (default 16384)")
     ap.add_argument("--prefill-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--executor-kv-tokens", type=int, default=8192, help="sweep mode")
     ap.add_argument("--vllm-dtype", default="bfloat16", help="sweep mode: vLLM's --dtype")
@@ -325,32 +431,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vllm-cpus", default=None,
                     help="sweep mode: CPUs vLLM's OpenMP threads bind to, e.g. 1 (default: all)")
     ap.add_argument("--plot-dir", default="docs", help="sweep mode: where figures go")
+    ap.add_argument("--num-conversations", type=int, default=12, help="multi-turn")
+    ap.add_argument("--turns", type=int, default=5, help="multi-turn: turns per conversation")
+    ap.add_argument("--system-len", type=int, default=128, help="multi-turn: shared system prompt")
+    ap.add_argument("--user-len", type=int, default=64, help="multi-turn: tokens per user message")
+    ap.add_argument("--answer-len", type=int, default=48,
+                    help="multi-turn: tokens of each earlier answer in the history")
+    ap.add_argument("--turn-gap-s", type=float, default=8.0, help="multi-turn: s between turns")
+    ap.add_argument("--prefix-compare", action="store_true",
+                    help="run the workload on caching off / on / on + placement by prefix")
+    ap.add_argument("--num-prefill", type=int, default=2, help="prefix-compare: prefill instances")
     ap.add_argument("--sample-interval", type=float, default=1.0,
                     help="seconds between /metrics scrapes during a run (0: none)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.model is None:
-        args.model = "small" if args.sweep_rates else "tiny"
+        args.model = "small" if args.sweep_rates or args.prefix_compare else "tiny"
+    if args.decode_kv_tokens is None:  # prefix-compare: decode must not be the bottleneck
+        args.decode_kv_tokens = 16384 if args.prefix_compare else 1536
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    requests = build_requests(args)
+    if args.sweep_rates and args.dataset.endswith("multi-turn"):
+        raise SystemExit("multi-turn datasets fix their own send times: use --request-rate "
+                         "(conversations/s), with --prefix-compare or against --base-url")
+    requests, offsets = build_workload(args)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
-    result = {**result_header("serving"), "model": args.model,
-              "workload": {"dataset": args.dataset, "num_prompts": len(requests),
-                           "input_len": args.input_len, "output_len": args.output_len,
-                           "range_ratio": args.range_ratio, "seed": args.seed},
+    workload = {"dataset": args.dataset, "num_prompts": len(requests),
+                "input_len": args.input_len, "output_len": args.output_len,
+                "range_ratio": args.range_ratio, "seed": args.seed}
+    if offsets is not None:
+        workload.update(num_conversations=args.num_conversations, turns=args.turns,
+                        system_len=args.system_len, user_len=args.user_len,
+                        answer_len=args.answer_len, turn_gap_s=args.turn_gap_s,
+                        conversation_rate=args.request_rate,
+                        mean_prompt_len=sum(r.prompt_len for r in requests) / len(requests),
+                        history_fraction=history_fraction(requests))
+    result = {**result_header("serving"), "model": args.model, "workload": workload,
               "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms}}
-    if args.sweep_rates:
+    if args.prefix_compare:
+        result["layout"] = {"num_prefill": args.num_prefill, "num_decode": 1,
+                            "prefill_kv_tokens": args.prefill_kv_tokens,
+                            "decode_kv_tokens": args.decode_kv_tokens}
+        result["rows"], result["skipped"] = prefix_compare(args, requests, offsets, slo)
+    elif args.sweep_rates:
         result["rows"], result["skipped"] = sweep(args, requests, slo)
     else:
         ep = Endpoint(args.base_url, args.served_model or args.model)
-        result.update(bench_rate(args, requests, slo, ep, args.request_rate))
+        result.update(bench_rate(args, requests, slo, ep, args.request_rate, offsets=offsets))
     write_result(result, args.out)
-    if args.sweep_rates:
+    if args.prefix_compare:
+        print(prefix_table(result["rows"]))
+    elif args.sweep_rates:
         print(sweep_table(result["rows"]))
         try:
             from adrenaline.bench.plots import plot_sweep

@@ -18,6 +18,22 @@ Datasets (every sampler is deterministic given its seed):
   shorter than 4 tokens, prompt over 1024 or prompt + output over 2048 tokens are dropped;
   the rest are shuffled with the seed and the first ``num_prompts`` kept.
 
+- ``multi-turn``: synthetic conversations. Every conversation starts with the same
+  ``system_len``-token system prompt; turn k's prompt is the conversation so far (system
+  prompt, earlier user messages of ``user_len`` tokens, earlier answers of ``answer_len``
+  tokens) plus a new ``user_len``-token message, and asks for ``output_len`` tokens. So
+  every turn after the first repeats the previous prompt whole as its prefix.
+  ``history_fraction`` reports the share of prompt tokens that precede the new message.
+- ``sharegpt-multi-turn``: the same from a ShareGPT file: conversations with at least
+  ``turns`` human/gpt pairs; turn k's prompt is the text of every earlier turn plus the k-th
+  human message (joined by newlines), its output length the k-th reply's token count.
+  Conversations whose last prompt + output exceeds ``max_model_len`` are dropped.
+
+Multi-turn arrivals (``multi_turn_schedule``): conversation c starts at the c-th offset of
+``arrival_offsets(conversation_rate)`` and sends turn k at start + k * ``turn_gap_s``: a
+fixed schedule, so every system gets the same requests at the same times (open loop; the
+gap stands for the user's reading and typing).
+
 Arrivals (vLLM's ``get_request``): with rate ``inf`` every request starts at 0; otherwise the
 gaps are Gamma(shape=burstiness, scale=1 / (rate * burstiness)) -- mean 1 / rate for every
 burstiness, burstiness 1 is a Poisson process, < 1 burstier, > 1 more regular.
@@ -45,6 +61,7 @@ class SampleRequest:
     prompt: list[int] | str
     prompt_len: int
     output_len: int
+    history_len: int = 0  # multi-turn: prompt tokens before the new message (earlier turns)
 
 
 def _uniform_lens(rng: np.random.Generator, n: int, mean: int, range_ratio: float) -> list[int]:
@@ -157,3 +174,83 @@ def arrival_offsets(num: int, request_rate: float, burstiness: float = 1.0, seed
     rng = np.random.default_rng(seed)
     gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num)
     return [0.0] + [float(x) for x in np.cumsum(gaps[:-1])]
+
+
+def multi_turn_conversations(num_conversations: int, turns: int, vocab_size: int,
+                             system_len: int = 128, user_len: int = 96, answer_len: int = 32,
+                             output_len: int = 32, seed: int = 0) -> list[list[SampleRequest]]:
+    """Synthetic conversations (see the module docstring); one request list per conversation."""
+    if num_conversations <= 0 or turns <= 0:
+        raise ValueError("num_conversations and turns must be > 0")
+    rng = np.random.default_rng(seed)
+    system = _token_ids(rng, system_len, vocab_size)
+    convs = []
+    for _ in range(num_conversations):
+        history, reqs = list(system), []
+        for _ in range(turns):
+            prompt = history + _token_ids(rng, user_len, vocab_size)
+            reqs.append(SampleRequest(prompt, len(prompt), output_len, history_len=len(history)))
+            history = prompt + _token_ids(rng, answer_len, vocab_size)
+        convs.append(reqs)
+    return convs
+
+
+def load_sharegpt_conversations(path: str) -> list[list[str]]:
+    """Every conversation's turn texts, human and gpt alternating (see load_sharegpt)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read ShareGPT file {path}: {e}") from None
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: a ShareGPT file is a JSON list of conversations")
+    out = []
+    for i, entry in enumerate(data):
+        conv = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(conv, list):
+            raise DatasetError(f"{path}: entry {i} has no \"conversations\" list")
+        texts = [t.get("value") if isinstance(t, dict) else None for t in conv]
+        if any(not isinstance(t, str) for t in texts):
+            raise DatasetError(f"{path}: entry {i} has a turn without a string \"value\"")
+        out.append(texts)
+    return out
+
+
+def sharegpt_multi_turn(path: str, num_conversations: int, turns: int,
+                        encode: Callable[[str], list[int]], max_model_len: int = 2048,
+                        seed: int = 0) -> list[list[SampleRequest]]:
+    """Text multi-turn conversations from a ShareGPT file (see the module docstring)."""
+    convs = [c for c in load_sharegpt_conversations(path) if len(c) >= 2 * turns]
+    random.Random(seed).shuffle(convs)
+    out: list[list[SampleRequest]] = []
+    for texts in convs:
+        if len(out) == num_conversations:
+            break
+        reqs, history = [], ""
+        for k in range(turns):
+            prompt = history + texts[2 * k]
+            prompt_len, output_len = len(encode(prompt)), len(encode(texts[2 * k + 1]))
+            reqs.append(SampleRequest(prompt, prompt_len, max(output_len, MIN_TOKENS),
+                                      history_len=len(encode(history)) if history else 0))
+            history = prompt + "\n" + texts[2 * k + 1] + "\n"
+        if reqs[-1].prompt_len + reqs[-1].output_len <= max_model_len:
+            out.append(reqs)
+    return out
+
+
+def multi_turn_schedule(convs: list[list[SampleRequest]], conversation_rate: float,
+                        turn_gap_s: float, burstiness: float = 1.0, seed: int = 0
+                        ) -> tuple[list[SampleRequest], list[float]]:
+    """(requests, send offsets) sorted by offset: conversation starts paced by
+    ``arrival_offsets``, turn k at start + k * turn_gap_s."""
+    starts = arrival_offsets(len(convs), conversation_rate, burstiness, seed)
+    timed = sorted(((start + k * turn_gap_s, c, k, req) for c, (start, conv) in
+                    enumerate(zip(starts, convs)) for k, req in enumerate(conv)),
+                   key=lambda x: x[:3])
+    return [x[3] for x in timed], [x[0] for x in timed]
+
+
+def history_fraction(requests: list[SampleRequest]) -> float:
+    """Share of all prompt tokens that repeat earlier turns (0 for no requests)."""
+    total = sum(r.prompt_len for r in requests)
+    return sum(r.history_len for r in requests) / total if total else 0.0

@@ -12,6 +12,12 @@ An n-choice request (params.n > 1) is prefilled once: its ``choices`` (ids
 ``choice_request_id(id, i)``) are sampled from its logits and held sharing its
 blocks; the blocks are freed when the last choice is released.
 
+With prefix caching on (EngineConfig.enable_prefix_caching, the default), a
+prefill computes only the tokens after the longest cached prefix, every
+full block is registered in the cache once its KV is written, and a freed
+block keeps its content until its memory is needed (engine/block_manager.py).
+A prefill role therefore keeps a handed-off request's full blocks as cached.
+
 Disaggregated roles reuse these pieces: a prefill worker runs only the
 prefill step and hands the KV off (to a decode worker, or to its colocated
 attention executor when the request is offloaded); a decode worker adopts
@@ -91,7 +97,8 @@ class EngineCore:
             from adrenaline.kernels.flashinfer_ops import FlashInferOps
             self.model.use_ops(FlashInferOps())
         self.num_kv_blocks = num_blocks_for_budget(config, mc, self.dtype)
-        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size,
+                                          enable_caching=config.enable_prefix_caching)
         graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs)
         on_cuda = graph_batch > 0 and self.device.type == "cuda"
         # One scratch block past the block manager's range: graph padding rows write there.
@@ -211,6 +218,9 @@ class EngineCore:
         if plan is None or not plan.requests:
             return []
         tokens, logprobs = self.runner.execute(plan)
+        for req in plan.requests:
+            if not req.is_offloaded:  # its full blocks' KV is written: cache them
+                self.block_manager.cache_blocks(req.request_id, req.token_ids, req.num_tokens)
         # A choice's prompt KV is its n-choice request's (computed this step) too.
         for req, token, lp in zip(sampled_requests(plan.requests), tokens, logprobs):
             req.num_computed = req.num_tokens

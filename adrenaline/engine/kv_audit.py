@@ -5,6 +5,13 @@ considers live (prefill: queued, prefilling or held requests; decode: running
 requests that are not offloaded; executor: adopted handles). The result is a
 ``KVReport`` whose ``problems`` name every violation; an empty list is the
 invariant holding. It is read-only: an audit never frees anything.
+
+With prefix caching a page may be shared by several live requests (its
+reference count says how many), and a free page may still hold a cached
+prefix block: the report counts those (``num_cached``: pages holding a
+cached block, in use or not; ``num_evictable``: free pages among them), and
+the block manager's own check verifies the reference counts and the cache's
+maps.
 """
 
 from __future__ import annotations
@@ -30,4 +37,5 @@ def audit_kv(role: str, index: int, bm: BlockManager, live: set[str],
     for seq in sorted(must_own - set(owners)):
         problems.append(f"live request {seq!r} holds no pages")
     return KVReport(role=role, index=index, num_blocks=bm.num_blocks,
-                    num_free=bm.num_free_blocks, owners=owners, problems=problems)
+                    num_free=bm.num_free_blocks, owners=owners, problems=problems,
+                    num_cached=bm.num_cached_blocks, num_evictable=bm.num_evictable_blocks)

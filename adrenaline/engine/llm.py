@@ -20,7 +20,8 @@ class LLM:
     ``model`` is a built-in name ("tiny", "small") or a local HF-format
     directory; ``engine_options`` are EngineConfig fields (block_size,
     kv_cache_tokens, kv_cache_bytes, max_num_seqs, max_num_batched_tokens,
-    max_model_len, num_threads, seed, attention_backend).
+    max_model_len, num_threads, seed, attention_backend, enable_prefix_caching:
+    on by default, a prompt reuses the KV of its longest cached prefix).
     """
 
     def __init__(self, model: str = "tiny", *, dtype: str = "auto", device: str = "auto",

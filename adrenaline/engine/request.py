@@ -40,6 +40,7 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # of its latest prefill, tokens whose KV came from the prefix cache
     # Offloaded: decode attention (and all KV) lives on attention executor ``executor``,
     # which knows the request as ``remote_handle``; this engine holds no blocks for it.
     executor: int | None = None

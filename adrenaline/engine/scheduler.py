@@ -5,6 +5,12 @@ requests when any fit (prefill first keeps TTFT low), else one decode token
 for every running request. When decode runs out of KV blocks the newest
 running request is preempted: its blocks are freed and it goes back to the
 front of the queue, to be prefilled again over all its tokens.
+
+Prefix caching (when the block manager has it on): a request admitted to
+prefill shares the cached blocks of its longest cached full-block prefix and
+computes only the tokens after it. At least one token is always computed
+(its logits give the first sample), so a prompt cached whole recomputes its
+last block.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order
         self.num_preemptions = 0  # total since start, for metrics and tests
+        # Prefix cache use since start: tokens prefilled (cached or computed), and of
+        # those, tokens whose KV came from the cache.
+        self.num_prefill_tokens = 0
+        self.num_cached_tokens = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -59,22 +69,28 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             req = self.waiting[0]
+            # At least one token is computed: never the whole sequence from the cache.
+            cached = self.bm.match_prefix(req.token_ids, (req.num_tokens - 1) // self.bm.block_size)
+            num_cached = len(cached) * self.bm.block_size
             # A prompt longer than the budget still runs, alone.
-            if admitted and req.num_tokens > budget:
+            if admitted and req.num_tokens - num_cached > budget:
                 break
-            if not self.bm.can_allocate(req.num_tokens):
+            if not self.bm.can_allocate(req.num_tokens, cached):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.bm.allocate(req.request_id, req.num_tokens)
+            self.bm.allocate(req.request_id, req.num_tokens, cached)
             req.status = RequestStatus.RUNNING
-            req.num_computed = 0
+            req.num_computed = num_cached
+            req.num_cached_tokens = num_cached
+            self.num_prefill_tokens += req.num_tokens
+            self.num_cached_tokens += num_cached
             admitted.append(req)
-            budget -= req.num_tokens
+            budget -= req.num_tokens - num_cached
         if not admitted:
             return None
         self.running.extend(admitted)
-        return SchedulerOutput(True, admitted, [r.num_tokens for r in admitted],
-                               [0] * len(admitted))
+        return SchedulerOutput(True, admitted, [r.num_tokens - r.num_computed for r in admitted],
+                               [r.num_computed for r in admitted])
 
     def _schedule_decode(self) -> SchedulerOutput:
         # Offloaded requests hold no blocks here (their KV grows on an executor), so

@@ -5,6 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from adrenaline.config import ConfigError
+from adrenaline.engine.block_hash import block_hashes
+from adrenaline.policy.prefix import PrefixIndex, choose_prefill
 from adrenaline.protocol import GenerateRequest
 
 
@@ -26,6 +29,28 @@ class ClusterLoad:
     executor_active: list[int] = field(default_factory=list)
     executor_reserved_tokens: list[int] = field(default_factory=list)
     executor_capacity_tokens: list[int] = field(default_factory=list)
+    # Prefix caching on the prefill instances (empty when it is off there): what each
+    # holds (policy/prefix.py), and the uncached prompt tokens placed on each and not
+    # yet prefilled (the work queued there).
+    prefill_prefix: list[PrefixIndex] = field(default_factory=list)
+    prefill_queued_tokens: list[int] = field(default_factory=list)
+
+    def prompt_block_hashes(self, req: GenerateRequest) -> list[int]:
+        """The prompt's full-block hashes, as the prefill instances key their caches."""
+        if not self.prefill_prefix:
+            return []
+        return block_hashes(req.prompt_token_ids, self.prefill_prefix[0].block_size)
+
+    def cached_prefix_tokens(self, req: GenerateRequest) -> list[int]:
+        """Per prefill instance: prompt tokens it holds cached, by the router's record
+        (all zeros when prefix caching is off). At most prompt - 1: one is always computed."""
+        n_p = len(self.prefill_inflight)
+        if not self.prefill_prefix:
+            return [0] * n_p
+        hashes = self.prompt_block_hashes(req)
+        bs = self.prefill_prefix[0].block_size
+        cap = len(req.prompt_token_ids) - 1
+        return [min(idx.match(hashes) * bs, cap // bs * bs) for idx in self.prefill_prefix]
 
     def executor_fits(self, i: int, tokens: int) -> bool:
         return (bool(self.executor_capacity_tokens)
@@ -56,11 +81,32 @@ class PlacementPolicy(ABC):
 
     ``options`` come from the app args' ``policy_options``; ``profile`` (optional) is
     what the cluster measured at start-up (see policy/profile.py).
+
+    Placement by prefix is part of the interface: ``prefer_cached_prefill`` turns a
+    policy's own prefill choice into the instance that already holds the longest
+    cached prefix of the prompt, under the balance rule of policy/prefix.py. Every
+    built-in policy calls it; options ``prefix_placement`` (default true) and
+    ``prefix_balance`` (default 1.0) tune it.
     """
 
     def __init__(self, options: dict | None = None, profile=None):
         self.options = dict(options or {})
         self.profile = profile
+        self.prefix_placement = bool(self.options.pop("prefix_placement", True))
+        self.prefix_balance = float(self.options.pop("prefix_balance", 1.0))
+        if self.prefix_balance < 0:
+            raise ConfigError(f"policy_options.prefix_balance: must be >= 0, "
+                              f"got {self.prefix_balance}")
+
+    def prefer_cached_prefill(self, req: GenerateRequest, load: ClusterLoad, default: int,
+                              candidates: list[int] | None = None) -> int:
+        """``default`` (the policy's own choice), or, by the balance rule, the instance
+        (among ``candidates``) holding the longest cached prefix of the prompt."""
+        if not self.prefix_placement or not load.prefill_prefix:
+            return default
+        return choose_prefill(len(req.prompt_token_ids), load.cached_prefix_tokens(req),
+                              load.prefill_queued_tokens, default, self.prefix_balance,
+                              candidates)
 
     @abstractmethod
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement: ...

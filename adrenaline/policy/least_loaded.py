@@ -9,4 +9,4 @@ from adrenaline.protocol import GenerateRequest
 class LeastLoaded(PlacementPolicy):
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement:
         prefill, decode = least_loaded(load)
-        return Placement(prefill=prefill, decode=decode)
+        return Placement(prefill=self.prefer_cached_prefill(req, load, prefill), decode=decode)

@@ -15,29 +15,41 @@ Invariant: after ``released`` every counter the request touched is back where it
 from __future__ import annotations
 
 from adrenaline.policy.base import ClusterLoad, Placement
+from adrenaline.policy.prefix import PrefixIndex
 
 
 def new_cluster_load(num_prefill: int, decode_capacity_tokens: list[int],
-                     executor_capacity_tokens: list[int]) -> ClusterLoad:
-    """All-idle load of a cluster (executor lists empty when offloading is off)."""
+                     executor_capacity_tokens: list[int],
+                     prefill_prefix: list[PrefixIndex] | None = None) -> ClusterLoad:
+    """All-idle load of a cluster (executor lists empty when offloading is off;
+    ``prefill_prefix``: one empty record per prefill instance, None when prefix caching
+    is off there)."""
     n_d, n_e = len(decode_capacity_tokens), len(executor_capacity_tokens)
+    prefixes = list(prefill_prefix or [])
     return ClusterLoad(prefill_inflight=[0] * num_prefill, decode_active=[0] * n_d,
                        decode_reserved_tokens=[0] * n_d,
                        decode_capacity_tokens=list(decode_capacity_tokens),
                        decode_pending_tokens=[0] * n_d,
                        executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
-                       executor_capacity_tokens=list(executor_capacity_tokens))
+                       executor_capacity_tokens=list(executor_capacity_tokens),
+                       prefill_prefix=prefixes,
+                       prefill_queued_tokens=[0] * num_prefill if prefixes else [])
 
 
-def placed(load: ClusterLoad, where: Placement, reserved: int) -> None:
-    """At placement: one more prefill in flight; its KV pending on the decode instance."""
+def placed(load: ClusterLoad, where: Placement, reserved: int, prefill_tokens: int = 0) -> None:
+    """At placement: one more prefill in flight, ``prefill_tokens`` prompt tokens queued for
+    it to compute (its cached prefix excluded); its KV pending on the decode instance."""
     load.prefill_inflight[where.prefill] += 1
+    if load.prefill_queued_tokens:
+        load.prefill_queued_tokens[where.prefill] += prefill_tokens
     load.decode_pending_tokens[where.decode] += reserved
 
 
-def prefilled(load: ClusterLoad, where: Placement) -> None:
+def prefilled(load: ClusterLoad, where: Placement, prefill_tokens: int = 0) -> None:
     """Its prefill returned (first token, or an error)."""
     load.prefill_inflight[where.prefill] -= 1
+    if load.prefill_queued_tokens:
+        load.prefill_queued_tokens[where.prefill] -= prefill_tokens
 
 
 def admitted(load: ClusterLoad, decision: Placement, reserved: int) -> None:

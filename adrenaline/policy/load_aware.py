@@ -40,7 +40,7 @@ class LoadAware(PlacementPolicy):
 
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement:
         prefill, decode = least_loaded(load)
-        return Placement(prefill=prefill, decode=decode)
+        return Placement(prefill=self.prefer_cached_prefill(req, load, prefill), decode=decode)
 
     def admit(self, req: GenerateRequest, where: Placement, load: ClusterLoad) -> Placement | None:
         tokens = self.request_tokens(req)

@@ -22,14 +22,20 @@ from adrenaline.app_config import LimitsConfig
 from adrenaline.errors import OverloadedError
 from adrenaline.policy import ClusterLoad, Placement, PlacementPolicy
 from adrenaline.policy import load as load_moves
+from adrenaline.policy.prefix import PrefixIndex
 from adrenaline.protocol import GenerateRequest
 from adrenaline.serve.recovery import Restart
 
 
 def new_load(cluster: Cluster) -> ClusterLoad:
+    # The router's record of each prefill instance's prefix cache starts empty, like the
+    # instances' caches; none when prefix caching is off there.
+    caching = all(i.prefix_caching for i in cluster.prefill_info)
     return load_moves.new_cluster_load(
         len(cluster.prefill), [i.num_kv_blocks * i.block_size for i in cluster.decode_info],
-        cluster.executor_capacity_tokens)
+        cluster.executor_capacity_tokens,
+        [PrefixIndex(i.num_kv_blocks, i.block_size) for i in cluster.prefill_info]
+        if caching else None)
 
 
 class Admission:
@@ -54,13 +60,15 @@ class Admission:
         raise OverloadedError(f"the server is overloaded: {why}; retry later",
                               retry_after_s=lim.retry_after_s)
 
-    def placed(self, load: ClusterLoad, where: Placement, reserved: int) -> None:
-        """Pending load is counted at placement, so placements made meanwhile see it."""
-        load_moves.placed(load, where, reserved)
+    def placed(self, load: ClusterLoad, where: Placement, reserved: int,
+               prefill_tokens: int = 0) -> None:
+        """Pending load is counted at placement, so placements made meanwhile see it.
+        ``prefill_tokens``: the prompt tokens the prefill instance is expected to compute."""
+        load_moves.placed(load, where, reserved, prefill_tokens)
         self.num_queued += 1
 
-    def prefilled(self, load: ClusterLoad, where: Placement) -> None:
-        load_moves.prefilled(load, where)
+    def prefilled(self, load: ClusterLoad, where: Placement, prefill_tokens: int = 0) -> None:
+        load_moves.prefilled(load, where, prefill_tokens)
 
     async def wait(self, policy: PlacementPolicy, req: GenerateRequest, where: Placement,
                    load: ClusterLoad, is_current: Callable[[], bool]) -> Placement:

@@ -16,6 +16,12 @@ one), so several Ingress instances in one process (tests) do not collide.
   running on decode instances whose attention is offloaded onto an executor (sum of decode
   ``num_offloaded`` / sum of decode ``num_running``; 0 while none runs, NaN after a failed
   poll), and per worker ``adrenaline_worker_kv_usage_ratio`` (KV blocks used / total).
+* Prefix cache, per prefill instance (role ``prefill``): ``adrenaline_worker_prefix_cache_hit_ratio``
+  (prompt tokens whose KV came from the cache / prompt tokens prefilled, since the worker
+  started; 0 before any), the two cumulative token counts behind it
+  (``..._prefix_cache_hit_tokens``, ``..._prefix_cache_prefill_tokens``: rate() them for a
+  windowed ratio) and ``adrenaline_worker_kv_blocks_cached`` (pages holding a cached prefix
+  block, in use or free).
 """
 
 from __future__ import annotations
@@ -86,9 +92,25 @@ class IngressMetrics:
         self.offload_ratio = Gauge("adrenaline_offload_ratio",
                                    "Share of running decode requests whose attention is "
                                    "offloaded onto an executor", registry=r)
+        self.prefix_hit_tokens = Gauge(
+            "adrenaline_worker_prefix_cache_hit_tokens",
+            "Prefill: prompt tokens whose KV came from the prefix cache (cumulative)",
+            _WORKER_LABELS, registry=r)
+        self.prefix_prefill_tokens = Gauge(
+            "adrenaline_worker_prefix_cache_prefill_tokens",
+            "Prefill: prompt tokens prefilled, cached or computed (cumulative)",
+            _WORKER_LABELS, registry=r)
+        self.prefix_hit_ratio = Gauge(
+            "adrenaline_worker_prefix_cache_hit_ratio",
+            "Prefill: prefix cache hit rate in tokens since the worker started",
+            _WORKER_LABELS, registry=r)
+        self.kv_cached = Gauge("adrenaline_worker_kv_blocks_cached",
+                               "Prefill: KV blocks holding a cached prefix block (used or free)",
+                               _WORKER_LABELS, registry=r)
         self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free,
                                self.offloaded, self.steps, self.busy, self.attn_bytes,
-                               self.remote_wait, self.kv_usage)
+                               self.remote_wait, self.kv_usage, self.prefix_hit_tokens,
+                               self.prefix_prefill_tokens, self.prefix_hit_ratio, self.kv_cached)
 
     def track(self, num_prompt_tokens: int, start: float | None = None) -> RequestTracker:
         """A tracker for one request that arrived at ``start`` (time.perf_counter())."""
@@ -111,6 +133,12 @@ class IngressMetrics:
             self.attn_bytes.labels(*labels).set(w.kv_bytes_read)
             self.remote_wait.labels(*labels).set(w.remote_wait_s)
             self.kv_usage.labels(*labels).set(w.kv_blocks_used / max(w.kv_blocks_total, 1))
+            if w.role == "prefill":
+                self.prefix_hit_tokens.labels(*labels).set(w.prefix_cached_tokens)
+                self.prefix_prefill_tokens.labels(*labels).set(w.prefill_tokens)
+                self.prefix_hit_ratio.labels(*labels).set(
+                    w.prefix_cached_tokens / w.prefill_tokens if w.prefill_tokens else 0.0)
+                self.kv_cached.labels(*labels).set(w.kv_blocks_cached)
         self.offload_ratio.set(float("nan") if workers is None else offload_ratio(workers))
 
     def render(self) -> bytes:

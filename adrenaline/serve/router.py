@@ -284,13 +284,15 @@ class Router:
             where = Placement(prefill=shared.prefill, decode=where.decode, offload=where.offload)
         p, d = where.prefill, where.decode
         reserved = len(req.prompt_token_ids) + req.params.max_tokens
+        # Prompt tokens prefill p is expected to compute (its cached prefix excluded).
+        uncached = len(req.prompt_token_ids) - load.cached_prefix_tokens(req)[p]
         prefill = cluster.prefill[p]
         offload, admitted = False, False
         on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
         self.num_placed += 1
         adm = self.admission
-        adm.placed(load, where, reserved)
+        adm.placed(load, where, reserved, uncached)
         try:
             try:
                 if shared is None:
@@ -298,7 +300,8 @@ class Router:
                 else:
                     pre = (await asyncio.shield(shared.task))[shared.index]
             finally:
-                adm.prefilled(load, where)
+                adm.prefilled(load, where, uncached)
+            self._record_prefix(load, p, req, pre)
             yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
                              finish_reason=pre.finish_reason)
@@ -356,6 +359,14 @@ class Router:
                     ended()
             else:
                 ended()
+
+    @staticmethod
+    def _record_prefix(load, p: int, req: GenerateRequest, pre) -> None:
+        """Prefill p now holds the prompt's full blocks, less what its step evicted."""
+        if load.prefill_prefix:
+            index = load.prefill_prefix[p]
+            index.remove(pre.evicted_hashes)
+            index.add(load.prompt_block_hashes(req))
 
     async def _handoff(self, cluster: Cluster, req: GenerateRequest, pre, p: int, d: int,
                        offload: bool) -> None:

@@ -63,6 +63,7 @@ def test_locust_headless(base_url, tmp_path):
     assert sum(int(r["Request Count"]) for r in completions) > 0
     for r in rows:
         assert int(r["Failure Count"]) == 0, (r, proc.stderr[-3000:])
+    assert any(r["Name"].startswith("multi-turn [turn") for r in rows), rows  # MultiTurnUser
     ttft = [r for r in rows if r["Type"] == "TTFT"]
     assert ttft and all(float(r["Average Response Time"]) > 0 for r in ttft)
     assert any(r["Type"] == "TPOT" for r in rows)

@@ -44,3 +44,19 @@ def test_gauges_follow_each_poll():
     assert ("adrenaline_worker_kv_usage_ratio", (("index", "0"), ("role", "executor"))) not in s
     m.set_workers(None)  # a failed poll: unknown, not 0
     assert math.isnan(_samples(m)[("adrenaline_offload_ratio", ())])
+
+
+def test_prefix_cache_gauges_per_prefill_instance():
+    m = IngressMetrics()
+    m.set_workers([WorkerMetrics(role="prefill", index=1, num_running=0, num_waiting=0,
+                                 kv_blocks_used=0, kv_blocks_total=8, prefill_tokens=400,
+                                 prefix_cached_tokens=300, kv_blocks_cached=5),
+                   _w("prefill", 0, running=0), _w("decode", 0, running=1)])
+    s = _samples(m)
+    p1, p0 = (("index", "1"), ("role", "prefill")), (("index", "0"), ("role", "prefill"))
+    assert s[("adrenaline_worker_prefix_cache_hit_ratio", p1)] == 0.75
+    assert s[("adrenaline_worker_prefix_cache_hit_tokens", p1)] == 300
+    assert s[("adrenaline_worker_prefix_cache_prefill_tokens", p1)] == 400
+    assert s[("adrenaline_worker_kv_blocks_cached", p1)] == 5
+    assert s[("adrenaline_worker_prefix_cache_hit_ratio", p0)] == 0.0  # nothing prefilled yet
+    assert ("adrenaline_worker_kv_blocks_cached", (("index", "0"), ("role", "decode"))) not in s

@@ -102,7 +102,22 @@ def test_parse_metrics_reads_vllm_and_skips_nan():
 
     s = parse_metrics('vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
                       "adrenaline_offload_ratio NaN\n")
-    assert s == {"offload_ratio": None, "kv_use": {"vllm0": 0.25}, "attn_kv_bytes": {}}
+    assert s == {"offload_ratio": None, "kv_use": {"vllm0": 0.25}, "attn_kv_bytes": {},
+                 "prefix_hit_tokens": 0.0, "prefix_prefill_tokens": 0.0}
+
+
+def test_prefix_hit_rate_between_two_scrapes():
+    from adrenaline.bench.metrics_sampler import parse_metrics, prefix_hit_rate
+
+    def text(hit0, total0, hit1, total1):
+        return "".join(f'adrenaline_worker_prefix_cache_{k}_tokens{{index="{i}",role="prefill"}} {v}\n'
+                       for i, k, v in [(0, "hit", hit0), (0, "prefill", total0),
+                                       (1, "hit", hit1), (1, "prefill", total1)])
+
+    before, after = parse_metrics(text(10, 100, 0, 50)), parse_metrics(text(310, 500, 90, 150))
+    assert after["prefix_hit_tokens"] == 400 and after["prefix_prefill_tokens"] == 650
+    assert prefix_hit_rate(before, after) == pytest.approx(390 / 500)
+    assert prefix_hit_rate(None, after) is None and prefix_hit_rate(after, after) is None
 
 
 def test_sweep_table(sweep_result):

@@ -108,3 +108,40 @@ def test_random_requests_lengths():
     assert all(50 <= r.prompt_len <= 150 and 10 <= r.output_len <= 30 for r in reqs)
     assert all(len(r.prompt) == r.prompt_len and 10 <= min(r.prompt) and max(r.prompt) < 290
                for r in reqs)
+
+
+def test_multi_turn_prompts_extend_the_previous_turn_and_schedule_is_fixed():
+    from adrenaline.bench.serving_workloads import (history_fraction, multi_turn_conversations,
+                                                    multi_turn_schedule)
+
+    convs = multi_turn_conversations(5, 4, vocab_size=4096, system_len=128, user_len=96,
+                                     answer_len=32, output_len=16, seed=1)
+    for conv in convs:
+        assert conv[0].prompt[:128] == convs[0][0].prompt[:128]  # one shared system prompt
+        for prev, cur in zip(conv, conv[1:]):
+            assert cur.prompt[:prev.prompt_len] == prev.prompt  # the whole previous prompt
+            assert cur.prompt_len == prev.prompt_len + 32 + 96 and cur.history_len == cur.prompt_len - 96
+    reqs, offsets = multi_turn_schedule(convs, conversation_rate=2.0, turn_gap_s=5.0, seed=1)
+    assert offsets == sorted(offsets) and len(reqs) == 20
+    again = multi_turn_schedule(multi_turn_conversations(5, 4, 4096, 128, 96, 32, 16, seed=1),
+                                2.0, 5.0, seed=1)
+    assert again[1] == offsets and [r.prompt for r in again[0]] == [r.prompt for r in reqs]
+    start = {id(c[0]): o for r, o in zip(reqs, offsets) for c in convs if r is c[0]}
+    for c in convs:  # turn k at the conversation's start + k * gap
+        k3 = offsets[[i for i, r in enumerate(reqs) if r is c[3]][0]]
+        assert abs(k3 - (start[id(c[0])] + 15.0)) < 1e-9
+    assert history_fraction(reqs) >= 0.75
+
+
+def test_sharegpt_multi_turn_builds_each_turn_on_the_text_before(tmp_path):
+    import json
+
+    from adrenaline.bench.serving_workloads import sharegpt_multi_turn
+
+    conv = [{"from": "human" if i % 2 == 0 else "gpt", "value": f"turn {i} " + "w " * 10}
+            for i in range(6)]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps([{"conversations": conv}, {"conversations": conv[:2]}]))
+    (reqs,) = sharegpt_multi_turn(str(path), 5, 3, encode=lambda t: t.split())
+    assert [r.prompt.count("turn") for r in reqs] == [1, 3, 5]
+    assert reqs[2].prompt.startswith(reqs[1].prompt) and reqs[0].history_len == 0
