@@ -46,7 +46,7 @@ def write_tokenizer(gguf: GGUFFile, out: Path) -> None:
                           "(only byte-level BPE, 'gpt2')")
     tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
     types: list[int] = gguf.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    tok = _byte_level_bpe(tokens, gguf.require("tokenizer.ggml.merges"),
+    tok = _byte_level_bpe(tokens, gguf.get("tokenizer.ggml.merges") or [],
                           gguf.get("tokenizer.ggml.pre", "default"), gguf.path)
     from tokenizers import AddedToken, processors
 
