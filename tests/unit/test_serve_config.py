@@ -9,6 +9,7 @@ import yaml
 
 from adrenaline import ConfigError
 from adrenaline.policy import make_policy
+from adrenaline.policy.profile import ClusterProfile
 from adrenaline.serve.config import parse_app_args
 
 CONFIGS = sorted((Path(__file__).parents[2] / "serve_configs").glob("*.yaml"))
@@ -21,7 +22,11 @@ def test_shipped_configs_validate(path):
     assert app["import_path"] == "adrenaline.serve.app:build_app"
     args = parse_app_args(app["args"])
     assert args.prefill.num_instances >= 1 and args.decode.num_instances >= 1
-    make_policy(args.policy)
+    # Any policy builds from its options (load_aware also needs a start-up profile).
+    profile = ClusterProfile(step_time_s={1: 0.01}, decode_bandwidth_gbs=[1.0],
+                             executor_bandwidth_gbs=[1.0], decode_capacity_tokens=[1024],
+                             executor_capacity_tokens=[1024])
+    make_policy(args.policy, dict(args.policy_options), profile)
 
 
 @pytest.mark.parametrize("args, field", [
@@ -68,3 +73,13 @@ def test_recompute_request_continues_after_streamed_tokens():
     assert again.prompt_token_ids == [1, 2, 3, 7, 8, 9, 10] and again.request_id == "r"
     assert again.params.max_tokens == 6 and again.params.temperature == 0
     assert req.prompt_token_ids == [1, 2, 3]  # the original is untouched
+
+
+def test_make_run_serves_the_real_model_with_offloading():
+    """`make run` (local.yaml): SmolLM2, one prefill + its executor + one decode, load_aware."""
+    path = Path(__file__).parents[2] / "serve_configs" / "local.yaml"
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    args = parse_app_args(app["args"])
+    assert args.model == "smollm2-135m-instruct" and args.policy == "load_aware"
+    assert args.executor.enabled
+    assert args.prefill.num_instances == 1 and args.decode.num_instances == 1
