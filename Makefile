@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README):
-#   make run   set up .venv and serve the built-in "tiny" model on 127.0.0.1:8000
+#   make run   set up .venv and serve SmolLM2-135M-Instruct (load_aware offloading) on 127.0.0.1:8000
 #   make test  set up .venv and run every test CI runs
 PY ?= python3
 VENV := .venv

@@ -94,3 +94,13 @@ def test_recompute_request_continues_after_streamed_tokens():
     assert again.output_token_ids == [7, 8, 9, 10] and again.params == req.params
     assert recompute_request(again, [11]).output_token_ids == [7, 8, 9, 10, 11]
     assert req.output_token_ids == []  # the original is untouched
+
+
+def test_make_run_serves_the_real_model_with_offloading():
+    """`make run` (local.yaml): SmolLM2, one prefill + its executor + one decode, load_aware."""
+    path = Path(__file__).parents[2] / "serve_configs" / "local.yaml"
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    args = parse_app_args(app["args"])
+    assert args.model == "smollm2-135m-instruct" and args.policy == "load_aware"
+    assert args.executor.enabled
+    assert args.prefill.num_instances == 1 and args.decode.num_instances == 1
