@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "adrenaline"
 LOWER = ("actors", "engine", "model", "kernels", "transport", "policy")
-UPPER = ("adrenaline.serve", "adrenaline.bench")
+UPPER = ("adrenaline.serve", "adrenaline.bench", "adrenaline.sim")
 
 
 def _module_name(path: Path, root: Path) -> str:
