@@ -9,8 +9,8 @@
 #               with bin/ray and bin/serve launchers
 #   serve-deps  what Ray Serve and adrenaline's serve layer import that the image lacks
 #               (the image's package list: docs/GPU.md, "The device image")
-#   gpu-deps    flashinfer and what it needs beyond the image, msgspec (adrenaline's configs)
-#               and xgrammar (structured outputs)
+#   gpu-deps    flashinfer and what it needs beyond the image, msgspec (adrenaline's configs),
+#               xgrammar (structured outputs) and gguf (GGUF model files)
 # Wheels are downloaded once into $ADRENALINE_CACHE/device-bundle (default
 # ~/.cache/adrenaline) and the archives are cached there by the pins below.
 # On the GPU machine: scripts/device_bundle_install.sh unpacks it (no network there).
@@ -40,7 +40,7 @@ SERVE_PINS='[
   "grpcio-reflection==1.85.1", "watchfiles==1.3.0"
 ]'
 GPU_PINS='["flashinfer-python==0.6.18.post1", "apache-tvm-ffi==0.1.15.post2", "msgspec==0.22.0",
-           "xgrammar==0.2.8"]'
+           "xgrammar==0.2.8", "gguf==0.19.0"]'
 
 SPEC=$(cat <<EOF
 {"python_version": "3.12", "groups": {
