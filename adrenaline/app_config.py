@@ -94,15 +94,22 @@ class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     has passed since the loss; then the affected requests end with an error (HTTP 503)
     and new ones are refused at once (503 + Retry-After) while the router tries again
     every ``retry_interval_s`` (e.g. until a lost node rejoins).
+
+    ``hang_timeout_s``: a worker that has work (decode: running requests; prefill: queued
+    prompts; executor: adopted requests) and completes no step for that long, or that
+    does not answer the heartbeat for that long, is treated as dead: killed and
+    recovered like a death. It must exceed the longest step (a first step that compiles).
     """
 
     enabled: bool = True
     timeout_s: float = 120.0
     retry_interval_s: float = 10.0
+    hang_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.retry_interval_s <= 0:
-            raise ConfigError("recovery: timeout_s and retry_interval_s must be > 0")
+        if self.timeout_s <= 0 or self.retry_interval_s <= 0 or self.hang_timeout_s <= 0:
+            raise ConfigError("recovery: timeout_s, retry_interval_s and hang_timeout_s "
+                              "must be > 0")
 
 
 class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
