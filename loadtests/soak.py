@@ -132,14 +132,15 @@ def main() -> None:
                 if detected is None and s["generation"] != gen:
                     detected = time.monotonic() - t_kill
                 time.sleep(0.1)
-            detected = time.monotonic() - t_kill if detected is None else detected
+            serving_again = time.monotonic() - t_kill
+            detected = serving_again if detected is None else detected
             stopped_left = _alive(pid)
             if stopped_left:  # must not happen: recovery kills the hung process
                 os.kill(pid, signal.SIGKILL)
             kills.append({"at_s": round(t_kill - start, 1), "role": role, "pid": pid,
                           "signal": signal.Signals(sig).name,
                           "detected_after_s": round(detected, 2),
-                          "serving_again_after_s": round(time.monotonic() - t_kill, 2),
+                          "serving_again_after_s": round(serving_again, 2),
                           "process_left_behind": stopped_left})
             print(f"[soak] t={kills[-1]['at_s']}s {kills[-1]['signal']} {role} (pid {pid}); "
                   f"detected after {kills[-1]['detected_after_s']} s; serving again after "
