@@ -135,8 +135,8 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except asyncio.TimeoutError:
-                self.hangs.append((role, loop.time() - progress_at))
-                self.report(gen, f"{role} {index} hung (no answer in {timeout:.0f} s)")
+                self._hung(gen, role, f"{role} {index} hung (no answer in {timeout:.0f} s)",
+                           loop.time() - progress_at)
                 return
             except Exception:  # dead: its watcher reports it
                 return
@@ -147,10 +147,15 @@ class Supervisor:
             if not busy or m.num_steps != steps:
                 steps, progress_at = m.num_steps, now
             elif now - progress_at > timeout:
-                self.hangs.append((role, now - progress_at))
-                self.report(gen, f"{role} {index} hung (no step in {timeout:.0f} s with work)")
+                self._hung(gen, role, f"{role} {index} hung (no step in {timeout:.0f} s with "
+                                      f"work)", now - progress_at)
                 return
             await asyncio.sleep(max(0.0, min(1.0, timeout / 4) - (now - asked)))
+
+    def _hung(self, gen: int, role: str, reason: str, stalled_s: float) -> None:
+        if gen == self.generation and self.state == "up":  # not already being replaced
+            self.hangs.append((role, stalled_s))
+        self.report(gen, reason)
 
     async def _watch(self, gen: int, role: str, index: int, actor) -> None:
         try:
