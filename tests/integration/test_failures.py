@@ -105,7 +105,12 @@ async def _kill_mid_stream(client, role: str, prompts, sig: int = signal.SIGKILL
     finally:
         if sig == signal.SIGSTOP and _alive(pid):
             os.kill(pid, signal.SIGKILL)
-    after = await router.stats.remote()
+    # The replacement may still be starting when every request is done (a hung prefill
+    # worker holds up no request that was already decoding): wait until it serves.
+    while (after := await router.stats.remote())["state"] != "up" or \
+            after["num_recoveries"] == before["num_recoveries"]:
+        assert time.monotonic() - t_sig < 180, f"no replacement serves: {after}"
+        await asyncio.sleep(0.1)
     await assert_kv_sound_async(client, idle=True, timeout_s=60)
     delta = {k: after[k] - before[k] for k in ("num_recoveries", "num_reruns")}
     delta["detected_s"] = detected_s
