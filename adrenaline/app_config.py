@@ -52,6 +52,10 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                               f"got {self.sm_count}")
 
 
+# Serve slots beyond the generation limit, for control calls (health, metrics, abort, checks).
+CONTROL_SLOTS = 64
+
+
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Admission limits: beyond them a request is refused at once (HTTP 429 + Retry-After).
 
@@ -66,10 +70,17 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_queued_requests: int = 256
     retry_after_s: int = 1  # the Retry-After a refused client gets
     max_request_bytes: int = 4 << 20  # HTTP body size; larger bodies get 413
+    # HTTP requests the ingress accepts at once (Serve's own limit and queue in front of
+    # it): a backstop far above the generation limits, so that the ingress itself answers
+    # a burst's surplus with 429 (serve/gate.py) instead of Serve answering 503.
+    max_http_requests: int = 8192
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 1:
             raise ConfigError("limits: max_ongoing_requests and max_queued_requests must be >= 1")
+        if self.max_http_requests < self.max_ongoing_requests + CONTROL_SLOTS:
+            raise ConfigError(f"limits.max_http_requests: must be >= max_ongoing_requests + "
+                              f"{CONTROL_SLOTS}")
         if self.retry_after_s < 0:
             raise ConfigError("limits.retry_after_s: must be >= 0")
         if self.max_request_bytes < 1024:
@@ -83,19 +94,22 @@ class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     has passed since the loss; then the affected requests end with an error (HTTP 503)
     and new ones are refused at once (503 + Retry-After) while the router tries again
     every ``retry_interval_s`` (e.g. until a lost node rejoins).
+
+    ``hang_timeout_s``: a worker that has work (decode: running requests; prefill: queued
+    prompts; executor: adopted requests) and completes no step for that long, or that
+    does not answer the heartbeat for that long, is treated as dead: killed and
+    recovered like a death. It must exceed the longest step (a first step that compiles).
     """
 
     enabled: bool = True
     timeout_s: float = 120.0
     retry_interval_s: float = 10.0
+    hang_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.retry_interval_s <= 0:
-            raise ConfigError("recovery: timeout_s and retry_interval_s must be > 0")
-
-
-# Serve slots beyond the generation limit, for control calls (health, metrics, abort, checks).
-CONTROL_SLOTS = 64
+        if self.timeout_s <= 0 or self.retry_interval_s <= 0 or self.hang_timeout_s <= 0:
+            raise ConfigError("recovery: timeout_s, retry_interval_s and hang_timeout_s "
+                              "must be > 0")
 
 
 class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,6 +129,16 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transport: str = "auto"  # "auto" | "gloo" | "nccl"
     limits: LimitsConfig = LimitsConfig()
     recovery: RecoveryConfig = RecoveryConfig()
+    # API keys (serve/auth.py): with any configured here or in the environment variable
+    # ADRENALINE_API_KEYS, every API route needs "Authorization: Bearer <key>" (else 401);
+    # /health and /metrics too unless open_health_metrics. Never logged (see __repr__).
+    api_keys: list[str] = []
+    open_health_metrics: bool = True
+
+    def __repr__(self) -> str:
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        fields["api_keys"] = f"<{len(self.api_keys)} hidden>"
+        return "AppArgs(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -130,10 +154,16 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def serve_options(self) -> dict:
-        """Serve deployment options matching the limits (router and ingress alike)."""
-        # Serve's handle queue is only a backstop (a burst waits there briefly while it is
-        # assigned to the replica): the router's own limits refuse first, with a 429.
+        """The router's Serve deployment options, matching the limits."""
+        # Serve's handle queue is only a backstop: the ingress sends at most
+        # max_ongoing_requests generation calls (serve/gate.py) plus control calls.
         n = self.limits.max_ongoing_requests + CONTROL_SLOTS
+        return {"max_ongoing_requests": n, "max_queued_requests": n}
+
+    @property
+    def ingress_serve_options(self) -> dict:
+        """The ingress's: far above the generation limits, so its gate answers 429 first."""
+        n = self.limits.max_http_requests
         return {"max_ongoing_requests": n, "max_queued_requests": n}
 
 

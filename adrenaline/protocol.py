@@ -81,7 +81,7 @@ class PrefillResult(msgspec.Struct, kw_only=True):
 
     ``token_ids`` = prompt + first token; ``num_computed`` tokens have KV, carried by
     one tensor of ``kv_shape``/``kv_dtype`` (see engine/kv_transfer.py).
-    ``generator_state`` continues a seeded request's random stream on the decode side.
+    A seeded request needs no generator state: each draw is keyed by (seed, position).
     """
 
     request_id: str
@@ -89,7 +89,6 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     num_computed: int
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
-    generator_state: bytes | None = None
     kv_shape: tuple[int, ...] = ()
     kv_dtype: str = ""
     # Prefix cache: prompt tokens whose KV came from the prefill instance's cache, and

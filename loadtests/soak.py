@@ -1,4 +1,5 @@
-"""Reliability soak: Locust load against the app while actors are killed (kill -9) periodically.
+"""Reliability soak: Locust load against the app while actors are killed (kill -9) or stopped
+(SIGSTOP: a hang) periodically.
 
     .venv/bin/python loadtests/soak.py --minutes 10 --kill-every 45 --users 8 \
         --out soak-results.json
@@ -6,7 +7,8 @@
 Starts its own Ray cluster and the app (1 prefill + its attention executor, 1 decode,
 static offload ratio 0.5, "tiny") on a free port, runs loadtests/soak_locustfile.py
 headless for ``--minutes``, and every ``--kill-every`` seconds kills one actor (decode,
-executor, prefill in turn) with SIGKILL. At the end: Locust's totals (requests sent,
+executor, prefill in turn) with SIGKILL, then, in the next round, stops one with SIGSTOP
+(the heartbeat must find the hang within ``recovery.hang_timeout_s``). At the end: Locust's totals (requests sent,
 failures by kind, mismatched outputs), each kill and how long the router took to serve
 again, the router's counters, and the KV audit of the idle cluster; printed and written
 as JSON.
@@ -28,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_ARGS = {"model": "tiny", "executor": {"enabled": True, "engine": {"kv_cache_tokens": 4096}},
-            "policy": "static", "policy_options": {"ratio": 0.5}}
+            "policy": "static", "policy_options": {"ratio": 0.5},
+            "recovery": {"hang_timeout_s": 10}}
 
 
 def _free_port() -> int:
@@ -50,6 +53,18 @@ def _wait_healthy(url: str, timeout_s: float = 180) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the app never became healthy")
         time.sleep(0.5)
+
+
+def _alive(pid: int, wait_s: float = 10.0) -> bool:
+    """Does ``pid`` still exist ``wait_s`` after its replacement (a kill takes a moment)?"""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _totals(prefix: Path) -> dict:
@@ -99,24 +114,37 @@ def main() -> None:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(f"{prefix}_locust.log", "w"))
     kills = []
     start = time.monotonic()
-    roles = itertools.cycle(["decode", "executor", "prefill"])
+    events = itertools.cycle([(role, sig) for sig in (signal.SIGKILL, signal.SIGSTOP)
+                              for role in ("decode", "executor", "prefill")])
     try:
         while locust.poll() is None:
             time.sleep(a.kill_every)
             if locust.poll() is not None or time.monotonic() - start > a.minutes * 60 - 20:
                 break  # leave the last seconds for the load alone
-            role = next(roles)
+            role, sig = next(events)
             gen = router.stats.remote().result()["generation"]
             pid = router.worker_pids.remote().result()[role][0]
             t_kill = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
+            detected = None
             while (s := router.stats.remote().result())["generation"] == gen \
                     or s["state"] != "up":
+                if detected is None and s["generation"] != gen:
+                    detected = time.monotonic() - t_kill
                 time.sleep(0.1)
+            serving_again = time.monotonic() - t_kill
+            detected = serving_again if detected is None else detected
+            stopped_left = _alive(pid)
+            if stopped_left:  # must not happen: recovery kills the hung process
+                os.kill(pid, signal.SIGKILL)
             kills.append({"at_s": round(t_kill - start, 1), "role": role, "pid": pid,
-                          "serving_again_after_s": round(time.monotonic() - t_kill, 2)})
-            print(f"[soak] t={kills[-1]['at_s']}s killed {role} (pid {pid}); serving again "
-                  f"after {kills[-1]['serving_again_after_s']} s", flush=True)
+                          "signal": signal.Signals(sig).name,
+                          "detected_after_s": round(detected, 2),
+                          "serving_again_after_s": round(serving_again, 2),
+                          "process_left_behind": stopped_left})
+            print(f"[soak] t={kills[-1]['at_s']}s {kills[-1]['signal']} {role} (pid {pid}); "
+                  f"detected after {kills[-1]['detected_after_s']} s; serving again after "
+                  f"{kills[-1]['serving_again_after_s']} s", flush=True)
         locust.wait(timeout=a.minutes * 60 + 300)
         duration = time.monotonic() - start
         deadline = time.monotonic() + 60

@@ -1,9 +1,10 @@
-"""Locust users for the reliability soak (loadtests/soak.py): greedy completions whose text is
+"""Locust users for the reliability soak (loadtests/soak.py): completions whose text is
 checked against the offline engine, so a failure that loses, repeats or changes a token shows
 up as a "mismatch" failure.
 
-Each user sends, from a fixed pool of token-id prompts, non-streamed and streamed greedy
-completions (``max_tokens`` ADRENALINE_SOAK_MAX_TOKENS, default 32). Failures are named by
+Each user sends, from a fixed pool of token-id prompts, non-streamed and streamed
+completions, greedy for even prompts and sampled with the prompt's own seed for odd ones
+(temperature 0.8, top_k 50: a rerun must not redraw them) (``max_tokens`` ADRENALINE_SOAK_MAX_TOKENS, default 32). Failures are named by
 kind: ``HTTP <status>``, ``stream error: ...``, ``mismatch``.
 """
 
@@ -20,6 +21,10 @@ NUM_PROMPTS = 48
 EXPECTED: list[str] = []  # offline engine's text per prompt, filled at test start
 
 
+def _sampling(i: int) -> dict:
+    return {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_k": 50, "seed": i}
+
+
 def _prompt(i: int) -> list[int]:
     rng = random.Random(i)
     return [rng.randrange(10, 4000) for _ in range(rng.randint(4, 64))]
@@ -30,7 +35,8 @@ def _expected(**_kw) -> None:
     from adrenaline import LLM, SamplingParams
 
     outs = LLM("tiny").generate([_prompt(i) for i in range(NUM_PROMPTS)],
-                                SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+                                [SamplingParams(max_tokens=MAX_TOKENS, **_sampling(i))
+                                 for i in range(NUM_PROMPTS)])
     EXPECTED[:] = [o.text for o in outs]
 
 
@@ -39,7 +45,7 @@ class SoakUser(FastHttpUser):
 
     def _body(self, i: int, stream: bool) -> dict:
         return {"model": "tiny", "prompt": _prompt(i), "max_tokens": MAX_TOKENS,
-                "temperature": 0, "stream": stream}
+                "stream": stream, **_sampling(i)}
 
     @task
     def completion(self) -> None:

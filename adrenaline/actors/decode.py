@@ -17,7 +17,6 @@ import os
 import threading
 import time
 
-import numpy as np
 import torch
 
 from adrenaline.actors.comm_thread import CommThread
@@ -95,9 +94,6 @@ class DecodeWorker:
         r.num_computed = pre.num_computed
         if pre.logprobs is not None:
             r.logprobs = list(pre.logprobs)
-        if pre.generator_state is not None and r.generator is not None:
-            state = np.frombuffer(pre.generator_state, dtype=np.uint8).copy()
-            r.generator.set_state(torch.from_numpy(state))
         r.executor, r.remote_handle = executor, handle
         self._reported[r.request_id] = r.num_output_tokens  # the prefill token was already sent
         self._parked.append((r, kv))

@@ -188,6 +188,5 @@ class PrefillWorker:
         return PrefillResult(
             request_id=r.request_id, token_ids=list(r.token_ids), num_computed=r.num_computed,
             logprobs=r.logprobs, finish_reason=r.finish_reason,
-            generator_state=bytes(r.generator.get_state().numpy().tobytes()) if r.generator else None,
             kv_shape=tuple(shape), kv_dtype=dtype, num_cached_tokens=r.num_cached_tokens,
             evicted_hashes=evicted)

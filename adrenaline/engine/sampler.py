@@ -9,6 +9,21 @@ from adrenaline.engine.request import Request
 from adrenaline.kernels.sampling import apply_min_p, apply_top_k_top_p, sample_from_probs
 
 
+_MASK = (1 << 63) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a seeded request's draw for the token at ``position`` (its index in
+    prompt + output). A pure function of (seed, position), so the draw does not depend on
+    how the request got there: a rerun from prompt + produced tokens after a recovery, a
+    preemption by recompute, or a handoff between workers draws exactly as a single
+    uninterrupted run would (splitmix64 finalizer: nearby inputs give unrelated seeds)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         # Draws for requests without their own seed come from this engine-wide stream.
@@ -40,7 +55,14 @@ class Sampler:
             if bool((top_k > 0).any() or (top_p < 1).any()):
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
             probs = scaled.softmax(dim=-1)
-            gens = [requests[i].generator or self.generator for i in sampled_rows]
+            gens = []
+            for i in sampled_rows:
+                r = requests[i]
+                if r.generator is None:
+                    gens.append(self.generator)
+                else:  # the next token's position: len(prompt + output so far)
+                    gens.append(r.generator.manual_seed(position_seed(r.params.seed,
+                                                                      r.num_tokens)))
             tokens[rows] = sample_from_probs(probs, gens)
         token_list = tokens.tolist()
         return token_list, self._logprobs(logits, requests, token_list)

@@ -12,8 +12,8 @@ def build_app(args: dict | None = None) -> Application:
     from adrenaline.serve.router import Router
 
     app_args = parse_app_args(args)
-    opts = app_args.serve_options
-    return Ingress.options(**opts).bind(Router.options(**opts).bind(app_args), app_args)
+    router = Router.options(**app_args.serve_options).bind(app_args)
+    return Ingress.options(**app_args.ingress_serve_options).bind(router, app_args)
 
 
 def build_router_app(args: dict | None = None) -> Application:

@@ -29,6 +29,8 @@ from adrenaline.engine.core import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, choice_request_id
 from adrenaline.app_config import AppArgs, parse_app_args
+from adrenaline.serve.auth import APIKeys
+from adrenaline.serve.gate import IngressGate, Slot
 from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
 from adrenaline.serve.openai_api.errors import APIError, finish_error, router_error
 from adrenaline.serve.openai_api.requests import (ParsedRequest, parse_chat_request,
@@ -145,16 +147,18 @@ class _SSEResponse(StreamingResponse):
     started (client gone before the first chunk) never runs its ``finally``.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], stream: _RouterStream):
+    def __init__(self, body: AsyncIterator[bytes], stream: _RouterStream, slot: Slot):
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
         self._stream = stream
+        self._slot = slot
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._stream.close()
+            self._slot.release()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -181,7 +185,7 @@ def _describe(e: BaseException) -> str:
 # Last in the module: @serve.deployment pickles the class by value when it is decorated, so
 # every module-level name its methods use must already be defined. max_ongoing_requests:
 # Serve's default (5) would cap concurrent streams; build_app replaces these defaults with
-# the YAML's limits (AppArgs.serve_options).
+# the YAML's limits (AppArgs.ingress_serve_options).
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
 @serve.ingress(fastapi_app)
 class Ingress:
@@ -194,6 +198,8 @@ class Ingress:
         self._router = router
         self._info: ModelInfo | None = None  # fetched from the router on first use
         self._metrics = IngressMetrics()
+        self._gate = IngressGate(self._args.limits)  # 429 before any heavy work
+        self._keys = APIKeys(self._args.api_keys)  # + the environment's; none: open
         self._background: set[asyncio.Task] = set()  # fire-and-forget aborts, kept alive
 
     # -- routes ----------------------------------------------------------------------------
@@ -201,16 +207,19 @@ class Ingress:
     @fastapi_app.post("/v1/completions")
     @_eager_annotations
     async def completions(self, request: Request) -> Response:
+        self._authorize(request)
         return await self._generate(request, parse_completion_request)
 
     @fastapi_app.post("/v1/chat/completions")
     @_eager_annotations
     async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
         return await self._generate(request, parse_chat_request)
 
     @fastapi_app.get("/v1/models")
     @_eager_annotations
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
         info = await self._model_info()
         return Response(json_bytes({"object": "list", "data": [
             {"id": info.name, "object": "model", "created": 0, "owned_by": "adrenaline",
@@ -218,8 +227,9 @@ class Ingress:
 
     @fastapi_app.get("/health")
     @_eager_annotations
-    async def health(self) -> Response:
+    async def health(self, request: Request) -> Response:
         """200 while the router answers model_info (each call asks it again), else 503."""
+        self._authorize(request, control=True)
         try:
             self._info = await asyncio.wait_for(self._router.model_info.remote(),
                                                 ROUTER_CALL_TIMEOUT_S)
@@ -229,7 +239,8 @@ class Ingress:
 
     @fastapi_app.get("/metrics")
     @_eager_annotations
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        self._authorize(request, control=True)
         try:
             workers = await asyncio.wait_for(self._router.metrics.remote(),
                                              ROUTER_CALL_TIMEOUT_S)
@@ -238,6 +249,11 @@ class Ingress:
             workers = None
         self._metrics.set_workers(workers)
         return Response(self._metrics.render(), media_type=CONTENT_TYPE)
+
+    def _authorize(self, request: Request, control: bool = False) -> None:
+        """401 (APIError) without a configured key; /health and /metrics may stay open."""
+        if not (control and self._args.open_health_metrics):
+            self._keys.check(request.headers.get("authorization"))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -252,12 +268,14 @@ class Ingress:
 
     async def _generate(self, request: Request, parse: Parser) -> Response:
         start = time.perf_counter()
-        body = await _read_body(request, self._args.limits.max_request_bytes)
-        parsed = parse(body, await self._model_info(), self._tokenizer)  # raises APIError
-        stream = _RouterStream(self._router, parsed.request,
-                               self._metrics.track(parsed.num_prompt_tokens, start),
-                               self._background)
+        slot = self._gate.enter()  # 429 at once when full: before the body is even read
+        stream = None
         try:
+            body = await _read_body(request, self._args.limits.max_request_bytes)
+            parsed = parse(body, await self._model_info(), self._tokenizer)  # APIError
+            stream = _RouterStream(self._router, parsed.request,
+                                   self._metrics.track(parsed.num_prompt_tokens, start),
+                                   self._background)
             # Wait for the first delta before answering, so that a request the router
             # rejects gets a plain 400 even when streaming.
             first = await stream.next()
@@ -265,13 +283,15 @@ class Ingress:
             if err is not None:
                 raise err
             if parsed.stream:
-                response = _SSEResponse(self._sse(parsed, stream, first), stream)
-                stream = None  # the response owns (and closes) it now
+                response = _SSEResponse(self._sse(parsed, stream, first), stream, slot)
+                stream = slot = None  # the response owns (and closes) them now
                 return response
             return await self._complete(parsed, stream, first)
         finally:
             if stream is not None:
                 stream.close()
+            if slot is not None:
+                slot.release()
 
     async def _complete(self, parsed: ParsedRequest, stream: _RouterStream,
                         delta: TokenDelta) -> Response:

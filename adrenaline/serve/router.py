@@ -116,6 +116,7 @@ class Router:
                 "num_ongoing": adm.num_ongoing, "num_queued": adm.num_queued,
                 "num_refused": adm.num_refused, "num_reruns": self.num_reruns,
                 "num_recoveries": self.supervisor.num_recoveries,
+                "hangs": list(self.supervisor.hangs),
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}

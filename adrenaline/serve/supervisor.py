@@ -1,8 +1,13 @@
 """Supervisor: owns the router's cluster and replaces it when one of its actors dies.
 
-Detection is through Ray: one ``watch()`` call stays pending on every actor,
-and Ray fails it (RayActorError) the moment the actor's process is gone; a
+Detection of deaths is through Ray: one ``watch()`` call stays pending on every
+actor, and Ray fails it (RayActorError) the moment the actor's process is gone; a
 call the router makes to a dead actor fails the same way and reports too.
+Detection of hangs is a heartbeat: every actor's ``metrics()`` is asked about
+every ``hang_timeout_s / 4`` (at most 1 s); an actor that does not answer within
+``recovery.hang_timeout_s``, or that has work and completes no step for that
+long, is hung: it is reported like a death, and the replacement kills it
+(``ray.kill``: SIGKILL from its node's raylet, which works on a stopped process).
 
 Replacement is whole-cluster: the survivors are killed as well and a new
 cluster (new processes, new communicator world, same placement-group
@@ -51,6 +56,8 @@ class Supervisor:
         self.state = "up"
         self.error: str | None = None
         self.num_recoveries = 0  # clusters replaced since start
+        # (role, seconds from its last progress to the report) per hang detected.
+        self.hangs: list[tuple[str, float]] = []
         self._on_lost = on_lost  # router: stop pollers, tell streams to rerun
         self._on_ready = on_ready  # router: fresh load accounting for the new cluster
         self._watchers: list[asyncio.Task] = []
@@ -61,8 +68,11 @@ class Supervisor:
         """Start watching (needs the event loop; idempotent)."""
         if not self._watchers and self.state == "up":
             gen = self.generation
+            workers = self.cluster.named_workers()
             self._watchers = [_detached(self._watch(gen, role, i, actor))
-                              for role, i, actor in self.cluster.named_workers()]
+                              for role, i, actor in workers]
+            self._watchers += [_detached(self._heartbeat(gen, role, i, actor))
+                               for role, i, actor in workers]
 
     def raise_if_down(self) -> None:
         if self.state == "down":
@@ -112,6 +122,40 @@ class Supervisor:
         self._watchers = []
         self._on_lost()
         self._task = _detached(self._replace(reason))
+
+    async def _heartbeat(self, gen: int, role: str, index: int, actor) -> None:
+        """Report ``actor`` hung when it stops answering, or has work and makes no progress."""
+        loop = asyncio.get_running_loop()
+        timeout = self.args.recovery.hang_timeout_s
+        steps, progress_at = -1, loop.time()
+        while gen == self.generation:
+            asked = loop.time()
+            try:
+                m = await asyncio.wait_for(actor.metrics.remote(), timeout)
+            except asyncio.CancelledError:
+                raise
+            except asyncio.TimeoutError:
+                self._hung(gen, role, f"{role} {index} hung (no answer in {timeout:.0f} s)",
+                           loop.time() - progress_at)
+                return
+            except Exception:  # dead: its watcher reports it
+                return
+            # Work: decode steps running requests, prefill queued prompts, an executor
+            # serves its adopted requests' layers (held prefill KV is not work).
+            busy = (m.num_waiting if role == "prefill" else m.num_running) > 0
+            now = loop.time()
+            if not busy or m.num_steps != steps:
+                steps, progress_at = m.num_steps, now
+            elif now - progress_at > timeout:
+                self._hung(gen, role, f"{role} {index} hung (no step in {timeout:.0f} s with "
+                                      f"work)", now - progress_at)
+                return
+            await asyncio.sleep(max(0.0, min(1.0, timeout / 4) - (now - asked)))
+
+    def _hung(self, gen: int, role: str, reason: str, stalled_s: float) -> None:
+        if gen == self.generation and self.state == "up":  # not already being replaced
+            self.hangs.append((role, stalled_s))
+        self.report(gen, reason)
 
     async def _watch(self, gen: int, role: str, index: int, actor) -> None:
         try:

@@ -1,7 +1,8 @@
-"""Failure recovery: kill -9 a decode worker, an attention executor or a prefill worker while
-requests stream; the router replaces the cluster and reruns the affected requests from their
-prompt plus the tokens already streamed. Every greedy request ends with exactly the offline
-engine's tokens (none repeated, none lost) and every page is free afterwards.
+"""Failure recovery: kill -9 (or stop: SIGSTOP, a hang) a decode worker, an attention executor
+or a prefill worker while requests stream; the router replaces the cluster and reruns the
+affected requests from their prompt plus the tokens already streamed. Every greedy request, and
+every seeded sampled one, ends with exactly the offline engine's tokens (none repeated, none
+lost) and every page is free afterwards.
 
 If no replacement can be started, the affected requests end with a clear error (no hang),
 and the router serves again once a replacement can start.
@@ -22,6 +23,14 @@ from tests.integration.kv_checks import assert_kv_sound_async
 
 APP = "failures"
 PARAMS = SamplingParams(max_tokens=48, temperature=0)
+HANG_TIMEOUT_S = 8.0  # recovery.hang_timeout_s of the module's app (margin for a busy machine)
+
+
+def _params(i: int) -> SamplingParams:
+    """Every other request sampled with its own seed: its draws must survive a rerun."""
+    if i % 2 == 0:
+        return PARAMS
+    return SamplingParams(max_tokens=48, temperature=0.8, top_k=50, seed=1000 + i)
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -43,14 +52,14 @@ def client(ray_cluster):
 
     # Half the requests offloaded: an executor's death hits requests that live only there.
     args = {"model": "tiny", "executor": {"enabled": True, "engine": {"kv_cache_tokens": 4096}},
-            "policy": "static", "policy_options": {"ratio": 0.5}}
+            "policy": "static", "policy_options": {"ratio": 0.5},
+            "recovery": {"hang_timeout_s": HANG_TIMEOUT_S}}
     serve.run(build_router_app(args), name=APP, route_prefix=None)
     yield Client(app_name=APP)
     serve.delete(APP)
 
 
-async def _stream(client, prompt, seen: list[int], delay_s: float,
-                  params: SamplingParams = PARAMS) -> list[int]:
+async def _stream(client, prompt, params, seen: list[int], delay_s: float) -> list[int]:
     """Stream one request; ``seen`` grows with every delta (to time the kill)."""
     await asyncio.sleep(delay_s)
     out = None
@@ -60,7 +69,16 @@ async def _stream(client, prompt, seen: list[int], delay_s: float,
     return out.token_ids
 
 
-async def _kill_mid_stream(client, role: str, prompts, params: SamplingParams = PARAMS
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _kill_mid_stream(client, role: str, prompts, sig: int = signal.SIGKILL,
+                           params: SamplingParams | None = None
                            ) -> tuple[list[list[int]], dict]:
     from ray import serve
 
@@ -69,25 +87,62 @@ async def _kill_mid_stream(client, role: str, prompts, params: SamplingParams = 
     pid = (await router.worker_pids.remote())[role][0]
     seen: list[int] = []
     # Staggered arrivals: at the kill some requests are decoding, some in prefill or handoff.
-    tasks = [asyncio.create_task(_stream(client, p, seen, 0.05 * i, params))
+    tasks = [asyncio.create_task(_stream(client, p, params or _params(i), seen, 0.05 * i))
              for i, p in enumerate(prompts)]
     while len(seen) < 3 * len(prompts):  # well into the streams
         await asyncio.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
-    after = await router.stats.remote()
+    os.kill(pid, sig)
+    t_sig = time.monotonic()
+    try:
+        # Detected: the generation moves on as the replacement starts.
+        while (await router.stats.remote())["generation"] == before["generation"]:
+            assert time.monotonic() - t_sig < 120, "the failure was never detected"
+            await asyncio.sleep(0.1)
+        detected_s = time.monotonic() - t_sig
+        outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        while _alive(pid):  # the stopped process is killed by the recovery
+            assert time.monotonic() - t_sig < 60, f"hung {role} process {pid} still exists"
+            await asyncio.sleep(0.1)
+    finally:
+        if sig == signal.SIGSTOP and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    # The replacement may still be starting when every request is done (a hung prefill
+    # worker holds up no request that was already decoding): wait until it serves.
+    while (after := await router.stats.remote())["state"] != "up" or \
+            after["num_recoveries"] == before["num_recoveries"]:
+        assert time.monotonic() - t_sig < 180, f"no replacement serves: {after}"
+        await asyncio.sleep(0.1)
     await assert_kv_sound_async(client, idle=True, timeout_s=60)
-    return outs, {k: after[k] - before[k] for k in ("num_recoveries", "num_reruns")}
+    delta = {k: after[k] - before[k] for k in ("num_recoveries", "num_reruns")}
+    delta["detected_s"] = detected_s
+    delta["hangs"] = after["hangs"][len(before["hangs"]):]
+    return outs, delta
 
 
 @pytest.mark.parametrize("role", ["decode", "executor", "prefill"])
 def test_kill_mid_stream_every_request_exact(client, offline, role):
     prompts = _prompts(8, seed={"decode": 1, "executor": 2, "prefill": 3}[role])
-    expected = [o.token_ids for o in offline.generate(prompts, PARAMS)]
+    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in range(8)])]
     outs, delta = asyncio.run(_kill_mid_stream(client, role, prompts))
     assert delta["num_recoveries"] == 1, delta
     assert delta["num_reruns"] >= 1, delta  # some requests really were rerun
-    assert outs == expected  # exact greedy tokens: none repeated, none lost
+    # Exact tokens, greedy and seeded-sampled alike: none repeated, none lost, none redrawn.
+    assert outs == expected
+
+
+@pytest.mark.parametrize("role", ["decode", "executor", "prefill"])
+def test_hang_mid_stream_detected_and_every_request_exact(client, offline, role):
+    """SIGSTOP: the process lives but makes no progress; the heartbeat must catch it within
+    about hang_timeout_s, kill it and recover exactly as from a death."""
+    prompts = _prompts(8, seed={"decode": 5, "executor": 6, "prefill": 7}[role])
+    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in range(8)])]
+    outs, delta = asyncio.run(_kill_mid_stream(client, role, prompts, signal.SIGSTOP))
+    print(f"hung {role}: detected {delta['detected_s']:.1f} s after SIGSTOP; "
+          f"hangs reported {delta['hangs']}; reruns {delta['num_reruns']}")
+    assert delta["num_recoveries"] == 1, delta
+    assert delta["hangs"], delta  # found by the heartbeat, not as a death
+    assert delta["detected_s"] < HANG_TIMEOUT_S + 5, delta
+    assert outs == expected
 
 
 def test_rerun_keeps_grammar_and_penalties(client, offline):
@@ -101,7 +156,7 @@ def test_rerun_keeps_grammar_and_penalties(client, offline):
                             frequency_penalty=0.4, min_tokens=4, json_schema=json.dumps(schema))
     prompts = _prompts(6, seed=5)
     expected = [o.token_ids for o in offline.generate(prompts, params)]
-    outs, delta = asyncio.run(_kill_mid_stream(client, "decode", prompts, params))
+    outs, delta = asyncio.run(_kill_mid_stream(client, "decode", prompts, params=params))
     assert delta["num_recoveries"] == 1 and delta["num_reruns"] >= 1, delta
     assert outs == expected
 
@@ -201,7 +256,7 @@ def test_no_replacement_ends_requests_with_error_then_recovers(ray_cluster, offl
         placeholder = Placeholder.remote()  # pending: the decode worker holds the CPUs
         params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
         seen: list[int] = []
-        task = asyncio.create_task(_stream(client, [5, 6, 7], seen, 0))
+        task = asyncio.create_task(_stream(client, [5, 6, 7], PARAMS, seen, 0))
         while len(seen) < 3:
             await asyncio.sleep(0.01)
         os.kill(pid, signal.SIGKILL)

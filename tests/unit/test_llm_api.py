@@ -37,6 +37,10 @@ def test_per_prompt_params_and_seeded_sampling(llm):
     outs = llm.generate(["a b c"] * 3, params)
     assert [len(o.token_ids) for o in outs] == [3, 7, 7]
     assert outs[1].token_ids == outs[2].token_ids  # same seed, same draw, despite batching
+    # A rerun from prompt + the first 3 tokens (as recovery does) continues the same draws.
+    rerun = llm.generate([outs[1].prompt_token_ids + outs[1].token_ids[:3]],
+                         SamplingParams(max_tokens=4, temperature=1.0, seed=5))[0]
+    assert rerun.token_ids == outs[1].token_ids[3:]
 
 
 def test_stop_token_and_logprobs(llm):

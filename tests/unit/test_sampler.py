@@ -30,8 +30,15 @@ def test_sampled_tokens_stay_in_top_k_and_seed_reproduces():
     allowed = set(logits.topk(3).indices[0].tolist())
     p = SamplingParams(temperature=1.5, top_k=3, seed=42)
     r1, r2 = _reqs(p)[0], _reqs(p)[0]
-    a = [Sampler(seed=1)(logits, [r1])[0][0] for _ in range(30)]
-    b = [Sampler(seed=2)(logits, [r2])[0][0] for _ in range(30)]
+
+    def draws(sampler, r):
+        out = []
+        for _ in range(30):  # one draw per position, as in decoding
+            out.append(sampler(logits, [r])[0][0])
+            r.token_ids.append(out[-1])
+        return out
+
+    a, b = draws(Sampler(seed=1), r1), draws(Sampler(seed=2), r2)
     assert set(a) <= allowed
     assert a == b  # the request's own seed decides, not the engine's
     assert len(set(a)) > 1  # and it really samples
@@ -68,3 +75,22 @@ def test_stop_rules():
 def test_invalid_sampling_params(kwargs):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kwargs)
+
+
+def test_seeded_draw_depends_only_on_seed_and_position():
+    """A rerun (a fresh Request over prompt + tokens already produced) draws what the
+    uninterrupted request would have drawn at that position: no generator state to carry."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 50)
+    p = SamplingParams(temperature=2.0, seed=7)
+    whole = Request("a", [1, 2], p, arrival=0)
+    tokens = []
+    for _ in range(12):
+        tokens.append(Sampler()(logits, [whole])[0][0])
+        whole.token_ids.append(tokens[-1])
+    rerun = Request("a", [1, 2] + tokens[:5], p, arrival=0)
+    again = []
+    for _ in range(7):
+        again.append(Sampler(seed=3)(logits, [rerun])[0][0])
+        rerun.token_ids.append(again[-1])
+    assert again == tokens[5:] and len(set(tokens)) > 1

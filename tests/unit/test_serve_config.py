@@ -78,6 +78,18 @@ def test_limits_set_serve_options():
     opts = args.serve_options
     assert opts["max_ongoing_requests"] > 10  # room for control calls beside generation
     assert opts["max_queued_requests"] == opts["max_ongoing_requests"]  # a bounded backstop
+    # The ingress takes far more than the generation limits: its own gate answers 429.
+    ing = args.ingress_serve_options
+    assert ing["max_ongoing_requests"] == args.limits.max_http_requests >= 100 * 10
+    with pytest.raises(ConfigError, match="max_http_requests"):
+        parse_app_args({"limits": {"max_ongoing_requests": 100, "max_http_requests": 120}})
+
+
+def test_api_keys_never_in_repr():
+    args = parse_app_args({"api_keys": ["sk-secret-1", "sk-secret-2"]})
+    assert args.api_keys == ["sk-secret-1", "sk-secret-2"]
+    assert "sk-secret" not in repr(args) and "sk-secret" not in str(args)
+    assert "2 hidden" in repr(args)
 
 
 def test_recompute_request_continues_after_streamed_tokens():

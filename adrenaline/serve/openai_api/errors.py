@@ -61,9 +61,9 @@ def router_error(exc: BaseException) -> APIError:
         return bad_request(str(cause))
     if isinstance(cause, OverloadedError):
         return overloaded(str(cause), cause.retry_after_s)
-    if _is_backpressure(cause):  # Serve's own queue to the router is full
-        return APIError(503, "the server is overloaded: its request queue is full; retry later",
-                        code="overloaded", type="server_error", headers={"Retry-After": "1"})
+    if _is_backpressure(cause):  # Serve's own queue to the router is full (a backstop)
+        return overloaded("the server is overloaded: its request queue is full; retry later",
+                          1)
     if isinstance(cause, ServiceUnavailableError):
         return APIError(503, str(cause), code="unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, InvalidRequestError):  # wrapped, cause lost: the traceback's last line
