@@ -101,8 +101,9 @@ class Router:
         self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
         self.num_reruns = 0  # attempts rerun on a replacement cluster
-        # (request id, prefill, decode, offloaded) per admission, oldest first (bounded).
-        self.admission_log: deque[tuple[str, int, int, bool]] = deque(maxlen=4096)
+        # (request id, prefill, decode, offloaded, placement ordinal) per admission, oldest
+        # first (bounded); the ordinal is num_placed at its placement.
+        self.admission_log: deque[tuple[str, int, int, bool, int]] = deque(maxlen=4096)
 
     @property
     def cluster(self) -> Cluster:
@@ -121,8 +122,9 @@ class Router:
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
-    async def admissions(self) -> list[tuple[str, int, int, bool]]:
-        """The admission log: (request id, prefill, decode, offloaded), oldest first."""
+    async def admissions(self) -> list[tuple[str, int, int, bool, int]]:
+        """The admission log: (request id, prefill, decode, offloaded, placement ordinal),
+        oldest first."""
         return list(self.admission_log)
 
     async def model_info(self) -> ModelInfo:
@@ -292,6 +294,7 @@ class Router:
         on_executor = False  # an adopt was sent to the executor: free it there at the end
         stage = "prefill"
         self.num_placed += 1
+        ordinal = self.num_placed
         adm = self.admission
         adm.placed(load, where, reserved, uncached)
         try:
@@ -314,7 +317,7 @@ class Router:
             decision = await adm.wait(self.policy, req, where, load,
                                       lambda: gen == self.supervisor.generation)
             self.admission_log.append((req.request_id, decision.prefill, decision.decode,
-                                       decision.offload))
+                                       decision.offload, ordinal))
             offload, admitted = decision.offload, True
             adm.admitted(load, where, reserved, offload)
             self.num_offloaded += int(offload)
