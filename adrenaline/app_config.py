@@ -99,9 +99,15 @@ class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompts; executor: adopted requests) and completes no step for that long, or that
     does not answer the heartbeat for that long, is treated as dead: killed and
     recovered like a death. It must exceed the longest step (a first step that compiles).
+
+    ``partial``: replace only the lost actor (its peers keep their links, KV and work; only
+    requests that depended on it rerun). Several actors lost at once, or a replacement
+    that cannot be started, fall back to replacing the whole cluster (``partial: false``
+    always does that: every request in flight reruns).
     """
 
     enabled: bool = True
+    partial: bool = True
     timeout_s: float = 120.0
     retry_interval_s: float = 10.0
     hang_timeout_s: float = 60.0

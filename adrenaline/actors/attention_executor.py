@@ -49,23 +49,34 @@ class AttentionExecutor:
     async def capacity_tokens(self) -> int:
         return self.service.capacity_tokens
 
-    async def connect(self, kind: str, rank: int, world_size: int, init: str,
-                      decode_ranks: list[int]) -> None:
-        await self.comm.connect(kind, rank, world_size, init)
-        for src in decode_ranks:
-            t = threading.Thread(target=self._serve, args=(src,), daemon=True,
-                                 name=f"attn-serve-{src}")
-            t.start()
-            self._threads.append(t)
+    async def set_rank(self, rank: int, world_size: int) -> None:
+        self.comm.start(rank, world_size)
 
-    def _serve(self, src: int) -> None:
+    async def rendezvous_address(self) -> str:
+        return self.comm.rendezvous_address()
+
+    async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
+        """Serve decode worker ``peer`` (in its ``epoch``) over a new two-rank world.
+
+        The service thread is bound to this link: when the peer dies its world breaks,
+        the thread ends, and a replacement gets a thread of its own on its own link.
+        """
+        pair = await self.comm.join(kind, init, host)
+        peer_rank = 1 if host else 0
+        self.comm.comm.link(peer, pair, peer_rank, epoch)
+        t = threading.Thread(target=self._serve, args=(pair, peer_rank, peer), daemon=True,
+                             name=f"attn-serve-{peer}-{epoch}")
+        t.start()
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _serve(self, pair, peer_rank: int, peer: int) -> None:
         torch.set_num_threads(self.num_threads)  # per-thread setting in torch
         with torch.inference_mode():
             while True:
                 try:
-                    self.service.serve_step(self.comm.comm, src)
+                    self.service.serve_step(pair, peer_rank)
                 except Exception as e:  # a closed or broken world cannot be served further
-                    log.warning("attention service for rank %d stopped: %s", src, e)
+                    log.warning("attention service for rank %d stopped: %s", peer, e)
                     return
 
     async def adopt(self, request_id: str, pre: PrefillResult, kv: torch.Tensor) -> int:

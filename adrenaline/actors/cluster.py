@@ -6,13 +6,21 @@ one world per cluster. A prefill worker and its executor share one
 placement-group bundle (same node, same device). Each actor is an asyncio
 actor; the cluster only creates and connects them (the router routes).
 
-A cluster is replaced as a whole when one of its actors dies (see
-serve/supervisor.py): a gloo world cannot take a new member, so the
-replacement is a new world. The placement groups outlive the actors: the
-replacement's prefill worker and executor go into the same bundle.
+Tensors move over *links*, one two-rank world per pair of actors that
+exchange them (prefill i <-> decode j for KV handoffs, decode j <-> executor
+i for offloaded attention), addressed by the global ranks above (see
+transport/mesh.py). When one actor is lost, ``replace`` starts a new one in
+its slot and links it with each peer; the survivors keep their links, their
+KV and their work (serve/supervisor.py). Each slot has an *epoch* (times
+replaced): a link is recorded under its peer's epoch, so work meant for one
+incarnation of an actor never reaches the next. The placement groups outlive
+the actors: a replacement prefill worker or executor goes into the same
+bundle. When several actors are lost at once the whole cluster is replaced.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import ray
 
@@ -48,6 +56,7 @@ class Cluster:
         self.args = args
         self.groups = list(groups or [])
         self.prefill, self.executors, self.decode = [], [], []
+        self.epochs: dict[tuple[str, int], int] = {}  # (role, index) -> replacements so far
         try:
             for i in range(args.prefill.num_instances):
                 self._create_prefill(args, i, name_prefix, timeout_s)
@@ -65,6 +74,9 @@ class Cluster:
         except BaseException:
             self.shutdown(keep_groups=groups is not None)
             raise
+
+    def slots(self) -> list[tuple[str, int]]:
+        return [(role, i) for role, i, _ in self.named_workers()]
 
     def named_workers(self) -> list[tuple[str, int, object]]:
         """(role, index, actor) of every actor."""
@@ -111,28 +123,125 @@ class Cluster:
     def executor_rank(self, i: int) -> int:
         return len(self.prefill) + len(self.decode) + i
 
-    def _connect(self, timeout_s: float | None = None) -> None:
+    def rank_of(self, role: str, i: int) -> int:
+        return {"prefill": self.prefill_rank, "decode": self.decode_rank,
+                "executor": self.executor_rank}[role](i)
+
+    def actor(self, role: str, i: int):
+        return {"prefill": self.prefill, "decode": self.decode, "executor": self.executors}[role][i]
+
+    def epoch(self, role: str, i: int) -> int:
+        """How many times the actor in this slot was replaced (0: the first one)."""
+        return self.epochs.get((role, i), 0)
+
+    def peers_of(self, role: str, i: int) -> list[tuple[str, int]]:
+        """The slots linked with (role, i): prefill<->decode, decode<->executor."""
+        if role == "decode":
+            return ([("prefill", k) for k in range(len(self.prefill))]
+                    + [("executor", k) for k in range(len(self.executors))])
+        return [("decode", k) for k in range(len(self.decode))]
+
+    def _kind(self) -> str:
         kind = self.args.transport
         if kind == "auto":
             kind = "nccl" if self.args.device == "cuda" else "gloo"
+        return kind
+
+    def _set_rank_call(self, role: str, i: int, actor):
+        world = len(self.workers)
+        if role == "decode":
+            ranks = [self.executor_rank(k) for k in range(len(self.executors))]
+            return actor.set_rank.remote(self.decode_rank(i), world, ranks)
+        return actor.set_rank.remote(self.rank_of(role, i), world)
+
+    async def _init_for(self, kind: str, host) -> str:
         if kind == "nccl":
             from adrenaline.transport.nccl import new_nccl_unique_id
 
-            init = new_nccl_unique_id()
-        else:
-            # Rank 0 (prefill 0) serves the rendezvous store: its node's address, a port
-            # free there (the router may run on another node).
-            init = ray.get(self.prefill[0].rendezvous_address.remote(), timeout=timeout_s)
-        world = len(self.workers)
-        executor_ranks = [self.executor_rank(i) for i in range(len(self.executors))]
-        decode_ranks = [self.decode_rank(j) for j in range(len(self.decode))]
-        calls = [w.connect.remote(kind, self.prefill_rank(i), world, init)
-                 for i, w in enumerate(self.prefill)]
-        calls += [w.connect.remote(kind, self.decode_rank(j), world, init, executor_ranks)
-                  for j, w in enumerate(self.decode)]
-        calls += [w.connect.remote(kind, self.executor_rank(i), world, init, decode_ranks)
-                  for i, w in enumerate(self.executors)]
+            return new_nccl_unique_id()
+        # The rendezvous store runs on the host side's node, a port free there (the
+        # router may run on another node).
+        return await host.rendezvous_address.remote()
+
+    async def _link(self, kind: str, a: tuple[str, int], actor_a, b: tuple[str, int],
+                    actor_b) -> None:
+        """Make the two-rank world between slots a and b; a serves the rendezvous.
+
+        Each side records the link under the *other* side's epoch.
+        """
+        init = await self._init_for(kind, actor_a)
+        await asyncio.gather(
+            actor_a.link.remote(kind, self.rank_of(*b), init, True, self.epoch(*b)),
+            actor_b.link.remote(kind, self.rank_of(*a), init, False, self.epoch(*a)))
+
+    def _connect(self, timeout_s: float | None = None) -> None:
+        """Give every actor its rank and link every pair that exchanges tensors."""
+        ray.get([self._set_rank_call(role, i, a) for role, i, a in self.named_workers()],
+                timeout=timeout_s)
+        kind = self._kind()
+        pairs = [(("prefill", i), ("decode", j)) for i in range(len(self.prefill))
+                 for j in range(len(self.decode))]
+        pairs += [(("decode", j), ("executor", i)) for j in range(len(self.decode))
+                  for i in range(len(self.executors))]
+        if kind == "nccl":
+            from adrenaline.transport.nccl import new_nccl_unique_id
+
+            inits = [new_nccl_unique_id() for _ in pairs]
+        else:  # the first slot of each pair serves its rendezvous, on its node
+            inits = ray.get([self.actor(*a).rendezvous_address.remote() for a, _ in pairs],
+                            timeout=timeout_s)
+        calls = []
+        for (a, b), init in zip(pairs, inits):
+            calls.append(self.actor(*a).link.remote(kind, self.rank_of(*b), init, True, 0))
+            calls.append(self.actor(*b).link.remote(kind, self.rank_of(*a), init, False, 0))
         ray.get(calls, timeout=timeout_s)
+
+    async def replace(self, role: str, i: int, name: str, timeout_s: float) -> None:
+        """Replace the actor in slot (role, i) alone: a new actor, linked with every peer.
+
+        The dead (or hung) actor is killed first; a prefill worker or executor goes into
+        its old placement-group bundle. The slot's epoch grows by one before the new
+        actor links, so peers tell its links from the old one's. On any failure or
+        cancellation the new actor is killed and the slot keeps the old (dead) handle.
+        """
+        old = self.actor(role, i)
+        try:
+            ray.kill(old, no_restart=True)
+        except Exception:  # already gone
+            pass
+        args = self.args
+        if role == "decode":
+            d = args.decode
+            new = _actor(DecodeWorker, name, d.num_cpus, d.num_gpus, d.resources).remote(args, i)
+        else:
+            pg = self.groups[i]
+            where = PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                     placement_group_bundle_index=0)
+            r = args.prefill
+            if role == "prefill":
+                new = _actor(PrefillWorker, name, r.num_cpus + _SLIVER, r.num_gpus / 2,
+                             r.resources, scheduling_strategy=where).remote(args, i)
+            else:
+                new = _actor(AttentionExecutor, name, _SLIVER, r.num_gpus / 2,
+                             scheduling_strategy=where).remote(args, i)
+        try:
+            await asyncio.wait_for(self._start_replacement(role, i, new), timeout_s)
+        except BaseException:
+            try:
+                ray.kill(new, no_restart=True)
+            except Exception:
+                pass
+            raise
+
+    async def _start_replacement(self, role: str, i: int, new) -> None:
+        await new.info.remote() if role != "executor" else await new.capacity_tokens.remote()
+        self.epochs[(role, i)] = self.epoch(role, i) + 1
+        await self._set_rank_call(role, i, new)
+        kind = self._kind()
+        # The new actor serves each link's rendezvous: it is alive and has no other work.
+        await asyncio.gather(*[self._link(kind, (role, i), new, peer, self.actor(*peer))
+                               for peer in self.peers_of(role, i)])
+        {"prefill": self.prefill, "decode": self.decode, "executor": self.executors}[role][i] = new
 
     def shutdown(self, keep_groups: bool = False) -> None:
         """Kill every actor (no restart); ``keep_groups`` keeps the bundles for a replacement."""

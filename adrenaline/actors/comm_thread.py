@@ -2,6 +2,11 @@
 
 Sends and receives wait on peers, so they never run on the engine thread
 (a step must not stall on the network) nor on the event loop.
+
+An actor reaches each peer through a two-rank world of its own (a
+``PeerMesh`` link, transport/mesh.py), made by ``link``: a lost peer breaks
+only its link, and its replacement is linked in without the other actors
+taking part.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 import ray.util
 import torch
 
-from adrenaline.transport import make_communicator
+from adrenaline.transport import find_free_port, make_communicator
 from adrenaline.transport.base import Communicator
+from adrenaline.transport.mesh import PeerMesh
 
 
 # Executors wait on their decode workers' next step without bound, and a gloo timeout
 # breaks the whole world: the world's timeout is the app's lifetime, in practice.
 # Dead peers are noticed through Ray, not through transport timeouts.
 WORLD_TIMEOUT_S = 365 * 24 * 3600.0
+# A peer that does not join a link's rendezvous within this is treated as gone.
+LINK_TIMEOUT_S = 120.0
 
 
 class CommThread:
@@ -30,24 +38,41 @@ class CommThread:
         # several receives from one peer are pending beside a receive from another
         # (which a decode worker's per-layer exchange with an executor is).
         self._recv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comm-recv")
-        self.comm: Communicator | None = None
+        # A link's rendezvous waits for its peer: one thread each, never queued behind
+        # another link's (two actors linking to each other's peers must not deadlock).
+        self._links = ThreadPoolExecutor(max_workers=64, thread_name_prefix="comm-link")
+        self.comm: PeerMesh | None = None
         self.rank = -1
 
-    async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
-        """Join the cluster's world; returns once every rank has joined.
-
-        Gloo binds to the address Ray knows this node by, so peers on other nodes can
-        reach it (gloo's own guess, from the host name, may be a loopback address).
-        """
-        loop = asyncio.get_running_loop()
-        bind_ip = ray.util.get_node_ip_address()
-        self.comm = await loop.run_in_executor(
-            self._pool, lambda: make_communicator(kind, rank, world_size, init,
-                                                  timeout_s=WORLD_TIMEOUT_S, bind_ip=bind_ip))
+    def start(self, rank: int, world_size: int) -> None:
+        """Take global ``rank`` in a cluster of ``world_size`` actors (before any link)."""
+        self.comm = PeerMesh(rank, world_size)
         self.rank = rank
 
-    async def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.comm.send, tensor, dst, tag)
+    @staticmethod
+    def rendezvous_address() -> str:
+        """Where a link with this actor serving the rendezvous meets: this node, a free port."""
+        return f"tcp://{ray.util.get_node_ip_address()}:{find_free_port()}"
 
-    async def recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._recv, self.comm.recv, tensor, src, tag)
+    async def join(self, kind: str, init: str, host: bool) -> Communicator:
+        """Make the two-rank world of one link; returns once the peer has joined too.
+
+        ``host``: this side serves the rendezvous at ``init`` (rank 0 of the pair). Gloo
+        binds to the address Ray knows this node by, so peers on other nodes can reach it
+        (gloo's own guess, from the host name, may be a loopback address).
+        """
+        bind_ip = ray.util.get_node_ip_address()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._links, lambda: make_communicator(kind, 0 if host else 1, 2, init,
+                                                   timeout_s=WORLD_TIMEOUT_S, bind_ip=bind_ip,
+                                                   connect_timeout_s=LINK_TIMEOUT_S))
+
+    async def send(self, tensor: torch.Tensor, dst: int, tag: int,
+                   epoch: int | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: self.comm.send(tensor, dst, tag, epoch))
+
+    async def recv(self, tensor: torch.Tensor, src: int, tag: int,
+                   epoch: int | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._recv, lambda: self.comm.recv(tensor, src, tag, epoch))

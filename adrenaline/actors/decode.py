@@ -8,11 +8,19 @@ q, k, v with the executor per layer, see engine/remote_attention.py). The
 loop adopts parked requests between steps, runs one decode
 step for the whole batch, and records one TokenDelta per request per step.
 The router collects all of a step's deltas with one poll() call.
+
+A lost executor: the step that was talking to it fails (ExecutorsLostError,
+after the surviving executors were walked to the end of that step, see
+engine/remote_attention.py); the loop waits until the replacement is linked,
+whose ``link`` first drops the requests that lived on the lost one (the
+router reruns them), then retries the step for everyone else. Nothing a
+client sees changes: tokens are appended only when a step completes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -22,12 +30,15 @@ import torch
 from adrenaline.actors.comm_thread import CommThread
 from adrenaline.actors.engine_thread import EngineThread
 from adrenaline.engine.kv_audit import audit_kv
-from adrenaline.engine.remote_attention import RemoteAttention
+from adrenaline.engine.remote_attention import ExecutorsLostError, RemoteAttention
 from adrenaline.engine.request import Request
+from adrenaline.engine.tombstones import Tombstones
 from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
 from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, TokenDelta, WorkerInfo,
                                  WorkerMetrics)
 from adrenaline.app_config import AppArgs
+
+log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
@@ -39,7 +50,7 @@ class DecodeWorker:
         self._parked: list[tuple[Request, torch.Tensor | None]] = []
         self._outbox: list[TokenDelta] = []
         self._reported: dict[str, int] = {}  # request id -> output tokens already reported
-        self._aborted: set[str] = set()
+        self._aborted = Tombstones()  # aborted before they arrived
         # Guards _parked/_aborted between the event loop (_park) and the engine thread
         # (_adopt_parked, abort): a request is parked, in the engine, or aborted, never lost.
         self._park_lock = threading.Lock()
@@ -49,39 +60,85 @@ class DecodeWorker:
         self._num_steps = 0
         self._step_time_s = 0.0  # time inside engine steps, for metrics
         self._batch_sum = 0  # sum of step batch sizes (mean batch = sum / steps)
+        self._executor_ranks: list[int] = []
+        self._relinked: asyncio.Event | None = None  # set when an executor link is made
 
-    async def connect(self, kind: str, rank: int, world_size: int, init: str,
-                      executor_ranks: list[int] = ()) -> None:
-        await self.comm.connect(kind, rank, world_size, init)
+    async def set_rank(self, rank: int, world_size: int, executor_ranks: list[int] = ()) -> None:
+        self.comm.start(rank, world_size)
+        self._executor_ranks = list(executor_ranks)
         if executor_ranks:
-            mc = self.engine.engine.model_config
-            self.engine.engine.runner.remote = RemoteAttention(
+            e = self.engine.engine
+            mc = e.model_config
+            e.runner.remote = RemoteAttention(
                 self.comm.comm, list(executor_ranks), mc.num_attention_heads,
-                mc.num_key_value_heads, mc.head_dim)
+                mc.num_key_value_heads, mc.head_dim, num_layers=mc.num_hidden_layers,
+                dtype=e.dtype, device=e.device)
+
+    async def rendezvous_address(self) -> str:
+        return self.comm.rendezvous_address()
+
+    async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
+        """Reach ``peer`` (a prefill worker or an executor, in its ``epoch``) through a new
+        two-rank world. An executor's link replaces its old one between two steps, after
+        dropping the requests whose KV lived on the old one (their attempts rerun)."""
+        self._ensure_loop()
+        pair = await self.comm.join(kind, init, host)
+        peer_rank = 1 if host else 0
+        if peer not in self._executor_ranks:
+            self.comm.comm.link(peer, pair, peer_rank, epoch)
+            return
+        await self.engine.run(self._install_executor_link, peer, pair, peer_rank, epoch)
+        self._relinked.set()
+
+    def _install_executor_link(self, peer: int, pair, peer_rank: int, epoch: int) -> None:
+        """Engine thread (between steps): forget the old executor's requests, link the new."""
+        executor = self._executor_ranks.index(peer)
+        engine = self.engine.engine
+        with self._park_lock:
+            gone = [p for p in self._parked if p[0].executor == executor]
+            for p in gone:
+                self._parked.remove(p)
+            gone_ids = [p[0].request_id for p in gone]
+            for r in list(engine.requests.values()):
+                if r.executor == executor:
+                    engine.abort(r.request_id)
+                    gone_ids.append(r.request_id)
+            for rid in gone_ids:
+                self._reported.pop(rid, None)
+            self.comm.comm.link(peer, pair, peer_rank, epoch)
+        if gone_ids:
+            log.warning("executor %d replaced: dropped %d requests that lived on it",
+                        executor, len(gone_ids))
 
     async def info(self) -> WorkerInfo:
         return self.engine.info()
 
-    async def adopt(self, req: GenerateRequest, pre: PrefillResult, src: int, tag: int) -> None:
-        """Receive a prefilled request's KV from rank ``src`` and queue it for decoding."""
+    async def adopt(self, req: GenerateRequest, pre: PrefillResult, src: int, tag: int,
+                    epoch: int | None = None) -> None:
+        """Receive a prefilled request's KV from rank ``src`` (in its ``epoch``: never from
+        its replacement) and queue it for decoding."""
         self._ensure_loop()
         kv = torch.empty(pre.kv_shape, dtype=getattr(torch, pre.kv_dtype),
                          device=self.engine.engine.device)
-        await self.comm.recv(kv, src, tag)
+        await self.comm.recv(kv, src, tag, epoch)
         self._park(req, pre, kv)
 
     async def adopt_offloaded(self, req: GenerateRequest, pre: PrefillResult, executor: int,
-                              handle: int) -> None:
-        """Queue a request whose KV lives on attention executor ``executor`` as ``handle``."""
+                              handle: int, epoch: int | None = None) -> None:
+        """Queue a request whose KV lives on attention executor ``executor`` as ``handle``.
+
+        With ``epoch``, only while that executor is still the one of that epoch (a request
+        adopted by a lost executor is dropped: its attempt reruns)."""
         self._ensure_loop()
-        self._park(req, pre, None, executor, handle)
+        self._park(req, pre, None, executor, handle, epoch)
 
     def _park(self, req: GenerateRequest, pre: PrefillResult, kv: torch.Tensor | None,
-              executor: int | None = None, handle: int = -1) -> None:
+              executor: int | None = None, handle: int = -1, epoch: int | None = None) -> None:
         with self._park_lock:
-            if req.request_id in self._aborted:  # cancelled while its KV was in flight
-                self._aborted.discard(req.request_id)
+            if self._aborted.consume(req.request_id):  # cancelled while its KV was in flight
                 return
+            if epoch is not None and self.comm.comm.epoch(self._executor_ranks[executor]) != epoch:
+                return  # its executor was lost meanwhile
             self._park_locked(req, pre, kv, executor, handle)
         self._wake.set()
 
@@ -174,6 +231,7 @@ class DecodeWorker:
         if self._loop_task is None:
             self._wake = asyncio.Event()
             self._has_output = asyncio.Event()
+            self._relinked = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     def _adopt_parked(self) -> None:
@@ -198,7 +256,13 @@ class DecodeWorker:
                 await asyncio.sleep(0.001)  # parked requests wait for blocks held elsewhere
                 continue
             start = time.perf_counter()
-            stepped = await self.engine.run(engine.step)
+            mesh = self.comm.comm
+            before = {e: mesh.epoch(r) for e, r in enumerate(self._executor_ranks)}
+            try:
+                stepped = await self.engine.run(engine.step)
+            except ExecutorsLostError as e:
+                await self._await_replacements(e.executors, before)
+                continue
             self._step_time_s += time.perf_counter() - start
             self._batch_sum += len(stepped)
             self._num_steps += 1
@@ -207,6 +271,20 @@ class DecodeWorker:
             if self._outbox:
                 self._has_output.set()
             await asyncio.sleep(0)  # let adopt/abort/poll calls in between steps
+
+    async def _await_replacements(self, executors: set[int], before: dict[int, int]) -> None:
+        """After a step failed on lost executors: wait until each is linked anew."""
+        log.warning("decode step failed: executors %s lost; waiting for replacements",
+                    sorted(executors))
+        mesh = self.comm.comm
+        ranks = {e: self._executor_ranks[e] for e in executors}
+        for e, rank in ranks.items():
+            mesh.drop(rank, before.get(e))  # fail fast until its replacement links
+        while True:
+            self._relinked.clear()  # before the check: a link made after it sets it again
+            if all(mesh.epoch(r) not in (None, before.get(e)) for e, r in ranks.items()):
+                return
+            await self._relinked.wait()
 
     def _emit(self, r: Request) -> None:
         sent = self._reported.get(r.request_id)

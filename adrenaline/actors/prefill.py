@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import ray.util
 import torch
 
 from adrenaline.actors.comm_thread import CommThread
@@ -30,7 +29,6 @@ from adrenaline.engine.tombstones import Tombstones
 from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, WorkerInfo,
                                  WorkerMetrics)
 from adrenaline.app_config import AppArgs
-from adrenaline.transport import find_free_port
 
 
 class PrefillWorker:
@@ -45,12 +43,16 @@ class PrefillWorker:
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
 
-    async def connect(self, kind: str, rank: int, world_size: int, init: str) -> None:
-        await self.comm.connect(kind, rank, world_size, init)
+    async def set_rank(self, rank: int, world_size: int) -> None:
+        self.comm.start(rank, world_size)
+
+    async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
+        """Reach decode worker ``peer`` (in its ``epoch``) through a new two-rank world."""
+        pair = await self.comm.join(kind, init, host)
+        self.comm.comm.link(peer, pair, 1 if host else 0, epoch)
 
     async def rendezvous_address(self) -> str:
-        """Where a gloo world with this worker as rank 0 meets: this node, a free port."""
-        return f"tcp://{ray.util.get_node_ip_address()}:{find_free_port()}"
+        return self.comm.rendezvous_address()
 
     async def info(self) -> WorkerInfo:
         return self.engine.info()
@@ -66,13 +68,14 @@ class PrefillWorker:
         return await fut
 
     async def send_kv(self, request_id: str, dst: int, tag: int, shape: tuple[int, ...] = (),
-                      dtype: str = "") -> None:
+                      dtype: str = "", epoch: int | None = None) -> None:
         """Send a held request's KV to rank ``dst`` and free it here (the copy is what travels).
 
         Invariant: once the router has asked for this send, a message of ``shape``/``dtype``
         always goes out, because the decode worker has posted (or will post) the matching
         receive and a gloo receive cannot be taken back. A request released meanwhile
-        (cancelled) sends zeros, which the decode worker drops as aborted.
+        (cancelled) sends zeros, which the decode worker drops as aborted. With ``epoch``,
+        the send goes only to that incarnation of ``dst`` (else PeerLostError).
         """
         kv = await self.engine.run(self._export_and_release_or_none, request_id)
         if kv is None:
@@ -80,7 +83,7 @@ class PrefillWorker:
                 return
             kv = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.engine.engine.device)
         self._wake.set()  # freed blocks may admit waiting prompts
-        await self.comm.send(kv, dst, tag)
+        await self.comm.send(kv, dst, tag, epoch)
 
     async def take_kv(self, request_id: str):
         """A held request's KV as a value (for the colocated executor), freed here."""

@@ -9,16 +9,25 @@ non-blocking so local attention runs while the executors work.
 Invariant: messages on one (decode, executor) pair are matched in posting
 order per tag, and a step's messages are all posted before the next step's,
 so the executor can serve a fixed sequence: header, meta, then L x (qkv -> out).
+
+When an executor is lost mid-step (its link raises ``PeerLostError``), the
+step cannot finish, but the surviving executors are somewhere in that same
+sequence. ``abandon_step`` walks each survivor to the end of it (zeros for the
+layers not sent yet, outputs discarded), so their next message is the next
+step's header, and returns the executors that failed. The zeros write KV only
+at the step's new position, which the retried step writes again: a decode step
+changes nothing a client sees until it completes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from adrenaline.engine.request import Request
 from adrenaline.transport.base import CommHandle, Communicator
+from adrenaline.transport.mesh import PeerLostError
 
 TAG_HEADER, TAG_META, TAG_QKV, TAG_OUT = 1, 2, 3, 4
 
@@ -29,27 +38,59 @@ class PendingAttention:
     recv: CommHandle
     out: torch.Tensor
     packed: torch.Tensor  # kept alive until the send completes
+    executor: int = -1
+    done: bool = False
+
+
+@dataclass
+class _Progress:
+    """How far this step's exchange with one executor has got."""
+
+    num_requests: int
+    sends: list[tuple[CommHandle, torch.Tensor]] = field(default_factory=list)
+    layers_sent: int = 0
+    pending: PendingAttention | None = None
+
+
+class ExecutorsLostError(RuntimeError):
+    """A decode step failed because these executors (indices) were lost; the step can be
+    retried once they are replaced and their requests dropped."""
+
+    def __init__(self, executors: set[int]):
+        super().__init__(f"attention executors {sorted(executors)} were lost mid-step")
+        self.executors = executors
 
 
 class RemoteAttention:
+    """``num_layers`` and ``dtype`` let ``abandon_step`` finish a step's sequence with the
+    surviving executors (without them a lost executor fails every executor of the step)."""
+
     def __init__(self, comm: Communicator, executor_ranks: list[int], num_heads: int,
-                 num_kv_heads: int, head_dim: int):
+                 num_kv_heads: int, head_dim: int, num_layers: int | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
         self.comm = comm
         self.ranks = executor_ranks
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self._step_sends: list[tuple[CommHandle, torch.Tensor]] = []
+        self.num_layers = num_layers
+        self.dtype = dtype
+        self.device = device
+        self._step: dict[int, _Progress] = {}
         self.num_round_trips = 0
         self.round_trip_s = 0.0  # time spent waiting for remote outputs (not overlapped)
 
     def begin_step(self, groups: dict[int, list[Request]]) -> None:
         """Send each executor the step's metadata: (handle, tokens incl. the new one) per request."""
+        self._step = {}
         for executor, reqs in groups.items():
             header = torch.tensor([len(reqs)], dtype=torch.int64)
             meta = torch.tensor([[r.remote_handle, r.num_tokens] for r in reqs], dtype=torch.int64)
             rank = self.ranks[executor]
-            self._step_sends.append((self.comm.isend(header, rank, TAG_HEADER), header))
-            self._step_sends.append((self.comm.isend(meta, rank, TAG_META), meta))
+            progress = _Progress(len(reqs))
+            self._step[executor] = progress
+            progress.sends.append((self.comm.isend(header, rank, TAG_HEADER), header))
+            progress.sends.append((self.comm.isend(meta, rank, TAG_META), meta))
 
     def start(self, executor: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
               ) -> PendingAttention:
@@ -57,9 +98,15 @@ class RemoteAttention:
         packed = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)], dim=1)
         rank = self.ranks[executor]
         out = torch.empty(n, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        progress = self._step.get(executor)
         recv = self.comm.irecv(out, rank, TAG_OUT)
         send = self.comm.isend(packed, rank, TAG_QKV)
-        return PendingAttention(send=send, recv=recv, out=out, packed=packed)
+        pending = PendingAttention(send=send, recv=recv, out=out, packed=packed,
+                                   executor=executor)
+        if progress is not None:
+            progress.layers_sent += 1
+            progress.pending = pending
+        return pending
 
     def finish(self, pending: PendingAttention) -> torch.Tensor:
         import time
@@ -67,11 +114,44 @@ class RemoteAttention:
         start = time.perf_counter()
         pending.recv.wait()
         pending.send.wait()
+        pending.done = True
         self.round_trip_s += time.perf_counter() - start
         self.num_round_trips += 1
         return pending.out
 
     def end_step(self) -> None:
-        for handle, _ in self._step_sends:
-            handle.wait()
-        self._step_sends.clear()
+        step, self._step = self._step, {}
+        for progress in step.values():
+            for handle, _ in progress.sends:
+                handle.wait()
+
+    def abandon_step(self, failed_rank: int | None) -> set[int]:
+        """After a failed step: finish the step's sequence with every executor that still
+        answers; returns the indices of those that do not (``failed_rank``'s included)."""
+        step, self._step = self._step, {}
+        failed = {self.ranks.index(failed_rank)} if failed_rank in self.ranks else set()
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        for executor, progress in step.items():
+            if executor in failed:
+                continue
+            if self.num_layers is None or self.dtype is None:
+                failed.add(executor)  # cannot finish its sequence: treat it as lost too
+                continue
+            rank = self.ranks[executor]
+            n = progress.num_requests
+            try:
+                if progress.pending is not None and not progress.pending.done:
+                    progress.pending.recv.wait()
+                    progress.pending.send.wait()
+                for _ in range(progress.layers_sent, self.num_layers):
+                    packed = torch.zeros(n, (hq + 2 * hkv) * d, dtype=self.dtype,
+                                         device=self.device)
+                    out = torch.empty(n, hq, d, dtype=self.dtype, device=self.device)
+                    recv = self.comm.irecv(out, rank, TAG_OUT)
+                    self.comm.isend(packed, rank, TAG_QKV).wait()
+                    recv.wait()
+                for handle, _ in progress.sends:
+                    handle.wait()
+            except PeerLostError:
+                failed.add(executor)
+        return failed

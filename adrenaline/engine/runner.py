@@ -6,13 +6,14 @@ import torch
 
 from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool
-from adrenaline.engine.remote_attention import RemoteAttention
+from adrenaline.engine.remote_attention import ExecutorsLostError, RemoteAttention
 from adrenaline.engine.request import sampled_requests
 from adrenaline.engine.sampler import Sampler
 from adrenaline.engine.scheduler import SchedulerOutput
 from adrenaline.kernels.base import AttentionBackend
 from adrenaline.kernels.metadata import AttentionMetadata
 from adrenaline.model.llama import LlamaModel
+from adrenaline.transport.mesh import PeerLostError
 
 
 class ModelRunner:
@@ -67,11 +68,7 @@ class ModelRunner:
             attention = self._local_attention(self.build_metadata(step, local))
         else:  # decode step with offloaded requests (they are never prefilled here)
             attention = self._split_attention(step, local)
-        try:
-            hidden = self.model(input_ids, positions, attention)
-        finally:
-            if self.remote is not None:
-                self.remote.end_step()
+        hidden = self._with_remote(lambda: self.model(input_ids, positions, attention))
         last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
         if any(r.choices for r in step.requests):  # n choices: the row repeated n times
             last = last.repeat_interleave(torch.tensor(
@@ -91,11 +88,30 @@ class ModelRunner:
         bucket = self.piecewise.bucket_for(len(step.requests))
         self.piecewise.ensure(bucket)  # capture (first use) before the executors get this step
         attention = self._split_attention(step, local, pad_to=bucket)
+        return self._with_remote(lambda: self.piecewise.run(
+            [r.token_ids[c] for r, c in zip(step.requests, ctx)], ctx, attention))
+
+    def _with_remote(self, forward):
+        """Run a forward pass; with executors, end their step, or on a lost one abandon it.
+
+        A step that fails changes no request (tokens are appended only after it), so it
+        can be retried: ExecutorsLostError names the executors to replace first.
+        """
+        if self.remote is None:
+            return forward()
         try:
-            return self.piecewise.run([r.token_ids[c] for r, c in zip(step.requests, ctx)], ctx,
-                                      attention)
-        finally:
+            out = forward()
             self.remote.end_step()
+            return out
+        except PeerLostError as e:
+            raise ExecutorsLostError(self.remote.abandon_step(e.peer)) from e
+        except BaseException:  # any other failure: keep the executors in step, then raise
+            abandon = getattr(self.remote, "abandon_step", None)
+            try:
+                abandon(None) if abandon is not None else self.remote.end_step()
+            except Exception:
+                pass
+            raise
 
     def _local_attention(self, meta: AttentionMetadata):
         self.backend.prepare(meta)

@@ -9,19 +9,27 @@ every ``hang_timeout_s / 4`` (at most 1 s); an actor that does not answer within
 long, is hung: it is reported like a death, and the replacement kills it
 (``ray.kill``: SIGKILL from its node's raylet, which works on a stopped process).
 
-Replacement is whole-cluster: the survivors are killed as well and a new
-cluster (new processes, new communicator world, same placement-group
-bundles) is started, because a gloo world cannot take a new member and the
-survivors' threads may be blocked on the dead peer. Requests then rerun on
-the new cluster from their prompt plus the tokens already streamed (the
-router's job, see router.py).
+Replacement is of the lost actor alone (``recovery.partial``, the default):
+a new actor in its slot (the same placement-group bundle), linked with each
+of its peers (actors/cluster.py ``replace``); the survivors keep their links,
+their KV and their work. The router reruns only the requests that depended
+on the lost actor (``on_actor_lost``); new requests that need the slot wait
+for it (``wait_slots``). While one slot is being replaced no peer counts as
+hung (they may be waiting for it). A second loss during a replacement, a
+replacement that cannot be started in time, or ``partial: false`` replace
+the whole cluster instead: the survivors are killed as well and a new
+cluster (new processes, new links, same bundles) is started, and every
+request in flight reruns from its prompt plus the tokens already streamed
+(the router's job, see router.py).
 
 States: "up" (``cluster`` serves), "recovering" (callers wait in ``ready()``;
 attempts repeat until ``recovery.timeout_s`` has passed since the loss),
 "down" (no replacement could be started in that time: ``ready()`` raises
 ServiceUnavailableError at once, and a new attempt runs every
 ``retry_interval_s``). ``generation`` grows by one per lost cluster; work
-started on an older generation is stale and must be rerun.
+started on an older generation is stale and must be rerun. Within a
+generation, each slot's epoch (``Cluster.epoch``) grows by one per actor
+replaced there.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ def _detached(coro) -> asyncio.Task:
 
 class Supervisor:
     def __init__(self, args: AppArgs, name_prefix: str,
-                 on_lost: Callable[[], None], on_ready: Callable[[Cluster], None]):
+                 on_lost: Callable[[], None], on_ready: Callable[[Cluster], None],
+                 on_actor_lost: Callable[[str, int], None] = lambda role, i: None,
+                 on_actor_ready: Callable[[str, int], None] = lambda role, i: None):
         self.args = args
         self.prefix = name_prefix
         self._names = itertools.count(1)  # actor names must be fresh per start attempt
@@ -55,11 +65,19 @@ class Supervisor:
         self.generation = 0
         self.state = "up"
         self.error: str | None = None
-        self.num_recoveries = 0  # clusters replaced since start
+        self.num_recoveries = 0  # recoveries since start (an actor or the whole cluster)
+        self.num_cluster_replacements = 0  # of which the whole cluster was replaced
+        self.num_losses = 0  # losses detected (an actor, or several at once)
         # (role, seconds from its last progress to the report) per hang detected.
         self.hangs: list[tuple[str, float]] = []
         self._on_lost = on_lost  # router: stop pollers, tell streams to rerun
         self._on_ready = on_ready  # router: fresh load accounting for the new cluster
+        self._on_actor_lost = on_actor_lost  # router: rerun what depended on that actor
+        self._on_actor_ready = on_actor_ready  # router: the slot serves again
+        # Slots (role, index) whose actor is being replaced, with the task doing it.
+        self._replacing: dict[tuple[str, int], asyncio.Task] = {}
+        # Watch and heartbeat tasks per slot (cancelled when the slot's actor is lost).
+        self._slot_watchers: dict[tuple[str, int], list[asyncio.Task]] = {}
         self._watchers: list[asyncio.Task] = []
         self._changed: list[asyncio.Future] = []
         self._task: asyncio.Task | None = None
@@ -67,12 +85,33 @@ class Supervisor:
     def start(self) -> None:
         """Start watching (needs the event loop; idempotent)."""
         if not self._watchers and self.state == "up":
-            gen = self.generation
-            workers = self.cluster.named_workers()
-            self._watchers = [_detached(self._watch(gen, role, i, actor))
-                              for role, i, actor in workers]
-            self._watchers += [_detached(self._heartbeat(gen, role, i, actor))
-                               for role, i, actor in workers]
+            for role, i, actor in self.cluster.named_workers():
+                self._watch_slot(role, i, actor)
+
+    def _watch_slot(self, role: str, i: int, actor) -> None:
+        gen, epoch = self.generation, self.cluster.epoch(role, i)
+        tasks = [_detached(self._watch(gen, role, i, epoch, actor)),
+                 _detached(self._heartbeat(gen, role, i, epoch, actor))]
+        self._slot_watchers[(role, i)] = tasks
+        self._watchers += tasks
+
+    def is_current(self, role: str, i: int, epoch: int) -> bool:
+        """Is the actor of that slot and epoch still serving (not lost, not replaced)?"""
+        return (self.state == "up" and (role, i) not in self._replacing
+                and self.cluster.epoch(role, i) == epoch)
+
+    async def settled(self) -> None:
+        """Return once a cluster serves with every slot filled (no replacement under way)."""
+        await self.wait_slots(self.cluster.slots())
+
+    async def wait_slots(self, slots) -> None:
+        """Return once none of ``slots`` is being replaced (and a cluster serves)."""
+        await self.ready()
+        while any(slot in self._replacing for slot in slots):
+            fut = asyncio.get_running_loop().create_future()
+            self._changed.append(fut)
+            await fut
+            await self.ready()
 
     def raise_if_down(self) -> None:
         if self.state == "down":
@@ -85,25 +124,6 @@ class Supervisor:
             self._changed.append(fut)
             await fut
         self.raise_if_down()
-
-    async def is_stale(self, gen: int, exc: BaseException | None = None,
-                       grace_s: float = 5.0) -> bool:
-        """Did the cluster of generation ``gen`` fail (so work on it must be rerun)?
-
-        A call to a dead actor proves it (and is reported here). Any other error from
-        an actor may be a symptom of a peer's death (a broken transport) that the
-        watchers report a moment later, so wait up to ``grace_s`` for them.
-        """
-        if self.generation != gen:
-            return True
-        if isinstance(exc, ray.exceptions.RayActorError):
-            self.report(gen, f"an actor died: {type(exc).__name__}")
-            return True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self.generation == gen and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        return self.generation != gen
 
     def report(self, gen: int, reason: str) -> None:
         """An actor of generation ``gen`` is gone: replace the cluster (once per generation)."""
@@ -119,11 +139,33 @@ class Supervisor:
         self._set_state("recovering", None)
         for w in self._watchers:
             w.cancel()
-        self._watchers = []
+        self._watchers, self._slot_watchers = [], {}
+        partial = list(self._replacing.values())
+        self._replacing = {}
+        for t in partial:
+            t.cancel()  # each kills the actor it was starting
         self._on_lost()
-        self._task = _detached(self._replace(reason))
+        self._task = _detached(self._replace(reason, partial))
 
-    async def _heartbeat(self, gen: int, role: str, index: int, actor) -> None:
+    def report_actor(self, gen: int, role: str, i: int, epoch: int, reason: str) -> None:
+        """The actor in slot (role, i), of that epoch, is dead or hung: replace it alone
+        when it is the only one lost (else the whole cluster, see the module docstring)."""
+        if gen != self.generation or self.state != "up":
+            return
+        slot = (role, i)
+        if self.cluster.epoch(role, i) != epoch or slot in self._replacing:
+            return  # that incarnation is already being (or was) replaced
+        self.num_losses += 1
+        if not (self.args.recovery.enabled and self.args.recovery.partial) or self._replacing:
+            self.report(gen, reason)
+            return
+        log.error("%s (generation %d): replacing that actor", reason, gen)
+        for w in self._slot_watchers.pop(slot, []):
+            w.cancel()
+        self._replacing[slot] = _detached(self._replace_actor(gen, role, i, reason))
+        self._on_actor_lost(role, i)
+
+    async def _heartbeat(self, gen: int, role: str, index: int, epoch: int, actor) -> None:
         """Report ``actor`` hung when it stops answering, or has work and makes no progress."""
         loop = asyncio.get_running_loop()
         timeout = self.args.recovery.hang_timeout_s
@@ -135,7 +177,8 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except asyncio.TimeoutError:
-                self._hung(gen, role, f"{role} {index} hung (no answer in {timeout:.0f} s)",
+                self._hung(gen, role, index, epoch,
+                           f"{role} {index} hung (no answer in {timeout:.0f} s)",
                            loop.time() - progress_at)
                 return
             except Exception:  # dead: its watcher reports it
@@ -144,29 +187,63 @@ class Supervisor:
             # serves its adopted requests' layers (held prefill KV is not work).
             busy = (m.num_waiting if role == "prefill" else m.num_running) > 0
             now = loop.time()
-            if not busy or m.num_steps != steps:
+            # While a slot is replaced its peers may wait for it: not a hang.
+            if not busy or m.num_steps != steps or self._replacing:
                 steps, progress_at = m.num_steps, now
             elif now - progress_at > timeout:
-                self._hung(gen, role, f"{role} {index} hung (no step in {timeout:.0f} s with "
-                                      f"work)", now - progress_at)
+                self._hung(gen, role, index, epoch, f"{role} {index} hung (no step in "
+                                                    f"{timeout:.0f} s with work)",
+                           now - progress_at)
                 return
             await asyncio.sleep(max(0.0, min(1.0, timeout / 4) - (now - asked)))
 
-    def _hung(self, gen: int, role: str, reason: str, stalled_s: float) -> None:
-        if gen == self.generation and self.state == "up":  # not already being replaced
-            self.hangs.append((role, stalled_s))
-        self.report(gen, reason)
+    def _hung(self, gen: int, role: str, index: int, epoch: int, reason: str,
+              stalled_s: float) -> None:
+        if self.is_current(role, index, epoch) and gen == self.generation:
+            self.hangs.append((role, stalled_s))  # not already being replaced
+        self.report_actor(gen, role, index, epoch, reason)
 
-    async def _watch(self, gen: int, role: str, index: int, actor) -> None:
+    async def _watch(self, gen: int, role: str, index: int, epoch: int, actor) -> None:
         try:
             await actor.watch.remote()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # RayActorError: the process is gone
-            self.report(gen, f"{role} {index} died ({type(e).__name__})")
+            self.report_actor(gen, role, index, epoch, f"{role} {index} died ({type(e).__name__})")
 
-    async def _replace(self, reason: str) -> None:
+    async def _replace_actor(self, gen: int, role: str, i: int, reason: str) -> None:
+        """Replace one lost actor (its slot is in ``_replacing`` meanwhile)."""
         loop = asyncio.get_running_loop()
+        cfg = self.args.recovery
+        deadline = loop.time() + cfg.timeout_s
+        while True:
+            name = f"{self.prefix}-r{next(self._names)}-{role}-{i}"
+            try:
+                await self.cluster.replace(role, i, name, max(deadline - loop.time(), 1.0))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if loop.time() < deadline - 1.0:
+                    log.warning("replacement of %s %d failed, retrying: %s", role, i, e)
+                    await asyncio.sleep(0.5)
+                    continue
+                log.error("%s %d could not be replaced (%s): replacing the whole cluster",
+                          role, i, e)
+                self._replacing.pop((role, i), None)
+                self.report(gen, f"{reason}; no replacement for it: {type(e).__name__}: {e}")
+                return
+        self._replacing.pop((role, i), None)
+        self.num_recoveries += 1
+        self._watch_slot(role, i, self.cluster.actor(role, i))
+        self._on_actor_ready(role, i)
+        self._set_state("up", None)  # wakes wait_slots
+        log.warning("%s %d replaced (epoch %d)", role, i, self.cluster.epoch(role, i))
+
+    async def _replace(self, reason: str, partial: list[asyncio.Task] = ()) -> None:
+        loop = asyncio.get_running_loop()
+        # Replacements of single actors end first: each kills the actor it was starting.
+        await asyncio.gather(*partial, return_exceptions=True)
         old = self.cluster
         await loop.run_in_executor(None, lambda: old.shutdown(keep_groups=True))
         cfg = self.args.recovery
@@ -193,6 +270,7 @@ class Supervisor:
                 await asyncio.sleep(cfg.retry_interval_s)
         self.cluster = cluster
         self.num_recoveries += 1
+        self.num_cluster_replacements += 1
         self._on_ready(cluster)
         self._set_state("up", None)
         self.start()

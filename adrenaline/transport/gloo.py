@@ -1,8 +1,10 @@
 """Gloo transport: torch.distributed's gloo backend over TCP.
 
-An actor process joins exactly one gloo world: the communicator owns
-torch.distributed's default process group, so a second communicator in the
-same process is refused until the first is closed. Gloo moves bytes only,
+Each communicator is a process group of its own (a TCPStore for the
+rendezvous, a ``ProcessGroupGloo`` object), not torch.distributed's default
+group, so one process may belong to several worlds at once: an actor keeps one
+two-rank world per peer (see transport/mesh.py), and losing a peer breaks only
+that world. Gloo moves bytes only,
 so every tensor travels as a flat uint8 view of its storage and any dtype
 (bfloat16, float8, bool, ...) round-trips bit-exactly. CUDA tensors are
 staged through host memory; use NCCL for GPU-to-GPU hot paths.
@@ -69,8 +71,8 @@ class GlooCommunicator(Communicator):
 
     ``init`` is ``"tcp://host:port"``; rank 0 listens on it. The constructor
     blocks until all ``world_size`` ranks have joined (so the ranks must
-    construct concurrently) and raises after ``timeout_s``, which also bounds
-    each later send/recv. A timed-out operation breaks the world for every
+    construct concurrently) and raises after ``connect_timeout_s`` (default
+    ``timeout_s``); ``timeout_s`` bounds each later send/recv. A timed-out operation breaks the world for every
     rank (gloo closes the pair): close and re-form it. So post a recv only
     when its message is known to be coming, not to wait for idle peers.
 
@@ -81,20 +83,24 @@ class GlooCommunicator(Communicator):
     """
 
     def __init__(self, rank: int, world_size: int, init: str, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, bind_ip: str | None = None):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, bind_ip: str | None = None,
+                 connect_timeout_s: float | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         if not init.startswith("tcp://"):
             raise ValueError(f"gloo init must be 'tcp://host:port', got {init!r}")
-        if dist.is_initialized():
-            raise RuntimeError("this process already belongs to a torch.distributed world; "
-                               "an actor process joins exactly one world (close the other first)")
         if bind_ip and "GLOO_SOCKET_IFNAME" not in os.environ:
             ifname = interface_of(bind_ip)
             if ifname is not None:  # read by gloo when the process group is made
                 os.environ["GLOO_SOCKET_IFNAME"] = ifname
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        host, port = init.removeprefix("tcp://").rsplit(":", 1)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        joining = datetime.timedelta(seconds=timeout_s if connect_timeout_s is None
+                                     else connect_timeout_s)
+        # Rank 0 serves the store; the others connect to it (retrying until the bound).
+        self._store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=joining,
+                                    wait_for_workers=False)
+        self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
         self.rank = rank
         self.world_size = world_size
         self._closed = False
@@ -123,7 +129,7 @@ class GlooCommunicator(Communicator):
         if tensor.numel() == 0:
             return DoneHandle()
         wire = self._wire_for_send(tensor)
-        return _GlooHandle(dist.isend(wire, dst, tag=tag), wire)
+        return _GlooHandle(self._pg.send([wire], dst, tag), wire)
 
     def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> CommHandle:
         self._check_open()
@@ -132,14 +138,15 @@ class GlooCommunicator(Communicator):
         if tensor.numel() == 0:
             return DoneHandle()
         wire, target = self._wire_for_recv(tensor)
-        return _GlooHandle(dist.irecv(wire, src, tag=tag), wire, target)
+        return _GlooHandle(self._pg.recv([wire], src, tag), wire, target)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # The group's sockets close with it: a peer blocked on this world raises.
+        self._pg = None
+        self._store = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -22,19 +22,23 @@ def find_free_port() -> int:
 
 def make_communicator(kind: str, rank: int, world_size: int, init: str,
                       *, timeout_s: float | None = None,
-                      bind_ip: str | None = None) -> Communicator:
+                      bind_ip: str | None = None,
+                      connect_timeout_s: float | None = None) -> Communicator:
     """Join a world of ``world_size`` ranks as ``rank``; blocks until every rank has joined.
 
     ``init`` is ``"tcp://host:port"`` (rank 0 listens there) for ``"gloo"`` and
     the hex string of ``new_nccl_unique_id()`` (made by one rank, shared with
     all) for ``"nccl"``. ``timeout_s`` bounds gloo's rendezvous and each of its
-    operations; NCCL has no timeout. ``bind_ip``: gloo's own address (this host's
+    operations; ``connect_timeout_s``, when given, bounds gloo's rendezvous alone (a world
+    that must wait long for messages but give up soon on a peer that never joins). NCCL has
+    no timeout. ``bind_ip``: gloo's own address (this host's
     address its peers reach it by); None lets gloo guess from the host name.
     """
     if kind == "gloo":
         from adrenaline.transport.gloo import DEFAULT_TIMEOUT_S, GlooCommunicator
         return GlooCommunicator(rank, world_size, init, bind_ip=bind_ip,
-                                timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+                                timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+                                connect_timeout_s=connect_timeout_s)
     if kind == "nccl":
         from adrenaline.transport.nccl import NcclCommunicator
         return NcclCommunicator(world_size, init, rank)

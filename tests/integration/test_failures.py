@@ -94,8 +94,8 @@ async def _kill_mid_stream(client, role: str, prompts, sig: int = signal.SIGKILL
     os.kill(pid, sig)
     t_sig = time.monotonic()
     try:
-        # Detected: the generation moves on as the replacement starts.
-        while (await router.stats.remote())["generation"] == before["generation"]:
+        # Detected: the supervisor counts the loss as the replacement starts.
+        while (await router.stats.remote())["num_losses"] == before["num_losses"]:
             assert time.monotonic() - t_sig < 120, "the failure was never detected"
             await asyncio.sleep(0.1)
         detected_s = time.monotonic() - t_sig
