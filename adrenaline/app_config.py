@@ -96,8 +96,9 @@ class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     every ``retry_interval_s`` (e.g. until a lost node rejoins).
 
     ``hang_timeout_s``: a worker that has work (decode: running requests; prefill: queued
-    prompts; executor: adopted requests) and completes no step for that long, or that
-    does not answer the heartbeat for that long, is treated as dead: killed and
+    prompts) and completes no step for that long, an executor that keeps a decode step
+    waiting that long, or any worker that does not answer the heartbeat for that long,
+    is treated as dead: killed and
     recovered like a death. It must exceed the longest step (a first step that compiles).
 
     ``partial``: replace only the lost actor (its peers keep their links, KV and work; only

@@ -66,6 +66,10 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     batch_size_sum: int = 0  # decode: sum of step batch sizes
     remote_wait_s: float = 0.0  # decode: time waiting on executors' outputs (not overlapped)
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on
+    # decode: the executor a step is waiting on right now (-1: none), and for how long
+    # (a decode worker blocked on an executor is not hung itself; that executor may be).
+    waiting_on_executor: int = -1
+    waiting_s: float = 0.0
     kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
     busy_s: float = 0.0  # executor: time computing attention
     # Prefix cache (prefill workers; the token counts are cumulative since it started):

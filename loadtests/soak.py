@@ -9,8 +9,9 @@ static offload ratio 0.5, "tiny") on a free port, runs loadtests/soak_locustfile
 headless for ``--minutes``, and every ``--kill-every`` seconds kills one actor (decode,
 executor, prefill in turn) with SIGKILL, then, in the next round, stops one with SIGSTOP
 (the heartbeat must find the hang within ``recovery.hang_timeout_s``). At the end: Locust's totals (requests sent,
-failures by kind, mismatched outputs), each kill and how long the router took to serve
-again, the router's counters, and the KV audit of the idle cluster; printed and written
+failures by kind, mismatched outputs), each kill, how long until it was detected and until
+its replacement served (requests on the surviving actors stream on meanwhile), the
+router's counters, and the KV audit of the idle cluster; printed and written
 as JSON.
 """
 
@@ -122,14 +123,16 @@ def main() -> None:
             if locust.poll() is not None or time.monotonic() - start > a.minutes * 60 - 20:
                 break  # leave the last seconds for the load alone
             role, sig = next(events)
-            gen = router.stats.remote().result()["generation"]
             pid = router.worker_pids.remote().result()[role][0]
+            before = router.stats.remote().result()
             t_kill = time.monotonic()
             os.kill(pid, sig)
             detected = None
-            while (s := router.stats.remote().result())["generation"] == gen \
-                    or s["state"] != "up":
-                if detected is None and s["generation"] != gen:
+            # Detected: the loss is counted; serving again: its replacement (of the actor,
+            # or of the whole cluster) serves.
+            while (s := router.stats.remote().result())["num_recoveries"] == \
+                    before["num_recoveries"] or s["state"] != "up":
+                if detected is None and s["num_losses"] != before["num_losses"]:
                     detected = time.monotonic() - t_kill
                 time.sleep(0.1)
             serving_again = time.monotonic() - t_kill

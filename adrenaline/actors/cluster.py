@@ -213,6 +213,9 @@ class Cluster:
         if role == "decode":
             d = args.decode
             new = _actor(DecodeWorker, name, d.num_cpus, d.num_gpus, d.resources).remote(args, i)
+        elif not args.executor.enabled:  # a prefill worker without a bundle
+            r = args.prefill
+            new = _actor(PrefillWorker, name, r.num_cpus, r.num_gpus, r.resources).remote(args, i)
         else:
             pg = self.groups[i]
             where = PlacementGroupSchedulingStrategy(placement_group=pg,

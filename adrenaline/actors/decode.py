@@ -217,7 +217,8 @@ class DecodeWorker:
     async def metrics(self) -> WorkerMetrics:
         e = self.engine.engine
         remote = e.runner.remote
-        return WorkerMetrics(role="decode", index=self.index, num_running=len(e.scheduler.running),
+        waiting_on, waiting_s = remote.waiting() if remote else (-1, 0.0)
+        return WorkerMetrics(role="decode", waiting_on_executor=waiting_on, waiting_s=waiting_s, index=self.index, num_running=len(e.scheduler.running),
                              num_offloaded=sum(r.is_offloaded for r in e.scheduler.running),
                              remote_wait_s=remote.round_trip_s if remote else 0.0,
                              num_remote_waits=remote.num_round_trips if remote else 0,

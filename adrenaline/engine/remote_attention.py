@@ -21,6 +21,7 @@ changes nothing a client sees until it completes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,21 @@ class RemoteAttention:
         self._step: dict[int, _Progress] = {}
         self.num_round_trips = 0
         self.round_trip_s = 0.0  # time spent waiting for remote outputs (not overlapped)
+        # The executor being waited on now (-1: none) and since when (perf_counter).
+        self.waiting_on, self.waiting_since = -1, 0.0
+
+    def waiting(self) -> tuple[int, float]:
+        """(executor waited on now or -1, seconds waited so far): read by metrics()."""
+        e, since = self.waiting_on, self.waiting_since
+        return (e, time.perf_counter() - since) if e >= 0 else (-1, 0.0)
+
+    def _wait(self, executor: int, *handles: CommHandle) -> None:
+        self.waiting_since, self.waiting_on = time.perf_counter(), executor
+        try:
+            for h in handles:
+                h.wait()
+        finally:
+            self.waiting_on = -1
 
     def begin_step(self, groups: dict[int, list[Request]]) -> None:
         """Send each executor the step's metadata: (handle, tokens incl. the new one) per request."""
@@ -109,11 +125,8 @@ class RemoteAttention:
         return pending
 
     def finish(self, pending: PendingAttention) -> torch.Tensor:
-        import time
-
         start = time.perf_counter()
-        pending.recv.wait()
-        pending.send.wait()
+        self._wait(pending.executor, pending.recv, pending.send)
         pending.done = True
         self.round_trip_s += time.perf_counter() - start
         self.num_round_trips += 1
@@ -141,15 +154,13 @@ class RemoteAttention:
             n = progress.num_requests
             try:
                 if progress.pending is not None and not progress.pending.done:
-                    progress.pending.recv.wait()
-                    progress.pending.send.wait()
+                    self._wait(executor, progress.pending.recv, progress.pending.send)
                 for _ in range(progress.layers_sent, self.num_layers):
                     packed = torch.zeros(n, (hq + 2 * hkv) * d, dtype=self.dtype,
                                          device=self.device)
                     out = torch.empty(n, hq, d, dtype=self.dtype, device=self.device)
                     recv = self.comm.irecv(out, rank, TAG_OUT)
-                    self.comm.isend(packed, rank, TAG_QKV).wait()
-                    recv.wait()
+                    self._wait(executor, self.comm.isend(packed, rank, TAG_QKV), recv)
                 for handle, _ in progress.sends:
                     handle.wait()
             except PeerLostError:

@@ -69,6 +69,11 @@ def _app_name() -> str:
         return "adrenaline"
 
 
+async def _awaited(ref):
+    """An actor call's result, as a coroutine (to run it as a task)."""
+    return await ref
+
+
 def _consume_error(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()
@@ -272,7 +277,7 @@ class Router:
         await self.supervisor.wait_slots([("prefill", p)])
         gen, cluster = self.supervisor.generation, self.cluster
         epoch = cluster.epoch("prefill", p)
-        prefill = _detached(cluster.prefill[p].prefill.remote(req))
+        prefill = _detached(_awaited(cluster.prefill[p].prefill.remote(req)))
         prefill.add_done_callback(_consume_error)  # each choice awaits it
         merged: asyncio.Queue = asyncio.Queue()
         ended = finished = 0  # choices whose stream ended / that ended with a finish reason

@@ -5,9 +5,11 @@ actor, and Ray fails it (RayActorError) the moment the actor's process is gone; 
 call the router makes to a dead actor fails the same way and reports too.
 Detection of hangs is a heartbeat: every actor's ``metrics()`` is asked about
 every ``hang_timeout_s / 4`` (at most 1 s); an actor that does not answer within
-``recovery.hang_timeout_s``, or that has work and completes no step for that
-long, is hung: it is reported like a death, and the replacement kills it
-(``ray.kill``: SIGKILL from its node's raylet, which works on a stopped process).
+``recovery.hang_timeout_s``, a prefill or decode worker that has work and
+completes no step for that long, or an executor that keeps a decode step
+waiting for its output that long, is hung: it is reported like a death, and
+the replacement kills it (``ray.kill``: SIGKILL from its node's raylet, which
+works on a stopped process).
 
 Replacement is of the lost actor alone (``recovery.partial``, the default):
 a new actor in its slot (the same placement-group bundle), linked with each
@@ -93,7 +95,7 @@ class Supervisor:
         tasks = [_detached(self._watch(gen, role, i, epoch, actor)),
                  _detached(self._heartbeat(gen, role, i, epoch, actor))]
         self._slot_watchers[(role, i)] = tasks
-        self._watchers += tasks
+        self._watchers = [t for t in self._watchers if not t.done()] + tasks
 
     def is_current(self, role: str, i: int, epoch: int) -> bool:
         """Is the actor of that slot and epoch still serving (not lost, not replaced)?"""
@@ -170,23 +172,40 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         timeout = self.args.recovery.hang_timeout_s
         steps, progress_at = -1, loop.time()
+        answered_at = loop.time()
         while gen == self.generation:
             asked = loop.time()
             try:
                 m = await asyncio.wait_for(actor.metrics.remote(), timeout)
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
-                self._hung(gen, role, index, epoch,
-                           f"{role} {index} hung (no answer in {timeout:.0f} s)",
-                           loop.time() - progress_at)
+            except ray.exceptions.ActorDiedError:  # dead: its watcher reports it
                 return
-            except Exception:  # dead: its watcher reports it
-                return
-            # Work: decode steps running requests, prefill queued prompts, an executor
-            # serves its adopted requests' layers (held prefill KV is not work).
-            busy = (m.num_waiting if role == "prefill" else m.num_running) > 0
+            except Exception as e:  # no answer in time, or "unavailable": not yet a hang
+                if loop.time() - answered_at > timeout:
+                    self._hung(gen, role, index, epoch, f"{role} {index} hung (no answer in "
+                                                        f"{timeout:.0f} s: {type(e).__name__})",
+                               loop.time() - progress_at)
+                    return
+                await asyncio.sleep(min(1.0, timeout / 4))
+                continue
+            answered_at = loop.time()
+            # Work: a decode worker steps its running requests, a prefill worker its queued
+            # prompts. A decode worker blocked on an executor's output is not stalled
+            # itself; that executor is, once it has kept it waiting past the deadline. An
+            # executor only answers its decode workers' steps: it has no work of its own
+            # to stall on (a hung one is found by not answering, or by a blocked decode).
+            waiting_on = m.waiting_on_executor if role == "decode" else -1
+            if role == "executor":
+                busy = False
+            else:
+                busy = (m.num_waiting if role == "prefill" else m.num_running) > 0 \
+                    and waiting_on < 0
             now = loop.time()
+            if waiting_on >= 0 and m.waiting_s > timeout and not self._replacing:
+                self._hung(gen, "executor", waiting_on, self.cluster.epoch("executor", waiting_on),
+                           f"executor {waiting_on} hung (decode {index} waited {m.waiting_s:.0f}"
+                           f" s for its output)", m.waiting_s)
             # While a slot is replaced its peers may wait for it: not a hang.
             if not busy or m.num_steps != steps or self._replacing:
                 steps, progress_at = m.num_steps, now

@@ -113,7 +113,8 @@ async def _kill_mid_stream(client, role: str, prompts, sig: int = signal.SIGKILL
         assert time.monotonic() - t_sig < 180, f"no replacement serves: {after}"
         await asyncio.sleep(0.1)
     await assert_kv_sound_async(client, idle=True, timeout_s=60)
-    delta = {k: after[k] - before[k] for k in ("num_recoveries", "num_reruns")}
+    delta = {k: after[k] - before[k] for k in ("num_recoveries", "num_reruns",
+                                               "num_cluster_replacements")}
     delta["detected_s"] = detected_s
     delta["hangs"] = after["hangs"][len(before["hangs"]):]
     return outs, delta
@@ -125,6 +126,7 @@ def test_kill_mid_stream_every_request_exact(client, offline, role):
     expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in range(8)])]
     outs, delta = asyncio.run(_kill_mid_stream(client, role, prompts))
     assert delta["num_recoveries"] == 1, delta
+    assert delta["num_cluster_replacements"] == 0, delta  # the dead actor alone
     assert delta["num_reruns"] >= 1, delta  # some requests really were rerun
     # Exact tokens, greedy and seeded-sampled alike: none repeated, none lost, none redrawn.
     assert outs == expected
@@ -140,7 +142,10 @@ def test_hang_mid_stream_detected_and_every_request_exact(client, offline, role)
     print(f"hung {role}: detected {delta['detected_s']:.1f} s after SIGSTOP; "
           f"hangs reported {delta['hangs']}; reruns {delta['num_reruns']}")
     assert delta["num_recoveries"] == 1, delta
-    assert delta["hangs"], delta  # found by the heartbeat, not as a death
+    assert delta["num_cluster_replacements"] == 0, delta  # the hung actor alone
+    # Found by the heartbeat (not as a death), and blamed on the stopped actor: not on
+    # a peer that waits for it.
+    assert delta["hangs"] and {r for r, _ in delta["hangs"]} == {role}, delta
     assert delta["detected_s"] < HANG_TIMEOUT_S + 5, delta
     assert outs == expected
 

@@ -147,3 +147,48 @@ def test_only_requests_on_the_lost_actor_rerun(client, offline, role):
         # Every rerun was one of them or a request not yet decoding at the kill.
         reruns = after["num_reruns"] - before["num_reruns"]
         assert len(lost) <= reruns <= len(lost) + (len(prompts) - len(decoding)), reruns
+
+
+@pytest.fixture(scope="module")
+def client_2p(ray_cluster, client):
+    """2 prefill workers without executors, 1 decode worker (after ``client``'s tests)."""
+    from ray import serve
+
+    from adrenaline.client import Client
+    from adrenaline.serve.app import build_router_app
+
+    serve.delete(APP)
+    args = {"model": "tiny", "prefill": {"num_instances": 2}, "policy": "least_loaded",
+            "recovery": {"hang_timeout_s": 30}}
+    serve.run(build_router_app(args), name=APP, route_prefix=None)
+    yield Client(app_name=APP)
+
+
+def test_prefill_without_executor_replaced_alone(client_2p, offline):
+    """A prefill worker with no bundle of its own is replaced alone too; no request that
+    was decoding reruns, and both prefill workers serve afterwards."""
+    prompts = _prompts(14)
+    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
+                                                                range(len(prompts))])]
+    r = asyncio.run(_kill_one(client_2p, "prefill", prompts))
+    assert r["outs"] == expected
+    assert r["after"]["num_cluster_replacements"] == r["before"]["num_cluster_replacements"]
+    decoding = _decoding_at_kill(r)
+    assert decoding
+    for rid in decoding:
+        assert r["admissions"][rid] == 1, (rid, r["admissions"])
+    # Afterwards requests are placed on both prefill workers again and come out exact.
+    again = asyncio.run(_kill_free_round(client_2p, prompts[:6]))
+    assert again["outs"] == expected[:6]
+    assert {p for p, _, _ in again["placed"]} == {0, 1}
+
+
+async def _kill_free_round(client, prompts) -> dict:
+    from ray import serve
+
+    router = serve.get_deployment_handle("Router", app_name=APP)
+    logged = len(await router.admissions.remote())
+    outs = await asyncio.gather(*[client.generate(p, _params(i))
+                                  for i, p in enumerate(prompts)])
+    log = (await router.admissions.remote())[logged:]
+    return {"outs": [o.token_ids for o in outs], "placed": [(p, d, off) for _, p, d, off, _ in log]}
