@@ -101,23 +101,19 @@ class PeerMesh(Communicator):
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0,
               epoch: int | None = None) -> CommHandle:
-        comm, peer_rank = self.link_of(dst, epoch)
-        try:
-            return _MeshHandle(comm.isend(tensor, peer_rank, tag), dst)
-        except PeerLostError:
-            raise
-        except Exception as e:
-            raise PeerLostError(dst, e) from e
+        return self._post("isend", tensor, dst, tag, epoch)
 
     def irecv(self, tensor: torch.Tensor, src: int, tag: int = 0,
               epoch: int | None = None) -> CommHandle:
-        comm, peer_rank = self.link_of(src, epoch)
+        return self._post("irecv", tensor, src, tag, epoch)
+
+    def _post(self, op: str, tensor: torch.Tensor, peer: int, tag: int,
+              epoch: int | None) -> CommHandle:
+        comm, peer_rank = self.link_of(peer, epoch)
         try:
-            return _MeshHandle(comm.irecv(tensor, peer_rank, tag), src)
-        except PeerLostError:
-            raise
-        except Exception as e:
-            raise PeerLostError(src, e) from e
+            return _MeshHandle(getattr(comm, op)(tensor, peer_rank, tag), peer)
+        except Exception as e:  # the link is broken: its peer is lost
+            raise PeerLostError(peer, e) from e
 
     def close(self) -> None:
         with self._lock:
