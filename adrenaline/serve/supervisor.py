@@ -234,7 +234,8 @@ class Supervisor:
         """Replace one lost actor (its slot is in ``_replacing`` meanwhile)."""
         loop = asyncio.get_running_loop()
         cfg = self.args.recovery
-        deadline = loop.time() + cfg.timeout_s
+        started = loop.time()
+        deadline = started + cfg.timeout_s
         while True:
             name = f"{self.prefix}-r{next(self._names)}-{role}-{i}"
             try:
@@ -257,7 +258,8 @@ class Supervisor:
         self._watch_slot(role, i, self.cluster.actor(role, i))
         self._on_actor_ready(role, i)
         self._set_state("up", None)  # wakes wait_slots
-        log.warning("%s %d replaced (epoch %d)", role, i, self.cluster.epoch(role, i))
+        log.warning("%s %d replaced (epoch %d) in %.1f s", role, i, self.cluster.epoch(role, i),
+                    loop.time() - started)
 
     async def _replace(self, reason: str, partial: list[asyncio.Task] = ()) -> None:
         loop = asyncio.get_running_loop()
