@@ -137,7 +137,8 @@ class DecodeWorker:
         with self._park_lock:
             if self._aborted.consume(req.request_id):  # cancelled while its KV was in flight
                 return
-            if epoch is not None and self.comm.comm.epoch(self._executor_ranks[executor]) != epoch:
+            if epoch is not None and \
+                    self.comm.comm.epoch(self._executor_ranks[executor]) != epoch:
                 return  # its executor was lost meanwhile
             self._park_locked(req, pre, kv, executor, handle)
         self._wake.set()
@@ -218,7 +219,8 @@ class DecodeWorker:
         e = self.engine.engine
         remote = e.runner.remote
         waiting_on, waiting_s = remote.waiting() if remote else (-1, 0.0)
-        return WorkerMetrics(role="decode", waiting_on_executor=waiting_on, waiting_s=waiting_s, index=self.index, num_running=len(e.scheduler.running),
+        return WorkerMetrics(role="decode", index=self.index, num_running=len(e.scheduler.running),
+                             waiting_on_executor=waiting_on, waiting_s=waiting_s,
                              num_offloaded=sum(r.is_offloaded for r in e.scheduler.running),
                              remote_wait_s=remote.round_trip_s if remote else 0.0,
                              num_remote_waits=remote.num_round_trips if remote else 0,
@@ -280,7 +282,8 @@ class DecodeWorker:
         mesh = self.comm.comm
         ranks = {e: self._executor_ranks[e] for e in executors}
         for e, rank in ranks.items():
-            mesh.drop(rank, before.get(e))  # fail fast until its replacement links
+            if before.get(e) is not None:  # fail fast until its replacement links
+                mesh.drop(rank, before[e])
         while True:
             self._relinked.clear()  # before the check: a link made after it sets it again
             if all(mesh.epoch(r) not in (None, before.get(e)) for e, r in ranks.items()):

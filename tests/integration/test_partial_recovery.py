@@ -39,10 +39,9 @@ def _params(i: int) -> SamplingParams:
                           ignore_eos=True)
 
 
-def _prompts(seed: int) -> list[list[int]]:
+def _prompts(seed: int, n: int = NUM_STREAMS) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(5, 4000) for _ in range(rng.randint(3, 40))]
-            for _ in range(NUM_STREAMS)]
+    return [[rng.randrange(5, 4000) for _ in range(rng.randint(3, 40))] for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +191,42 @@ async def _kill_free_round(client, prompts) -> dict:
                                   for i, p in enumerate(prompts)])
     log = (await router.admissions.remote())[logged:]
     return {"outs": [o.token_ids for o in outs], "placed": [(p, d, off) for _, p, d, off, _ in log]}
+
+
+@pytest.fixture(scope="module")
+def client_2e(ray_cluster, client_2p):
+    """2 prefill workers, each with its executor, 1 decode worker (after ``client_2p``)."""
+    from ray import serve
+
+    from adrenaline.client import Client
+    from adrenaline.serve.app import build_router_app
+
+    serve.delete(APP)
+    args = {"model": "tiny", "prefill": {"num_instances": 2},
+            "executor": {"enabled": True, "engine": {"kv_cache_tokens": 8192}},
+            "policy": "static", "policy_options": {"ratio": 0.5},
+            "recovery": {"hang_timeout_s": 30}}
+    serve.run(build_router_app(args), name=APP, route_prefix=None)
+    yield Client(app_name=APP)
+
+
+def test_one_of_two_executors_lost(client_2e, offline):
+    """The decode worker's steps exchange with both executors; executor 0 dies mid-run. The
+    step in flight walks executor 1 to its end and is retried: requests offloaded to
+    executor 1, and local ones, stream on (admitted once); those on executor 0 rerun."""
+    prompts = _prompts(15, n=20)  # enough decoding on each executor at the kill
+    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
+                                                                range(len(prompts))])]
+    r = asyncio.run(_kill_one(client_2e, "executor", prompts))
+    assert r["outs"] == expected
+    assert r["after"]["num_cluster_replacements"] == r["before"]["num_cluster_replacements"]
+    decoding = _decoding_at_kill(r)
+    lost = {rid for rid, (p, _, off) in decoding.items() if off and p == 0}
+    on_survivor = {rid for rid, (p, _, off) in decoding.items() if off and p == 1}
+    print(f"2 executors, executor 0 killed: {len(decoding)} decoding, {len(lost)} on it, "
+          f"{len(on_survivor)} on executor 1")
+    assert lost and on_survivor, "the kill did not hit both kinds: the test proves nothing"
+    for rid in set(decoding) - lost:
+        assert r["admissions"][rid] == 1, (rid, decoding[rid], r["admissions"])
+    for rid in lost:
+        assert r["admissions"][rid] == 2, (rid, decoding[rid], r["admissions"])
