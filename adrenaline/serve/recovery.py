@@ -1,10 +1,10 @@
-"""Recovery at the router: how an attempt on a lost cluster stops and its request reruns.
+"""Recovery at the router: how an attempt that lost an actor stops and its request reruns.
 
-One pass of a request through the cluster is an *attempt* on one cluster generation
-(serve/supervisor.py replaces the whole cluster when an actor dies and bumps the
-generation). An attempt on a lost generation ends with ``Restart``; the request then
-reruns on the replacement from its prompt plus the tokens already yielded
-(``recompute_request``), so the client sees each token exactly once.
+One pass of a request through the cluster is an *attempt*. When an actor it depends on
+is lost (serve/supervisor.py replaces that actor, or the whole cluster when several are
+lost), the attempt ends with ``Restart``; the request then reruns from its prompt plus
+the tokens already yielded (``recompute_request``), so the client sees each token
+exactly once. Attempts that did not depend on the lost actor go on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 
 from adrenaline.protocol import GenerateRequest, TokenDelta
 
-RESTART = "restart"  # finish_reason of the sentinel that stops an attempt on a lost cluster
+RESTART = "restart"  # finish_reason of the sentinel that stops an attempt that lost an actor
 
 
 class Restart(Exception):
