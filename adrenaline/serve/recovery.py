@@ -17,7 +17,7 @@ RESTART = "restart"  # finish_reason of the sentinel that stops an attempt that 
 
 
 class Restart(Exception):
-    """The cluster this attempt ran on was lost: rerun the request on its replacement."""
+    """An actor this attempt depended on was lost: rerun the request (on its replacement)."""
 
 
 def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequest:
