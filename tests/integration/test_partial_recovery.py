@@ -115,37 +115,59 @@ def _decoding_at_kill(r: dict) -> dict[str, tuple[int, int, bool]]:
             if rid in r["admitted_at_kill"] and n >= 2 and not finished}
 
 
-@pytest.mark.parametrize("role", ["decode", "executor", "prefill"])
-def test_only_requests_on_the_lost_actor_rerun(client, offline, role):
-    prompts = _prompts({"decode": 11, "executor": 12, "prefill": 13}[role])
-    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
-                                                                range(len(prompts))])]
-    r = asyncio.run(_kill_one(client, role, prompts))
+# A kill proves something only if, at that moment, requests were decoding both on the lost
+# actor and elsewhere; timing decides that, so a round that missed one kind is run again
+# (each round is a full check: exact outputs, reruns only where they depended).
+ROUNDS = 3
+
+
+def _check_round(r: dict, prompts, expected, lost_of) -> tuple[set, dict]:
     assert r["outs"] == expected  # exact, greedy and seeded sampled alike
     before, after = r["before"], r["after"]
     assert after["num_cluster_replacements"] == before["num_cluster_replacements"], after
     assert after["num_recoveries"] - before["num_recoveries"] == 1, after
     decoding = _decoding_at_kill(r)
-    if role == "decode":
-        lost = {rid for rid, (_, d, _) in decoding.items() if d == 0}
-    elif role == "executor":
-        lost = {rid for rid, (_, _, off) in decoding.items() if off}
-    else:  # a prefill worker holds nothing of a request once it decodes
-        lost = set()
+    lost = {rid for rid, where in decoding.items() if lost_of(where)}
     kept = set(decoding) - lost
-    print(f"{role} killed: {len(decoding)} decoding, {len(lost)} depended on it; reruns "
-          f"{after['num_reruns'] - before['num_reruns']}; admissions "
-          f"{dict(r['admissions'])}")
-    assert kept, "no request was decoding on a surviving actor: the test proves nothing"
+    print(f"{len(decoding)} decoding at the kill, {len(lost)} depended on it; reruns "
+          f"{after['num_reruns'] - before['num_reruns']}")
     for rid in kept:  # streamed on: admitted once
         assert r["admissions"][rid] == 1, (rid, decoding[rid], r["admissions"])
     for rid in lost:  # reran: placed and admitted again
         assert r["admissions"][rid] == 2, (rid, decoding[rid], r["admissions"])
-    if role != "prefill":
-        assert lost, "no request depended on the killed actor: the test proves nothing"
-        # Every rerun was one of them or a request not yet decoding at the kill.
-        reruns = after["num_reruns"] - before["num_reruns"]
-        assert len(lost) <= reruns <= len(lost) + (len(prompts) - len(decoding)), reruns
+    # Every rerun was one of them or a request not yet decoding at the kill.
+    reruns = after["num_reruns"] - before["num_reruns"]
+    assert len(lost) <= reruns <= len(lost) + (len(prompts) - len(decoding)), reruns
+    return lost, {rid: decoding[rid] for rid in kept}
+
+
+def _rounds(client, role: str, seed: int, lost_of, need_lost: bool, n: int = NUM_STREAMS,
+            offline=None, kept_of=lambda where: True) -> None:
+    """Kill rounds until one had a request decoding on a surviving actor (``kept_of`` says
+    which count) and, with ``need_lost``, one decoding on the lost actor."""
+    seen_lost = seen_kept = False
+    for k in range(ROUNDS):
+        prompts = _prompts(seed + 100 * k, n)
+        expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
+                                                                    range(len(prompts))])]
+        r = asyncio.run(_kill_one(client, role, prompts))
+        lost, kept = _check_round(r, prompts, expected, lost_of)
+        seen_lost |= bool(lost)
+        seen_kept |= any(kept_of(where) for where in kept.values())
+        if seen_kept and (seen_lost or not need_lost):
+            return
+    assert seen_kept, "no request was ever decoding on a surviving actor at a kill"
+    assert seen_lost or not need_lost, "no request ever depended on the killed actor"
+
+
+@pytest.mark.parametrize("role", ["decode", "executor", "prefill"])
+def test_only_requests_on_the_lost_actor_rerun(client, offline, role):
+    # (prefill, decode, offloaded) of a request decoding at the kill -> did it depend on
+    # the killed instance 0? A prefill worker holds nothing of a request once it decodes.
+    lost_of = {"decode": lambda w: w[1] == 0, "executor": lambda w: w[2],
+               "prefill": lambda w: False}[role]
+    _rounds(client, role, {"decode": 11, "executor": 12, "prefill": 13}[role], lost_of,
+            need_lost=role != "prefill", offline=offline)
 
 
 @pytest.fixture(scope="module")
@@ -166,19 +188,13 @@ def client_2p(ray_cluster, client):
 def test_prefill_without_executor_replaced_alone(client_2p, offline):
     """A prefill worker with no bundle of its own is replaced alone too; no request that
     was decoding reruns, and both prefill workers serve afterwards."""
-    prompts = _prompts(14)
+    _rounds(client_2p, "prefill", 14, lambda w: False, need_lost=False, offline=offline)
+    # Afterwards requests are placed on both prefill workers again and come out exact.
+    prompts = _prompts(14)[:6]
     expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
                                                                 range(len(prompts))])]
-    r = asyncio.run(_kill_one(client_2p, "prefill", prompts))
-    assert r["outs"] == expected
-    assert r["after"]["num_cluster_replacements"] == r["before"]["num_cluster_replacements"]
-    decoding = _decoding_at_kill(r)
-    assert decoding
-    for rid in decoding:
-        assert r["admissions"][rid] == 1, (rid, r["admissions"])
-    # Afterwards requests are placed on both prefill workers again and come out exact.
-    again = asyncio.run(_kill_free_round(client_2p, prompts[:6]))
-    assert again["outs"] == expected[:6]
+    again = asyncio.run(_kill_free_round(client_2p, prompts))
+    assert again["outs"] == expected
     assert {p for p, _, _ in again["placed"]} == {0, 1}
 
 
@@ -214,19 +230,5 @@ def test_one_of_two_executors_lost(client_2e, offline):
     """The decode worker's steps exchange with both executors; executor 0 dies mid-run. The
     step in flight walks executor 1 to its end and is retried: requests offloaded to
     executor 1, and local ones, stream on (admitted once); those on executor 0 rerun."""
-    prompts = _prompts(15, n=20)  # enough decoding on each executor at the kill
-    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
-                                                                range(len(prompts))])]
-    r = asyncio.run(_kill_one(client_2e, "executor", prompts))
-    assert r["outs"] == expected
-    assert r["after"]["num_cluster_replacements"] == r["before"]["num_cluster_replacements"]
-    decoding = _decoding_at_kill(r)
-    lost = {rid for rid, (p, _, off) in decoding.items() if off and p == 0}
-    on_survivor = {rid for rid, (p, _, off) in decoding.items() if off and p == 1}
-    print(f"2 executors, executor 0 killed: {len(decoding)} decoding, {len(lost)} on it, "
-          f"{len(on_survivor)} on executor 1")
-    assert lost and on_survivor, "the kill did not hit both kinds: the test proves nothing"
-    for rid in set(decoding) - lost:
-        assert r["admissions"][rid] == 1, (rid, decoding[rid], r["admissions"])
-    for rid in lost:
-        assert r["admissions"][rid] == 2, (rid, decoding[rid], r["admissions"])
+    _rounds(client_2e, "executor", 15, lambda w: w[2] and w[0] == 0, need_lost=True, n=20,
+            offline=offline, kept_of=lambda w: w[2] and w[0] == 1)
