@@ -39,6 +39,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import msgspec
 import ray
 import ray.exceptions
 from ray import serve
@@ -236,7 +237,7 @@ class Router:
             self.admission.num_ongoing -= 1
 
     async def _choice(self, req: GenerateRequest, shared: _SharedPrefill | None):
-        """One choice's deltas, rerun on a replacement cluster as often as one is lost."""
+        """One choice's deltas, rerun as often as an actor it depends on is lost."""
         queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._streams[req.request_id] = queue
         produced: list[int] = []  # tokens already yielded: never sent again
@@ -245,11 +246,8 @@ class Router:
                 await self.supervisor.ready()  # ServiceUnavailableError if none can start
                 if not drain(queue):
                     return  # aborted meanwhile
-                again = recompute_request(req, produced)
-                again = GenerateRequest(request_id=attempt_id(req.request_id, rerun),
-                                        prompt_token_ids=again.prompt_token_ids,
-                                        params=again.params,
-                                        output_token_ids=again.output_token_ids)
+                again = msgspec.structs.replace(recompute_request(req, produced),
+                                                request_id=attempt_id(req.request_id, rerun))
                 attempt = self._attempt(again, queue, shared, req.request_id)
                 shared = None  # a rerun prefills again, on its own
                 try:
@@ -275,7 +273,7 @@ class Router:
         await self.supervisor.ready()
         p = self.policy.place(req, self.load).prefill
         await self.supervisor.wait_slots([("prefill", p)])
-        gen, cluster = self.supervisor.generation, self.cluster
+        cluster = self.cluster
         epoch = cluster.epoch("prefill", p)
         prefill = _detached(_awaited(cluster.prefill[p].prefill.remote(req)))
         prefill.add_done_callback(_consume_error)  # each choice awaits it
