@@ -92,9 +92,15 @@ class PrefillWorker:
         return kv
 
     async def release(self, request_id: str) -> None:
-        """Free a request wherever it is here; one not yet in the engine is dropped on arrival."""
-        if not await self.engine.run(self._drop, request_id):
-            self._released.add(request_id)  # still queued (or never coming): drop it later
+        """Free a request wherever it is here; one not yet in the engine is dropped on arrival.
+
+        The tombstone goes first, before the engine is asked: a request that ``_run`` is
+        adding to the engine meanwhile (neither queued nor known to the engine when
+        ``_drop`` looks) finds it once added, and is dropped then.
+        """
+        self._released.add(request_id)
+        if await self.engine.run(self._drop, request_id):
+            self._released.consume(request_id)  # it was in the engine: dropped there
         fut = self._waiting.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.cancel()
@@ -162,10 +168,15 @@ class PrefillWorker:
                 try:
                     await self.engine.run(engine.add_request, req.request_id, req.prompt_token_ids,
                                           req.params, req.output_token_ids)
-                    self._waiting[req.request_id] = fut
                 except Exception as e:  # invalid request: answer it, keep serving
                     if not fut.done():
                         fut.set_exception(e)
+                    continue
+                if self._released.consume(req.request_id):  # released while being added
+                    await self.engine.run(self._drop, req.request_id)
+                    fut.cancel()
+                    continue
+                self._waiting[req.request_id] = fut
             if not engine.scheduler.waiting:
                 continue
             done = await self.engine.run(engine.prefill_step)
