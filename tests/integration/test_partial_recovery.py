@@ -49,19 +49,29 @@ def offline():
     return LLM("tiny")
 
 
-@pytest.fixture(scope="module")
-def client(ray_cluster):
+EXECUTOR = {"enabled": True, "engine": {"kv_cache_tokens": 8192}}
+
+
+def _deploy(**layout):
+    """(Re)deploy the module's app: "tiny", a 30 s hang timeout, and ``layout``."""
     from ray import serve
 
     from adrenaline.client import Client
     from adrenaline.serve.app import build_router_app
 
-    args = {"model": "tiny", "decode": {"num_instances": 2},
-            "executor": {"enabled": True, "engine": {"kv_cache_tokens": 8192}},
-            "policy": "static", "policy_options": {"ratio": 0.5},
-            "recovery": {"hang_timeout_s": 30}}
-    serve.run(build_router_app(args), name=APP, route_prefix=None)
-    yield Client(app_name=APP)
+    serve.delete(APP)  # the module's apps run one after another, under one name
+    serve.run(build_router_app({"model": "tiny", "recovery": {"hang_timeout_s": 30}, **layout}),
+              name=APP, route_prefix=None)
+    return Client(app_name=APP)
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster):
+    """1 prefill worker with its executor, 2 decode workers, half the requests offloaded."""
+    from ray import serve
+
+    yield _deploy(decode={"num_instances": 2}, executor=EXECUTOR, policy="static",
+                  policy_options={"ratio": 0.5})
     serve.delete(APP)
 
 
@@ -173,16 +183,7 @@ def test_only_requests_on_the_lost_actor_rerun(client, offline, role):
 @pytest.fixture(scope="module")
 def client_2p(ray_cluster, client):
     """2 prefill workers without executors, 1 decode worker (after ``client``'s tests)."""
-    from ray import serve
-
-    from adrenaline.client import Client
-    from adrenaline.serve.app import build_router_app
-
-    serve.delete(APP)
-    args = {"model": "tiny", "prefill": {"num_instances": 2}, "policy": "least_loaded",
-            "recovery": {"hang_timeout_s": 30}}
-    serve.run(build_router_app(args), name=APP, route_prefix=None)
-    yield Client(app_name=APP)
+    return _deploy(prefill={"num_instances": 2}, policy="least_loaded")
 
 
 def test_prefill_without_executor_replaced_alone(client_2p, offline):
@@ -212,18 +213,8 @@ async def _kill_free_round(client, prompts) -> dict:
 @pytest.fixture(scope="module")
 def client_2e(ray_cluster, client_2p):
     """2 prefill workers, each with its executor, 1 decode worker (after ``client_2p``)."""
-    from ray import serve
-
-    from adrenaline.client import Client
-    from adrenaline.serve.app import build_router_app
-
-    serve.delete(APP)
-    args = {"model": "tiny", "prefill": {"num_instances": 2},
-            "executor": {"enabled": True, "engine": {"kv_cache_tokens": 8192}},
-            "policy": "static", "policy_options": {"ratio": 0.5},
-            "recovery": {"hang_timeout_s": 30}}
-    serve.run(build_router_app(args), name=APP, route_prefix=None)
-    yield Client(app_name=APP)
+    return _deploy(prefill={"num_instances": 2}, executor=EXECUTOR, policy="static",
+                   policy_options={"ratio": 0.5})
 
 
 def test_one_of_two_executors_lost(client_2e, offline):
