@@ -19,9 +19,16 @@ class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Ray custom resources per instance: instances go only to nodes that offer them (on
     # several nodes: e.g. {adrenaline_prefill: 1} on nodes started with that resource).
     resources: dict[str, float] = {}
+    # The cores this role's processes run on (os.sched_setaffinity; torch threads default to
+    # one per core). An executor runs on its prefill instance's set. None: unpinned.
+    cpus: list[int] | None = None
     engine: EngineConfig = EngineConfig()
 
     def __post_init__(self) -> None:
+        if self.cpus is not None and (not self.cpus or min(self.cpus) < 0
+                                      or len(set(self.cpus)) != len(self.cpus)):
+            raise ConfigError(f"cpus: must be a non-empty list of distinct core ids >= 0, "
+                              f"got {self.cpus}")
         if self.num_instances < 1:
             raise ConfigError("num_instances: must be >= 1")
         if self.num_cpus < 0 or self.num_gpus < 0:
@@ -133,7 +140,9 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Options of the policy (e.g. {"ratio": 0.5} for static, {"tpot_slo_ms": 100} for load_aware;
     # any policy: {"prefix_placement": false}, {"prefix_balance": 1.0}, see policy/prefix.py).
     policy_options: dict[str, bool | float] = {}
-    transport: str = "auto"  # "auto" | "gloo" | "nccl"
+    # Per link: "auto" picks shm between two actors on one Ray node, gloo across nodes,
+    # NCCL between GPUs (device: cuda); a name forces that kind on every link.
+    transport: str = "auto"  # "auto" | "shm" | "gloo" | "nccl"
     limits: LimitsConfig = LimitsConfig()
     recovery: RecoveryConfig = RecoveryConfig()
     # API keys (serve/auth.py): with any configured here or in the environment variable
@@ -150,8 +159,8 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} is not cpu or cuda")
-        if self.transport not in ("auto", "gloo", "nccl"):
-            raise ConfigError(f"transport: {self.transport!r} is not auto, gloo or nccl")
+        if self.transport not in ("auto", "shm", "gloo", "nccl"):
+            raise ConfigError(f"transport: {self.transport!r} is not auto, shm, gloo or nccl")
         if self.executor.sm_count is not None and self.device != "cuda":
             raise ConfigError("executor.sm_count: only with device: cuda")
 

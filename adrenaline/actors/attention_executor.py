@@ -19,8 +19,10 @@ import threading
 import torch
 
 from adrenaline.actors.comm_thread import CommThread
+from adrenaline.actors.pinning import pin_process
 from adrenaline.engine.attention_service import AttentionService
 from adrenaline.engine.core import resolve_device, resolve_model_dir
+from adrenaline.engine.remote_attention import exchange_message_bytes
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import resolve_dtype
 from adrenaline.policy.profile import measure_copy_bandwidth
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 class AttentionExecutor:
     def __init__(self, args: AppArgs, index: int):
         self.index = index
+        # The executor stands on its prefill instance's device: it runs on that one's cores.
+        pin_process(args.prefill.cpus, "prefill.cpus")
         self.num_threads = args.executor.engine.num_threads or 1
         torch.set_num_threads(self.num_threads)
         model = load_model_config(resolve_model_dir(args.model))
@@ -41,6 +45,10 @@ class AttentionExecutor:
         self.service = AttentionService(model, args.executor.engine,
                                         resolve_dtype(args.dtype, model, device), device)
         self.comm = CommThread()
+        # A link's shm rings hold one decode step's per-layer message at the decode
+        # engine's largest batch.
+        self._ring_bytes = 2 * exchange_message_bytes(model, self.service.dtype,
+                                                      args.decode.engine.max_num_seqs)
         self._threads: list[threading.Thread] = []
         if args.executor.sm_count is not None:  # issue 11: green-context stream still to do
             log.warning("executor.sm_count=%d is not applied yet: the executor's kernels "
@@ -52,8 +60,11 @@ class AttentionExecutor:
     async def set_rank(self, rank: int, world_size: int) -> None:
         self.comm.start(rank, world_size)
 
-    async def rendezvous_address(self) -> str:
-        return self.comm.rendezvous_address()
+    async def rendezvous_address(self, kind: str = "gloo") -> str:
+        return self.comm.rendezvous_address(kind)
+
+    async def node_id(self) -> str:
+        return self.comm.node_id()
 
     async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
         """Serve decode worker ``peer`` (in its ``epoch``) over a new two-rank world.
@@ -61,7 +72,7 @@ class AttentionExecutor:
         The service thread is bound to this link: when the peer dies its world breaks,
         the thread ends, and a replacement gets a thread of its own on its own link.
         """
-        pair = await self.comm.join(kind, init, host)
+        pair = await self.comm.join(kind, init, host, self._ring_bytes)
         peer_rank = 1 if host else 0
         self.comm.comm.link(peer, pair, peer_rank, epoch)
         t = threading.Thread(target=self._serve, args=(pair, peer_rank, peer), daemon=True,

@@ -27,10 +27,12 @@ import time
 
 import torch
 
-from adrenaline.actors.comm_thread import CommThread
+from adrenaline.actors.comm_thread import KV_RING_BYTES, CommThread
 from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.actors.pinning import pin_process
 from adrenaline.engine.kv_audit import audit_kv
-from adrenaline.engine.remote_attention import ExecutorsLostError, RemoteAttention
+from adrenaline.engine.remote_attention import (ExecutorsLostError, RemoteAttention,
+                                                exchange_message_bytes)
 from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 class DecodeWorker:
     def __init__(self, args: AppArgs, index: int):
         self.index = index
-        self.engine = EngineThread(args, args.decode.engine)
+        pin_process(args.decode.cpus, "decode.cpus")
+        self.engine = EngineThread(args, args.decode.engine, args.decode.cpus)
         self.comm = CommThread()
         # KV received (None: offloaded, KV on an executor), waiting to join the batch.
         self._parked: list[tuple[Request, torch.Tensor | None]] = []
@@ -74,17 +77,24 @@ class DecodeWorker:
                 mc.num_key_value_heads, mc.head_dim, num_layers=mc.num_hidden_layers,
                 dtype=e.dtype, device=e.device)
 
-    async def rendezvous_address(self) -> str:
-        return self.comm.rendezvous_address()
+    async def rendezvous_address(self, kind: str = "gloo") -> str:
+        return self.comm.rendezvous_address(kind)
+
+    async def node_id(self) -> str:
+        return self.comm.node_id()
 
     async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
         """Reach ``peer`` (a prefill worker or an executor, in its ``epoch``) through a new
         two-rank world. An executor's link replaces its old one between two steps, after
         dropping the requests whose KV lived on the old one (their attempts rerun)."""
         self._ensure_loop()
-        pair = await self.comm.join(kind, init, host)
+        to_executor = peer in self._executor_ranks
+        e = self.engine.engine
+        ring = (2 * exchange_message_bytes(e.model_config, e.dtype, e.config.max_num_seqs)
+                if to_executor else KV_RING_BYTES)
+        pair = await self.comm.join(kind, init, host, ring)
         peer_rank = 1 if host else 0
-        if peer not in self._executor_ranks:
+        if not to_executor:
             self.comm.comm.link(peer, pair, peer_rank, epoch)
             return
         await self.engine.run(self._install_executor_link, peer, pair, peer_rank, epoch)

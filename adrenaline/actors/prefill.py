@@ -20,8 +20,9 @@ import os
 
 import torch
 
-from adrenaline.actors.comm_thread import CommThread
+from adrenaline.actors.comm_thread import KV_RING_BYTES, CommThread
 from adrenaline.actors.engine_thread import EngineThread
+from adrenaline.actors.pinning import pin_process
 from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.engine.kv_transfer import kv_export_shape
 from adrenaline.engine.request import Request
@@ -34,7 +35,8 @@ from adrenaline.app_config import AppArgs
 class PrefillWorker:
     def __init__(self, args: AppArgs, index: int):
         self.index = index
-        self.engine = EngineThread(args, args.prefill.engine)
+        pin_process(args.prefill.cpus, "prefill.cpus")
+        self.engine = EngineThread(args, args.prefill.engine, args.prefill.cpus)
         self.comm = CommThread()
         self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
         self._waiting: dict[str, asyncio.Future] = {}
@@ -48,11 +50,14 @@ class PrefillWorker:
 
     async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
         """Reach decode worker ``peer`` (in its ``epoch``) through a new two-rank world."""
-        pair = await self.comm.join(kind, init, host)
+        pair = await self.comm.join(kind, init, host, KV_RING_BYTES)
         self.comm.comm.link(peer, pair, 1 if host else 0, epoch)
 
-    async def rendezvous_address(self) -> str:
-        return self.comm.rendezvous_address()
+    async def rendezvous_address(self, kind: str = "gloo") -> str:
+        return self.comm.rendezvous_address(kind)
+
+    async def node_id(self) -> str:
+        return self.comm.node_id()
 
     async def info(self) -> WorkerInfo:
         return self.engine.info()

@@ -168,6 +168,8 @@ class Router:
                 "num_losses": self.supervisor.num_losses,
                 "hangs": list(self.supervisor.hangs),
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
+                "links": {f"{a[0]}{a[1]}-{b[0]}{b[1]}": kind
+                          for (a, b), kind in self.cluster.link_kinds.items()},
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
