@@ -25,7 +25,8 @@ from adrenaline.engine.core import resolve_device, resolve_model_dir
 from adrenaline.engine.remote_attention import exchange_message_bytes
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import resolve_dtype
-from adrenaline.policy.profile import measure_copy_bandwidth
+from adrenaline.engine.step_profile import profile_executor_attention
+from adrenaline.engine.synthetic_batch import service_adopt
 from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.protocol import KVReport, PrefillResult, WorkerMetrics
 from adrenaline.app_config import AppArgs
@@ -99,12 +100,18 @@ class AttentionExecutor:
         return await asyncio.get_running_loop().run_in_executor(
             None, self.service.adopt, request_id, len(pre.token_ids), pre.num_computed, kv)
 
-    async def measure_bandwidth(self) -> float:
+    async def profile_attention(self) -> float:
+        """Start-up only: seconds of attention per KV token (all layers), by running it
+        on synthetic requests with this executor's thread budget; the pool is left empty."""
         def run() -> float:
             torch.set_num_threads(self.num_threads)
-            return measure_copy_bandwidth(device=self.service.device)
+            return profile_executor_attention(self.service)
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    async def adopt_synthetic(self, context: int) -> int:
+        """Start-up only: a request of random KV (for timing the exchange); free it by handle."""
+        return service_adopt(self.service, 1, context)[0]
 
     async def free(self, handle: int) -> None:
         self.service.free(handle)

@@ -35,7 +35,8 @@ from adrenaline.engine.remote_attention import (ExecutorsLostError, RemoteAttent
                                                 exchange_message_bytes)
 from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
-from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
+from adrenaline.engine.kv_pool import kv_bytes_per_token
+from adrenaline.engine.step_profile import profile_decode, profile_exchange
 from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, TokenDelta, WorkerInfo,
                                  WorkerMetrics)
 from adrenaline.app_config import AppArgs
@@ -166,15 +167,19 @@ class DecodeWorker:
         self._reported[r.request_id] = r.num_output_tokens  # the prefill token was already sent
         self._parked.append((r, kv))
 
-    async def profile_steps(self, batch_sizes: list[int], prompt_len: int = 8,
-                            repeats: int = 3) -> dict[int, float]:
-        """Start-up only: median decode step seconds at each batch size (synthetic requests)."""
-        return await self.engine.run(profile_decode_steps, self.engine.engine, batch_sizes,
-                                     prompt_len, repeats)
+    async def profile_steps(self, batch_sizes: list[int]) -> tuple[dict[int, float], float]:
+        """Start-up only: (base step seconds by batch, attention seconds per KV token),
+        timed on synthetic requests (engine/step_profile.py); the pool is left empty."""
+        return await self.engine.run(profile_decode, self.engine.engine, batch_sizes)
 
-    async def measure_bandwidth(self) -> float:
-        return await self.engine.run(measure_copy_bandwidth, 256 << 20, 3,
-                                     self.engine.engine.device)
+    async def profile_exchange(self, executor: int, handle: int, context: int) -> float:
+        """Start-up only: seconds a step waits on ``executor`` for one offloaded request."""
+        return await self.engine.run(profile_exchange, self.engine.engine, executor, handle,
+                                     context)
+
+    async def kv_bytes_per_token(self) -> int:
+        e = self.engine.engine
+        return kv_bytes_per_token(e.model_config, e.dtype)
 
     async def poll(self) -> list[TokenDelta]:
         """All deltas since the previous poll (waits until there is at least one)."""

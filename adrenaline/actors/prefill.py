@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import torch
 
@@ -44,6 +45,7 @@ class PrefillWorker:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
+        self._step_time_s = 0.0  # time inside prefill steps (the prefill core's busy time)
 
     async def set_rank(self, rank: int, world_size: int) -> None:
         self.comm.start(rank, world_size)
@@ -118,6 +120,7 @@ class PrefillWorker:
                              num_waiting=len(e.scheduler.waiting) + len(self._queue),
                              kv_blocks_used=e.block_manager.num_used_blocks,
                              kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
+                             step_time_s=self._step_time_s,
                              prefill_tokens=e.scheduler.num_prefill_tokens,
                              prefix_cached_tokens=e.scheduler.num_cached_tokens,
                              kv_blocks_cached=e.block_manager.num_cached_blocks)
@@ -184,7 +187,9 @@ class PrefillWorker:
                 self._waiting[req.request_id] = fut
             if not engine.scheduler.waiting:
                 continue
+            start = time.perf_counter()
             done = await self.engine.run(engine.prefill_step)
+            self._step_time_s += time.perf_counter() - start
             self._num_steps += 1
             evicted = engine.block_manager.drain_evicted()
             for r in done:

@@ -46,7 +46,7 @@ from ray import serve
 
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError
-from adrenaline.policy import Placement, make_policy
+from adrenaline.policy import Placement, make_policy, needs_profile
 from adrenaline.protocol import (GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics,
                                  choice_request_id)
 from adrenaline.app_config import AppArgs
@@ -170,6 +170,8 @@ class Router:
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "links": {f"{a[0]}{a[1]}-{b[0]}{b[1]}": kind
                           for (a, b), kind in self.cluster.link_kinds.items()},
+                "profile": (self.policy.profile.summary()
+                            if getattr(self.policy, "profile", None) is not None else None),
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
@@ -545,10 +547,10 @@ class Router:
         self.admission.capacity_freed()
 
     def _profile(self, args: AppArgs):
-        """Start-up measurements for policies that need them (load_aware)."""
-        if args.policy != "load_aware":
+        """Start-up measurements, for a policy that declares it needs them."""
+        if not needs_profile(args.policy):
             return None
-        from adrenaline.policy.profile import profile_cluster
+        from adrenaline.actors.cluster_profile import profile_cluster
 
         return profile_cluster(self.cluster, args)
 
