@@ -61,14 +61,19 @@ def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_ba
         if t is None:
             break
         base[b] = t
-    free_tokens = engine.block_manager.num_free_blocks * engine.config.block_size
+    # The largest batch (up to attn_batch) that can hold a context well past the short one.
+    bs = engine.config.block_size
+    free_tokens = engine.block_manager.num_free_blocks * bs
     attn_batch = min(attn_batch, engine.config.max_num_seqs)
-    context = min(long_context, free_tokens // attn_batch - steps - 2 * engine.config.block_size)
+    while attn_batch > 1 and free_tokens // attn_batch - steps - 2 * bs < 4 * SHORT_CONTEXT:
+        attn_batch //= 2
+    context = min(long_context, free_tokens // attn_batch - steps - 2 * bs)
     short = time_decode_steps(engine, attn_batch, SHORT_CONTEXT, steps)
-    long = time_decode_steps(engine, attn_batch, context, steps) if context > 4 * SHORT_CONTEXT else None
+    long = (time_decode_steps(engine, attn_batch, context, steps)
+            if context >= 2 * SHORT_CONTEXT else None)
     if short is None or long is None:
         raise RuntimeError(f"profile: the decode pool ({free_tokens} tokens) is too small to "
-                           f"time attention at {attn_batch} requests")
+                           f"time attention")
     per_token = max(long - short, 0.0) / (attn_batch * (context - SHORT_CONTEXT))
     return base, per_token
 
@@ -97,9 +102,12 @@ def profile_executor_attention(service, num_requests: int = 8, context: int = 20
     Uses the largest context up to ``context`` its free pool holds for ``num_requests``.
     """
     mc = service.model
-    free = service.block_manager.num_free_blocks * service.config.block_size
-    context = min(context, free // num_requests - 2 * service.config.block_size)
-    if context < 4 * SHORT_CONTEXT:
+    bs = service.config.block_size
+    free = service.block_manager.num_free_blocks * bs
+    while num_requests > 1 and free // num_requests - 2 * bs < 4 * SHORT_CONTEXT:
+        num_requests //= 2
+    context = min(context, free // num_requests - 2 * bs)
+    if context < 2 * SHORT_CONTEXT:
         raise RuntimeError(f"profile: the executor pool ({free} tokens) is too small")
     handles = service_adopt(service, num_requests, context)
     n, hq, hkv, d = num_requests, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim

@@ -21,7 +21,9 @@ onto executor p only while all of these hold, else it waits:
       p's measured attention speed plus the exchange, finishes within d's
       local attention time for the step, so remote attention stays hidden
       behind local attention and the step does not grow by waiting on p.
-Options: ``tpot_slo_ms`` (default 200).
+Options: ``tpot_slo_ms`` (default 200); ``hide_remote`` (default true): false drops rule
+(d), offloading for KV capacity even where the executor's attention would make the step
+wait on it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class LoadAware(PlacementPolicy):
         if profile is None:
             raise ValueError("load_aware needs the cluster's start-up profile")
         self.tpot_slo_s = float(self.options.get("tpot_slo_ms", 200.0)) / 1e3
+        self.hide_remote = bool(self.options.get("hide_remote", True))
         dec_cap = sum(profile.decode_capacity_tokens)
         dec_bw = sum(profile.decode_bandwidth_gbs)
         self.ob_mem = min(sum(profile.executor_capacity_tokens) / dec_cap,
@@ -73,6 +76,6 @@ class LoadAware(PlacementPolicy):
         b_max = self.profile.b_max(self.tpot_slo_s, load.decode_reserved_tokens[d], d)
         within_batch = load.decode_active[d] + 1 <= b_max
         if (within_ob and within_batch and load.executor_fits(p, tokens)
-                and self.hidden(d, p, tokens, load)):
+                and (not self.hide_remote or self.hidden(d, p, tokens, load))):
             return Placement(prefill=p, decode=d, offload=True)
         return None

@@ -22,6 +22,7 @@ one), so several Ingress instances in one process (tests) do not collide.
   (``..._prefix_cache_hit_tokens``, ``..._prefix_cache_prefill_tokens``: rate() them for a
   windowed ratio) and ``adrenaline_worker_kv_blocks_cached`` (pages holding a cached prefix
   block, in use or free).
+* The placement policy (serve/policy_metrics.py): its choices, its bounds, the start-up profile.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from adrenaline.protocol import WorkerMetrics
+from adrenaline.serve.policy_metrics import PolicyMetrics
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -107,6 +109,7 @@ class IngressMetrics:
         self.kv_cached = Gauge("adrenaline_worker_kv_blocks_cached",
                                "Prefill: KV blocks holding a cached prefix block (used or free)",
                                _WORKER_LABELS, registry=r)
+        self.policy = PolicyMetrics(r)  # the policy's choices, bounds and start-up profile
         self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free,
                                self.offloaded, self.steps, self.busy, self.attn_bytes,
                                self.remote_wait, self.kv_usage, self.prefix_hit_tokens,

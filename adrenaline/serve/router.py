@@ -169,7 +169,7 @@ class Router:
                 "hangs": list(self.supervisor.hangs),
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
                 "links": {f"{a[0]}{a[1]}-{b[0]}{b[1]}": kind
-                          for (a, b), kind in self.cluster.link_kinds.items()},
+                          for (a, b), kind in getattr(self.cluster, "link_kinds", {}).items()},
                 "profile": (self.policy.profile.summary()
                             if getattr(self.policy, "profile", None) is not None else None),
                 "b_max": getattr(self.policy, "b_max", None),
