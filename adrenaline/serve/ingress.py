@@ -278,6 +278,12 @@ class Ingress:
             logger.warning("router.metrics() failed: %s", _describe(e))
             workers = None
         self._metrics.set_workers(workers)
+        try:
+            stats = await asyncio.wait_for(self._router.stats.remote(), ROUTER_CALL_TIMEOUT_S)
+        except Exception as e:
+            logger.warning("router.stats() failed: %s", _describe(e))
+            stats = None
+        self._metrics.set_router(stats)
         return Response(self._metrics.render(), media_type=CONTENT_TYPE)
 
     def _authorize(self, request: Request, control: bool = False) -> None:
