@@ -81,6 +81,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # it): a backstop far above the generation limits, so that the ingress itself answers
     # a burst's surplus with 429 (serve/gate.py) instead of Serve answering 503.
     max_http_requests: int = 8192
+    # Prompts in one /v1/completions request (a list of strings or of token-id lists);
+    # more: 400 naming this limit. Each prompt counts as one request against the limits above.
+    max_prompts_per_request: int = 64
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 1:
@@ -88,6 +91,8 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.max_http_requests < self.max_ongoing_requests + CONTROL_SLOTS:
             raise ConfigError(f"limits.max_http_requests: must be >= max_ongoing_requests + "
                               f"{CONTROL_SLOTS}")
+        if self.max_prompts_per_request < 1:
+            raise ConfigError("limits.max_prompts_per_request: must be >= 1")
         if self.retry_after_s < 0:
             raise ConfigError("limits.retry_after_s: must be >= 0")
         if self.max_request_bytes < 1024:

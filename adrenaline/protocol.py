@@ -37,6 +37,10 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     error: str | None = None
     index: int = 0  # the choice of an n-choice request (set by the router)
+    # First delta only, with params.prompt_logprobs: per prompt token its logprob and
+    # top-k (None for the first token), and its rank in the vocabulary.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -100,6 +104,9 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     # what the instance holds drops them; see policy/prefix.py).
     num_cached_tokens: int = 0
     evicted_hashes: list[int] = []
+    # With params.prompt_logprobs (see engine/prompt_logprobs.py); else None.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

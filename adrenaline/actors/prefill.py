@@ -213,4 +213,5 @@ class PrefillWorker:
             request_id=r.request_id, token_ids=list(r.token_ids), num_computed=r.num_computed,
             logprobs=r.logprobs, finish_reason=r.finish_reason,
             kv_shape=tuple(shape), kv_dtype=dtype, num_cached_tokens=r.num_cached_tokens,
-            evicted_hashes=evicted)
+            evicted_hashes=evicted, prompt_logprobs=r.prompt_logprobs,
+            prompt_ranks=r.prompt_ranks)

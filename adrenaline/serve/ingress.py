@@ -1,7 +1,9 @@
 """The HTTP ingress: a FastAPI app served by the ``Ingress`` Ray Serve deployment.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, and vLLM's ``POST /tokenize``,
+``POST /detokenize``, ``GET /version`` (openai_api/utility.py). A completions request
+with several prompts runs as one router request per prompt (openai_api/batch.py).
 
 A request is parsed and validated here (``openai_api``), tokenized here, and
 handed to the router as a ``GenerateRequest``; the router streams TokenDeltas
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 import typing
@@ -32,6 +35,9 @@ from adrenaline.app_config import AppArgs, parse_app_args
 from adrenaline.serve.auth import APIKeys
 from adrenaline.serve.gate import IngressGate, Slot
 from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
+from adrenaline.serve.openai_api import utility
+from adrenaline.serve.openai_api.batch import (BatchResponder, StreamBatch, complete_batch,
+                                               sse_batch)
 from adrenaline.serve.openai_api.errors import APIError, finish_error, router_error
 from adrenaline.serve.openai_api.requests import (ParsedRequest, parse_chat_request,
                                                   parse_completion_request)
@@ -66,7 +72,7 @@ def _eager_annotations(fn):
     return fn
 
 
-Parser = Callable[[bytes, ModelInfo, Tokenizer | None], ParsedRequest]
+Parser = Callable[[bytes, ModelInfo, Tokenizer | None], ParsedRequest | list[ParsedRequest]]
 
 
 class _RouterStream:
@@ -208,7 +214,9 @@ class Ingress:
     @_eager_annotations
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        return await self._generate(request, parse_completion_request)
+        return await self._generate(request, functools.partial(
+            parse_completion_request,
+            max_prompts=self._args.limits.max_prompts_per_request))
 
     @fastapi_app.post("/v1/chat/completions")
     @_eager_annotations
@@ -224,6 +232,28 @@ class Ingress:
         return Response(json_bytes({"object": "list", "data": [
             {"id": info.name, "object": "model", "created": 0, "owned_by": "adrenaline",
              "max_model_len": info.max_model_len}]}), media_type="application/json")
+
+    @fastapi_app.post("/tokenize")
+    @_eager_annotations
+    async def tokenize(self, request: Request) -> Response:
+        return await self._utility(request, utility.tokenize)
+
+    @fastapi_app.post("/detokenize")
+    @_eager_annotations
+    async def detokenize(self, request: Request) -> Response:
+        return await self._utility(request, utility.detokenize)
+
+    @fastapi_app.get("/version")
+    @_eager_annotations
+    async def version(self, request: Request) -> Response:
+        self._authorize(request)
+        return Response(json_bytes(utility.server_version()), media_type="application/json")
+
+    async def _utility(self, request: Request, handler) -> Response:
+        self._authorize(request)
+        body = await _read_body(request, self._args.limits.max_request_bytes)
+        return Response(json_bytes(handler(body, await self._model_info(), self._tokenizer)),
+                        media_type="application/json")
 
     @fastapi_app.get("/health")
     @_eager_annotations
@@ -254,6 +284,7 @@ class Ingress:
             logger.warning("router.stats() failed: %s", _describe(e))
             stats = None
         self._metrics.policy.set_stats(stats)
+        self._metrics.set_router(stats)
         return Response(self._metrics.render(), media_type=CONTENT_TYPE)
 
     def _authorize(self, request: Request, control: bool = False) -> None:
@@ -279,6 +310,9 @@ class Ingress:
         try:
             body = await _read_body(request, self._args.limits.max_request_bytes)
             parsed = parse(body, await self._model_info(), self._tokenizer)  # APIError
+            if isinstance(parsed, list):  # several prompts: _batch owns the slot from here
+                owned, slot = slot, None
+                return await self._batch(parsed, start, owned)
             stream = _RouterStream(self._router, parsed.request,
                                    self._metrics.track(parsed.num_prompt_tokens, start),
                                    self._background)
@@ -296,6 +330,33 @@ class Ingress:
         finally:
             if stream is not None:
                 stream.close()
+            if slot is not None:
+                slot.release()
+
+    async def _batch(self, parsed: list[ParsedRequest], start: float, slot: Slot) -> Response:
+        """Several prompts (openai_api/batch.py): one router stream each, merged."""
+        streams: list[_RouterStream] | None = []
+        batch = None
+        try:
+            for p in parsed:
+                streams.append(_RouterStream(self._router, p.request,
+                                             self._metrics.track(p.num_prompt_tokens, start),
+                                             self._background))
+            batch = StreamBatch(streams, parsed[0].n)
+            await batch.start()
+            responder = BatchResponder(parsed, self._tokenizer)
+            if parsed[0].stream:
+                response = _SSEResponse(sse_batch(batch, responder, parsed[0].include_usage),
+                                        batch, slot)
+                streams = slot = None  # the response owns (and closes) them now
+                return response
+            return Response(json_bytes(await complete_batch(batch, responder)),
+                            media_type="application/json")
+        finally:
+            if batch is not None and streams is not None:
+                batch.close()
+            for s in streams or ():
+                s.close()
             if slot is not None:
                 slot.release()
 

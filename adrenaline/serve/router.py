@@ -414,7 +414,8 @@ class Router:
             self._record_prefix(load, p, req, pre)
             yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
-                             finish_reason=pre.finish_reason)
+                             finish_reason=pre.finish_reason,
+                             prompt_logprobs=pre.prompt_logprobs, prompt_ranks=pre.prompt_ranks)
             if pre.finish_reason is not None:
                 st.stage = "done"
                 return
