@@ -234,10 +234,10 @@ class ResumingStream:
                     try:
                         return call, task.result()
                     except StopAsyncIteration:
-                        self._calls.remove(call)
                         covered = self._open if call.choice is None else {call.choice}
                         if self._open & covered:
-                            raise
+                            raise  # ended short: a loss (the call is dropped with the rest)
+                        self._calls.remove(call)
         raise StopAsyncIteration
 
     def _record(self, call: _Call, delta: TokenDelta) -> TokenDelta:
