@@ -126,6 +126,14 @@ def router_pid(app_name: str) -> int | None:
     return None
 
 
+def _named_actor(name: str):
+    import ray
+
+    (ns,) = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"] == name]
+    return ray.get_actor(name, namespace=ns)
+
+
 def _body(s: Spec) -> dict:
     p = s.params
     body = {"model": "tiny", "prompt": s.prompt, "max_tokens": p.max_tokens,
@@ -216,8 +224,8 @@ async def _kill_router_when(base_url: str, specs: list[Spec], stage: str) -> tup
                     await asyncio.sleep(0.01)
                 _freeze(frozen)
                 if stage == "offloaded":  # the decode step in flight waits on the executor
-                    while not any(m.role == "decode" and m.waiting_on_executor == 0
-                                  for m in await router.metrics.remote()):
+                    decode = _named_actor(f"{APP}-decode-0")  # (the router's metrics() would
+                    while (await decode.metrics.remote()).waiting_on_executor != 0:  # wait on it)
                         assert time.monotonic() < deadline, "no decode step waits on it"
                         await asyncio.sleep(0.05)
                     log = await router.admissions.remote()
@@ -274,20 +282,8 @@ def _serves_after(base_url: str, offline) -> None:
         assert r.json()["choices"][0]["text"] == want.text
 
 
-@pytest.mark.parametrize("stage", ["decode", "offloaded", "prefill"])
-def test_router_kill_loses_no_token(app, offline, specs, stage):
-    expected = _expected(offline, specs)
-    recs, t = asyncio.run(_kill_router_when(app, specs, stage))
-    print(f"\nrouter killed ({stage}): {sum(1 for r in recs if r.done)}/{len(recs)} done; "
-          f"tokens flow again after {t['first_token_after_kill_s']:.1f} s "
-          f"(every stream after {t['all_flowing_s']:.1f} s)")
-    _check_exact(recs, specs, expected)
-    if stage != "prefill":
-        assert all(n >= 3 for n, s in zip(t["tokens_at_kill"], specs) if s.stream)
-    _check_resent_once(recs)
-    _serves_after(app, offline)
-
-
+# First in the module: its app takes the route prefix "/" that the module's `app`
+# fixture holds from its first use to the module's end.
 def test_a_router_that_never_comes_back_ends_streams_with_an_error(ray_cluster, offline,
                                                                     specs, tmp_path):
     """Its successor cannot start (the model directory it loads is gone): past
@@ -332,3 +328,17 @@ def test_a_router_that_never_comes_back_ends_streams_with_an_error(ray_cluster, 
             assert r.status == 200 and r.text  # it had streamed tokens, then the error
         else:
             assert r.status == 503 and int(r.headers["retry-after"]) > 0
+
+
+@pytest.mark.parametrize("stage", ["decode", "offloaded", "prefill"])
+def test_router_kill_loses_no_token(app, offline, specs, stage):
+    expected = _expected(offline, specs)
+    recs, t = asyncio.run(_kill_router_when(app, specs, stage))
+    print(f"\nrouter killed ({stage}): {sum(1 for r in recs if r.done)}/{len(recs)} done; "
+          f"tokens flow again after {t['first_token_after_kill_s']:.1f} s "
+          f"(every stream after {t['all_flowing_s']:.1f} s)")
+    _check_exact(recs, specs, expected)
+    if stage != "prefill":
+        assert all(n >= 3 for n, s in zip(t["tokens_at_kill"], specs) if s.stream)
+    _check_resent_once(recs)
+    _serves_after(app, offline)
