@@ -61,6 +61,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # Serve slots beyond the generation limit, for control calls (health, metrics, abort, checks).
 CONTROL_SLOTS = 64
+ROUTER_HEALTH_CHECK_PERIOD_S = 2.0  # Serve's default (10 s) delays a lost router's successor
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -179,7 +180,10 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         # Serve's handle queue is only a backstop: the ingress sends at most
         # max_ongoing_requests generation calls (serve/gate.py) plus control calls.
         n = self.limits.max_ongoing_requests + CONTROL_SLOTS
-        return {"max_ongoing_requests": n, "max_queued_requests": n}
+        # Serve finds a dead replica at its next health check: a short period lets a
+        # killed router's successor start within seconds (the ingress resends meanwhile).
+        return {"max_ongoing_requests": n, "max_queued_requests": n,
+                "health_check_period_s": ROUTER_HEALTH_CHECK_PERIOD_S}
 
     @property
     def ingress_serve_options(self) -> dict:

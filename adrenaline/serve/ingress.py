@@ -10,7 +10,8 @@ handed to the router as a ``GenerateRequest``; the router streams TokenDeltas
 back. Invariant: every request the router accepted either ends with a final
 delta (finish_reason set) or is cancelled *and* aborted on the router
 (``_RouterStream.close``), whatever happens to the client, so no worker keeps
-its KV blocks.
+its KV blocks. When the router replica itself is lost, the request is sent again
+to its successor with the tokens already passed on (serve/router_resume.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 
 from adrenaline.engine.core import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
-from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, choice_request_id
+from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
 from adrenaline.app_config import AppArgs, parse_app_args
 from adrenaline.serve.auth import APIKeys
 from adrenaline.serve.gate import IngressGate, Slot
@@ -43,6 +44,7 @@ from adrenaline.serve.openai_api.requests import (ParsedRequest, parse_chat_requ
                                                   parse_completion_request)
 from adrenaline.serve.openai_api.responses import (SSE_DONE, json_bytes, make_responder,
                                                    sse_error, sse_event)
+from adrenaline.serve.router_resume import RouterLink
 
 logger = logging.getLogger("adrenaline.serve.ingress")
 
@@ -76,7 +78,7 @@ Parser = Callable[[bytes, ModelInfo, Tokenizer | None], ParsedRequest | list[Par
 
 
 class _RouterStream:
-    """One request's TokenDelta stream from the router.
+    """One request's TokenDelta stream from the router (resent if the router is lost).
 
     ``close`` is idempotent: after a final delta it only settles the metrics;
     otherwise (client gone, error, rejection) it cancels the stream and aborts
@@ -85,13 +87,13 @@ class _RouterStream:
     otherwise include the abort itself).
     """
 
-    def __init__(self, router: DeploymentHandle, req: GenerateRequest,
+    def __init__(self, link: RouterLink, req: GenerateRequest,
                  tracker: RequestTracker, background: set[asyncio.Task]):
-        self._router = router
+        self._router = link.router
         self._request_id = req.request_id
         self._tracker = tracker
         self._background = background
-        self._gen = router.options(stream=True).generate.remote(req)
+        self._gen = link.stream(req, lambda rid: self._spawn(self._abort(rid)))
         self._done = False
         self._reason = "abort"  # what close() records if no final delta came
         self._unfinished = set(range(req.params.n))  # choices without a final delta yet
@@ -99,7 +101,7 @@ class _RouterStream:
     async def next(self) -> TokenDelta:
         try:
             delta = await self._gen.__anext__()
-        except StopAsyncIteration:
+        except StopAsyncIteration:  # only after the client's own stop_choice/close
             self._reason = "error"
             raise APIError(500, "the router ended the stream without a finish reason") from None
         except Exception as e:
@@ -124,15 +126,14 @@ class _RouterStream:
             self._reason = "stop"
             self.close()
         elif not self._done:
-            self._spawn(self._abort(choice_request_id(self._request_id, index)))
+            self._gen.stop_choice(index)
 
     def close(self) -> None:
         if self._done:
             return
         self._done = True
         self._tracker.finish(self._reason)
-        self._gen.cancel()
-        self._spawn(self._abort(self._request_id))
+        self._gen.close()  # cancels and aborts every router call carrying it
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
@@ -202,6 +203,7 @@ class Ingress:
         self._tokenizer = (Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file()
                            else None)
         self._router = router
+        self._link = RouterLink(router, self._args.recovery)  # lost router: resend, wait
         self._info: ModelInfo | None = None  # fetched from the router on first use
         self._metrics = IngressMetrics()
         self._gate = IngressGate(self._args.limits)  # 429 before any heavy work
@@ -258,8 +260,12 @@ class Ingress:
     @fastapi_app.get("/health")
     @_eager_annotations
     async def health(self, request: Request) -> Response:
-        """200 while the router answers model_info (each call asks it again), else 503."""
+        """200 while the router answers model_info (each call asks it again), else 503
+        (at once while a lost router is awaited)."""
         self._authorize(request, control=True)
+        if not self._link.up:
+            return error_response(APIError(503, "the router is being restarted",
+                                           code="unavailable", headers={"Retry-After": "1"}))
         try:
             self._info = await asyncio.wait_for(self._router.model_info.remote(),
                                                 ROUTER_CALL_TIMEOUT_S)
@@ -313,7 +319,7 @@ class Ingress:
             if isinstance(parsed, list):  # several prompts: _batch owns the slot from here
                 owned, slot = slot, None
                 return await self._batch(parsed, start, owned)
-            stream = _RouterStream(self._router, parsed.request,
+            stream = _RouterStream(self._link, parsed.request,
                                    self._metrics.track(parsed.num_prompt_tokens, start),
                                    self._background)
             # Wait for the first delta before answering, so that a request the router
@@ -339,7 +345,7 @@ class Ingress:
         batch = None
         try:
             for p in parsed:
-                streams.append(_RouterStream(self._router, p.request,
+                streams.append(_RouterStream(self._link, p.request,
                                              self._metrics.track(p.num_prompt_tokens, start),
                                              self._background))
             batch = StreamBatch(streams, parsed[0].n)
@@ -376,8 +382,10 @@ class Ingress:
 
     async def _sse(self, parsed: ParsedRequest, stream: _RouterStream,
                    delta: TokenDelta) -> AsyncIterator[bytes]:
-        """The event stream: chunks, [usage chunk], [DONE]; an error event replaces the rest."""
+        """The event stream: chunks, [usage chunk], [DONE]; an error event replaces the rest
+        ([DONE] included: it stands for a complete answer)."""
         responder = make_responder(parsed, self._tokenizer)
+        failed = True
         try:
             while True:
                 err = finish_error(delta)
@@ -392,6 +400,7 @@ class Ingress:
                 if responder.done:
                     if parsed.include_usage:
                         yield sse_event(responder.usage_chunk())
+                    failed = False
                     break
                 delta = await stream.next()
         except APIError as e:
@@ -401,4 +410,5 @@ class Ingress:
             yield sse_error(APIError(500, f"internal error: {_describe(e)}"))
         finally:
             stream.close()
-        yield SSE_DONE
+        if not failed:
+            yield SSE_DONE

@@ -526,17 +526,17 @@ def _run_sse(ingress, parsed, deltas) -> tuple[list[bytes], _FakeStream]:
     return asyncio.run(collect()), stream
 
 
-def test_ingress_sse_error_event_then_done(info, tok):
+def test_ingress_sse_error_event_ends_the_stream_without_done(info, tok):
     parsed = _completion(info, tok, prompt="hello", stream=True,
                          stream_options={"include_usage": True})
     deltas = [TokenDelta(request_id="x", token_ids=[74]),
               TokenDelta(request_id="x", token_ids=[], finish_reason="error", error="boom")]
     events, stream = _run_sse(_ingress(tok), parsed, deltas)
-    assert events[-1] == SSE_DONE and stream.closed
+    assert SSE_DONE not in events and stream.closed  # [DONE] stands for a complete answer
     assert json.loads(events[0][6:])["choices"][0]["text"] == tok.decode([74])
     err = json.loads(events[1][6:])["error"]
     assert "boom" in err["message"] and err["type"] == "server_error"
-    assert len(events) == 3  # no usage chunk after an error
+    assert len(events) == 2  # no usage chunk after an error
 
 
 def test_ingress_sse_usage_then_done_and_complete_error(info, tok):

@@ -150,7 +150,9 @@ async def complete_batch(batch: StreamBatch, responder: BatchResponder) -> dict:
 
 async def sse_batch(batch: StreamBatch, responder: BatchResponder,
                     include_usage: bool) -> AsyncIterator[bytes]:
-    """The event stream: chunks of all prompts' choices as they come, [usage], [DONE]."""
+    """The event stream: chunks of all prompts' choices as they come, [usage], [DONE]; an
+    error event ends it without [DONE] (which stands for a complete answer)."""
+    failed = True
     try:
         async for i, delta in _deltas(batch, responder):
             chunk = responder.chunk(i, delta)
@@ -160,6 +162,7 @@ async def sse_batch(batch: StreamBatch, responder: BatchResponder,
                 batch.stop_choice(i, delta.index)
         if include_usage:
             yield sse_event(responder.usage_chunk())
+        failed = False
     except APIError as e:
         yield sse_error(e)
     except Exception as e:  # a formatting bug must still end the stream properly
@@ -167,4 +170,5 @@ async def sse_batch(batch: StreamBatch, responder: BatchResponder,
         yield sse_error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
     finally:
         batch.close()
-    yield SSE_DONE
+    if not failed:
+        yield SSE_DONE
