@@ -43,7 +43,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queued-requests", type=int, default=None)
     g.add_argument("--profile-batches", default=None,
                    help="what-if: decode batches load_aware's start-up profile times, e.g. "
-                        "1,8,64,256 (default: the live router's, 1..64)")
+                        "1,8,64,256 (default: as the live router, powers of 2 up to max-num-seqs)")
     g.add_argument("--exchange-layer-us", type=float, default=None,
                    help="what-if: the offload exchange per layer (default: the profile's)")
     w = ap.add_argument_group("workload (as `bench serving`)")
@@ -184,7 +184,9 @@ def cmd_validate(a) -> dict:
 def cmd_paper(a) -> dict:
     from adrenaline.sim import paper
 
-    result = {**result_header("sim-paper"), **paper.run(a.num_prompts, a.tpot_slo_ms)}
+    rates = tuple(float(r) for r in a.rates.split(",")) if a.rates else paper.RATES
+    result = {**result_header("sim-paper"), **paper.run(a.num_prompts, a.tpot_slo_ms,
+                                                         dataset=a.dataset, rates=rates)}
     for case in result["slo"]:
         b = case["best"]
         fmt = lambda r: (f"{r['output_throughput']:.0f} tok/s at {r['request_rate']:g} req/s"
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = sub.add_parser("paper", help="the paper's setting: Llama-2 7B/13B, A100, 1P1D and 2P2D")
     p.add_argument("--num-prompts", type=int, default=2000)
     p.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    p.add_argument("--dataset", default="sharegpt-synthetic",
+                   choices=["sharegpt-synthetic", "long-decode"])
+    p.add_argument("--rates", default=None, help="per prefill instance, comma-separated")
     p.add_argument("--out", default=None)
     p.add_argument("--plot-dir", default=None)
     p.set_defaults(fn=cmd_paper)

@@ -1,10 +1,14 @@
 """The paper's setting, simulated: Llama-2 7B and 13B on A100-80GB, 1P1D and 2P2D,
-ShareGPT-like lengths (`python -m adrenaline.sim paper`; results in docs/SIMULATION.md).
+ShareGPT-like or long-decode lengths (`python -m adrenaline.sim paper [--dataset ...]`;
+results in docs/SIMULATION.md).
 
 1. ``none`` vs ``load_aware`` over request rates: the highest output throughput whose
-   TPOT p90 meets the SLO, and the ratio of the two.
-   ``load_aware_wide``: the same with b_max profiled up to 512 (a what-if: the live
-   router profiles batches up to 64); ``load_aware_wide_fast``: and a 20 us exchange per layer.
+   TPOT p90 meets the SLO, and the ratio of the two. ``load_aware`` is the live policy
+   (policy/load_aware.py) on the simulated start-up profile (batches up to max_num_seqs);
+   ``load_aware_fast``: the same with a 20 us exchange per layer (a what-if: the profile's
+   exchange is the H200 fit's, measured through ColocatedPD's thread hand-off);
+   ``load_aware_capacity``: rule (d) off (``hide_remote: false``), offloading for KV
+   capacity even where the step then waits on the executor.
 2. ``static`` over offload ratios at a saturating rate: throughput and TPOT by ratio.
 """
 
@@ -19,8 +23,6 @@ from adrenaline.sim.workload import Workload
 MODELS = ("llama2-7b", "llama2-13b")
 LAYOUTS = ((1, 1), (2, 2))
 RATES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)  # per prefill instance
-# What-if: load_aware with its start-up profile timing batches up to 512, not 64.
-WIDE_PROFILE = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 # What-if: a per-layer exchange of 20 us (the H200 fit measured 0.74 ms through ColocatedPD).
 FAST_EXCHANGE_S = 20e-6
 RATIOS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8)
@@ -41,8 +43,9 @@ def best_under_slo(rows: list[dict], tpot_slo_ms: float) -> dict | None:
 
 
 def run(num_prompts: int = 2000, tpot_slo_ms: float = 100.0, input_median: int = 200,
-        output_median: int = 200, progress=print) -> dict:
-    out: dict = {"settings": {"hardware": "a100-80gb", "dataset": "sharegpt-synthetic",
+        output_median: int = 200, progress=print, dataset: str = "sharegpt-synthetic",
+        rates: tuple[float, ...] = RATES) -> dict:
+    out: dict = {"settings": {"hardware": "a100-80gb", "dataset": dataset,
                               "input_median": input_median, "output_median": output_median,
                               "num_prompts": num_prompts, "tpot_slo_ms_p90": tpot_slo_ms,
                               "executor_share": 0.25},
@@ -51,20 +54,21 @@ def run(num_prompts: int = 2000, tpot_slo_ms: float = 100.0, input_median: int =
         for p, d in LAYOUTS:
             base = SimConfig(model=model, hardware="a100-80gb", num_prefill=p, num_decode=d,
                              sample_interval_s=5.0)
-            w = Workload(dataset="sharegpt-synthetic", num_prompts=num_prompts,
+            w = Workload(dataset=dataset, num_prompts=num_prompts,
                          input_len=input_median, output_len=output_median)
             systems = {"none": SimConfig(**{**vars(base), "policy": "none"}),
                        "load_aware": SimConfig(**{**vars(base), "policy": "load_aware",
                                                   "executor": True,
                                                   "policy_options": {"tpot_slo_ms": tpot_slo_ms}})}
-            systems["load_aware_wide"] = SimConfig(**{**vars(systems["load_aware"]),
-                                                      "profile_batches": WIDE_PROFILE})
-            systems["load_aware_wide_fast"] = SimConfig(**{**vars(systems["load_aware_wide"]),
-                                                           "exchange_layer_s": FAST_EXCHANGE_S})
+            systems["load_aware_fast"] = SimConfig(**{**vars(systems["load_aware"]),
+                                                      "exchange_layer_s": FAST_EXCHANGE_S})
+            systems["load_aware_capacity"] = SimConfig(**{
+                **vars(systems["load_aware"]),
+                "policy_options": {"tpot_slo_ms": tpot_slo_ms, "hide_remote": False}})
             rows = {}
             for name, cfg in systems.items():
                 rows[name] = [_slim(run_point(cfg, Workload(**{**vars(w), "request_rate": r * p}),
-                                              label=name)) for r in RATES]
+                                              label=name)) for r in rates]
                 progress(f"{model} {p}P{d}D {name}: "
                          + " ".join(f"{r['output_throughput']:.0f}" for r in rows[name]))
             best = {k: best_under_slo(v, tpot_slo_ms) for k, v in rows.items()}
@@ -72,7 +76,7 @@ def run(num_prompts: int = 2000, tpot_slo_ms: float = 100.0, input_median: int =
                         if best["none"] and best[k] else None) for k in systems if k != "none"}
             out["slo"].append({"model": model, "layout": f"{p}P{d}D", "rows": rows,
                                "best": best, "gain": gain})
-            sat = RATES[-1] * p  # a rate past what either system sustains
+            sat = rates[-1] * p  # a rate past what either system sustains
             ratio_rows = []
             for ratio in RATIOS:
                 cfg = SimConfig(**{**vars(base), "policy": "static", "executor": True,

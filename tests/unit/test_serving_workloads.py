@@ -145,3 +145,23 @@ def test_sharegpt_multi_turn_builds_each_turn_on_the_text_before(tmp_path):
     (reqs,) = sharegpt_multi_turn(str(path), 5, 3, encode=lambda t: t.split())
     assert [r.prompt.count("turn") for r in reqs] == [1, 3, 5]
     assert reqs[2].prompt.startswith(reqs[1].prompt) and reqs[0].history_len == 0
+
+
+def test_long_decode_lengths_prompts_and_seed(smollm2_dir):
+    from adrenaline.bench.serving_workloads import (LONG_DECODE_INPUT, LONG_DECODE_OUTPUT,
+                                                   long_decode_lengths, long_decode_requests)
+    from adrenaline.model.tokenizer import Tokenizer
+
+    lens = long_decode_lengths(200, seed=3)
+    assert lens == long_decode_lengths(200, seed=3) != long_decode_lengths(200, seed=4)
+    assert all(LONG_DECODE_INPUT[0] <= i <= LONG_DECODE_INPUT[1] for i, _ in lens)
+    assert all(LONG_DECODE_OUTPUT[0] <= o <= LONG_DECODE_OUTPUT[1] for _, o in lens)
+    tok = Tokenizer(smollm2_dir)
+    reqs = long_decode_requests(5, tok.vocab_size, seed=3,
+                                encode=lambda t: tok.encode(t, add_special_tokens=False))
+    assert [(r.prompt_len, r.output_len) for r in reqs] == long_decode_lengths(5, seed=3)
+    assert all(len(r.prompt) == r.prompt_len for r in reqs)
+    assert "step by step" in tok.decode(reqs[0].prompt)  # chat-like text, not random ids
+    # Without a tokenizer: random ids of the same lengths.
+    plain = long_decode_requests(5, 1000, seed=3)
+    assert [len(r.prompt) for r in plain] == [i for i, _ in long_decode_lengths(5, seed=3)]
