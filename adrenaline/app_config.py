@@ -86,6 +86,15 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.max_request_bytes < 1024:
             raise ConfigError("limits.max_request_bytes: must be >= 1024")
 
+    def refusal(self, num_ongoing: int, num_queued: int) -> str | None:
+        """Why one more request is refused with ``num_ongoing`` held and ``num_queued`` of
+        them not yet decoding (None: admitted). The router and the simulator both ask."""
+        if num_ongoing >= self.max_ongoing_requests:
+            return f"{num_ongoing} requests in flight (limit {self.max_ongoing_requests})"
+        if num_queued >= self.max_queued_requests:
+            return f"{num_queued} requests queued (limit {self.max_queued_requests})"
+        return None
+
 
 class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Replacing the cluster when an actor dies (see serve/supervisor.py).

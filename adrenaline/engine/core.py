@@ -49,6 +49,7 @@ from adrenaline.model.loader import load_model, resolve_dtype
 from adrenaline.model.packaged import PACKAGED, packaged_path
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import choice_request_id
+from adrenaline.request_length import check_request_length
 from adrenaline.sampling_params import SamplingParams
 
 
@@ -165,14 +166,7 @@ class EngineCore:
         if bad:
             raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
                                       f"[0, {vocab})")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(f"prompt has {n} tokens; the context is {self.max_model_len} "
-                                      "tokens and at least one must be generated")
-        final_len = min(n + params.max_tokens, self.max_model_len)
-        if final_len > self.max_request_tokens:
-            raise InvalidRequestError(
-                f"prompt plus max_tokens needs {final_len} tokens of KV cache; "
-                f"this engine holds {self.max_request_tokens} tokens")
+        check_request_length(n, params.max_tokens, self.max_model_len, self.max_request_tokens)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, output_token_ids: list[int] = ()) -> Request:
