@@ -41,9 +41,9 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = False
     engine: EngineConfig = EngineConfig(kv_cache_tokens=16384)
     # CUDA only: the SMs the executor's kernels may use (a green-context partition, so the
-    # prefill worker on the same GPU keeps the rest); None: the whole device. Validated
-    # here; NOT YET APPLIED by the executor actor (issue 11: it logs a warning), see
-    # docs/GPU.md. Hopper partitions come in groups of 8 SMs.
+    # prefill worker on the same GPU keeps the rest); None: the whole device. The executor
+    # actor runs its service threads on that partition's stream (actors/
+    # attention_executor.py). Hopper partitions come in groups of 8 SMs.
     sm_count: int | None = None
 
     def __post_init__(self) -> None:

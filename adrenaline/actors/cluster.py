@@ -1,8 +1,9 @@
 """Cluster: creates the prefill, decode and attention-executor actors and wires their world.
 
 Ranks: prefill instance i is rank i, decode instance j is rank P + j, and the
-attention executor of prefill instance i (when enabled) is rank P + D + i, in
-one world per cluster. A prefill worker and its executor share one
+attention executor of prefill instance i (when enabled) is rank P + D + i: global
+ranks that name actors, not one world (each pair that exchanges tensors has a
+two-rank world of its own, below). A prefill worker and its executor share one
 placement-group bundle (same node, same device). Each actor is an asyncio
 actor; the cluster only creates and connects them (the router routes).
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray import serve
 
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
     from adrenaline.model.hf_config import load_model_config
 
     vocab = load_model_config(resolve_model_dir(args.model)).vocab_size

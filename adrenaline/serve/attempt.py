@@ -89,6 +89,7 @@ class Attempt:
     epochs: dict = field(default_factory=dict)
     actors: dict = field(default_factory=dict)
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    _prefilled: bool = False
     _ended: bool = False
 
     @property
@@ -117,7 +118,9 @@ class Attempt:
 
     def prefilled(self) -> None:
         """Its prefill call returned (or failed): the prompt no longer counts as queued."""
-        self.admission.prefilled(self.load, self.where, self.uncached)
+        if not self._prefilled:
+            self._prefilled = True
+            self.admission.prefilled(self.load, self.where, self.uncached)
 
     def parked(self) -> None:
         self._to(Stage.PARKED)
@@ -143,6 +146,7 @@ class Attempt:
         """Take back what it counted in the load ledger (once)."""
         if not self._ended:
             self._ended = True
+            self.prefilled()  # (ended before its prefill was asked)
             self.admission.ended(self.load, self.where, self.reserved,
                                  self.reached.decoding, self.offloaded)
 

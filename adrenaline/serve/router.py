@@ -148,6 +148,11 @@ class Router:
         n_p, n_d = len(c.prefill), len(c.decode)
         return {"prefill": pids[:n_p], "decode": pids[n_p:n_p + n_d], "executor": pids[n_p + n_d:]}
 
+    async def hold_steps(self, role: str, i: int, held: bool) -> None:
+        """For tests: hold (or let go) the steps of the worker in slot (role, i), so that
+        an event a test asserts is certain, not timed (EngineWorker.hold_steps)."""
+        await self.cluster.actor(role, i).hold_steps.remote(held)
+
     async def abort(self, request_id: str) -> None:
         for rid in self._groups.get(request_id, [request_id]):
             q = self._streams.get(rid)
