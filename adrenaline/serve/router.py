@@ -53,8 +53,8 @@ from adrenaline.protocol import (GenerateRequest, KVReport, ModelInfo, TokenDelt
 from adrenaline.app_config import AppArgs
 from adrenaline.policy.prefix import PrefixIndex
 from adrenaline.serve.admission import Admission, new_load
-from adrenaline.serve.attempt import (Attempt, Control, Restart, SharedPrefill, consume_error,
-                                      detached)
+from adrenaline.serve.attempt import (Attempt, Control, Restart, SharedPrefill, Stage,
+                                      consume_error, detached)
 from adrenaline.serve.recovery import attempt_id, drain, recompute_request
 from adrenaline.serve.supervisor import Supervisor
 
@@ -276,11 +276,12 @@ class Router:
         a = await self._place(req, queue, shared)  # WAITING
         try:
             pre = await self._prefill(a, req)  # PREFILLING: the first token
+            if pre.finish_reason is not None:
+                a.done()  # DONE (marked first: the consumer may close us at the yield)
             yield TokenDelta(request_id=a.id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
                              finish_reason=pre.finish_reason)
-            if pre.finish_reason is not None:
-                a.done()
+            if a.stage is Stage.DONE:
                 return
             a.parked()  # PARKED: the KV waits in the prefill pool until there is room
             await self._admit(a, req, client_id)  # DECODING_LOCAL or DECODING_OFFLOADED
@@ -288,9 +289,10 @@ class Router:
             while (item := await queue.get()) is not Control.ABORT:
                 if item is Control.RESTART:
                     raise Restart()
-                yield item
                 if item.finish_reason is not None:
                     a.done()  # DONE
+                yield item
+                if a.stage is Stage.DONE:
                     return
         finally:
             self._attempts.pop(a.id, None)
