@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-multinode bench-engine bench-serve bench-offload clean
+.PHONY: setup run demo test eval test-multinode bench-engine bench-serve bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests
+
+# lm-eval through the served SmolLM2 vs lm-eval's own hf backend (README: "Evaluating with
+# lm-eval"). Installs the `eval` extra (lm-eval[api]) into the venv first.
+eval: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[eval]'
+	HF_DATASETS_OFFLINE=1 $(VENV)/bin/python evals/lm_eval_parity.py
 
 # Only the multi-node tests (root: a Ray cluster of network namespaces; see docs/DEPLOY.md).
 # `make test` runs them too where it runs as root; elsewhere they are skipped, with the reason.

@@ -19,9 +19,16 @@ class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Ray custom resources per instance: instances go only to nodes that offer them (on
     # several nodes: e.g. {adrenaline_prefill: 1} on nodes started with that resource).
     resources: dict[str, float] = {}
+    # The cores this role's processes run on (os.sched_setaffinity; torch threads default to
+    # one per core). An executor runs on its prefill instance's set. None: unpinned.
+    cpus: list[int] | None = None
     engine: EngineConfig = EngineConfig()
 
     def __post_init__(self) -> None:
+        if self.cpus is not None and (not self.cpus or min(self.cpus) < 0
+                                      or len(set(self.cpus)) != len(self.cpus)):
+            raise ConfigError(f"cpus: must be a non-empty list of distinct core ids >= 0, "
+                              f"got {self.cpus}")
         if self.num_instances < 1:
             raise ConfigError("num_instances: must be >= 1")
         if self.num_cpus < 0 or self.num_gpus < 0:
@@ -54,6 +61,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # Serve slots beyond the generation limit, for control calls (health, metrics, abort, checks).
 CONTROL_SLOTS = 64
+ROUTER_HEALTH_CHECK_PERIOD_S = 2.0  # Serve's default (10 s) delays a lost router's successor
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -74,6 +82,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # it): a backstop far above the generation limits, so that the ingress itself answers
     # a burst's surplus with 429 (serve/gate.py) instead of Serve answering 503.
     max_http_requests: int = 8192
+    # Prompts in one /v1/completions request (a list of strings or of token-id lists);
+    # more: 400 naming this limit. Each prompt counts as one request against the limits above.
+    max_prompts_per_request: int = 64
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 1:
@@ -81,6 +92,8 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.max_http_requests < self.max_ongoing_requests + CONTROL_SLOTS:
             raise ConfigError(f"limits.max_http_requests: must be >= max_ongoing_requests + "
                               f"{CONTROL_SLOTS}")
+        if self.max_prompts_per_request < 1:
+            raise ConfigError("limits.max_prompts_per_request: must be >= 1")
         if self.retry_after_s < 0:
             raise ConfigError("limits.retry_after_s: must be >= 0")
         if self.max_request_bytes < 1024:
@@ -142,7 +155,9 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Options of the policy (e.g. {"ratio": 0.5} for static, {"tpot_slo_ms": 100} for load_aware;
     # any policy: {"prefix_placement": false}, {"prefix_balance": 1.0}, see policy/prefix.py).
     policy_options: dict[str, bool | float] = {}
-    transport: str = "auto"  # "auto" | "gloo" | "nccl"
+    # Per link: "auto" picks shm between two actors on one Ray node, gloo across nodes,
+    # NCCL between GPUs (device: cuda); a name forces that kind on every link.
+    transport: str = "auto"  # "auto" | "shm" | "gloo" | "nccl"
     limits: LimitsConfig = LimitsConfig()
     recovery: RecoveryConfig = RecoveryConfig()
     # API keys (serve/auth.py): with any configured here or in the environment variable
@@ -159,8 +174,8 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} is not cpu or cuda")
-        if self.transport not in ("auto", "gloo", "nccl"):
-            raise ConfigError(f"transport: {self.transport!r} is not auto, gloo or nccl")
+        if self.transport not in ("auto", "shm", "gloo", "nccl"):
+            raise ConfigError(f"transport: {self.transport!r} is not auto, shm, gloo or nccl")
         if self.executor.sm_count is not None and self.device != "cuda":
             raise ConfigError("executor.sm_count: only with device: cuda")
 
@@ -174,7 +189,10 @@ class AppArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         # Serve's handle queue is only a backstop: the ingress sends at most
         # max_ongoing_requests generation calls (serve/gate.py) plus control calls.
         n = self.limits.max_ongoing_requests + CONTROL_SLOTS
-        return {"max_ongoing_requests": n, "max_queued_requests": n}
+        # Serve finds a dead replica at its next health check: a short period lets a
+        # killed router's successor start within seconds (the ingress resends meanwhile).
+        return {"max_ongoing_requests": n, "max_queued_requests": n,
+                "health_check_period_s": ROUTER_HEALTH_CHECK_PERIOD_S}
 
     @property
     def ingress_serve_options(self) -> dict:

@@ -39,6 +39,10 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     error: str | None = None
     index: int = 0  # the choice of an n-choice request (set by the router)
+    # First delta only, with params.prompt_logprobs: per prompt token its logprob and
+    # top-k (None for the first token), and its rank in the vocabulary.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -64,7 +68,7 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     num_steps: int = 0
     num_preemptions: int = 0
     num_offloaded: int = 0  # decode: running requests whose attention is on an executor
-    step_time_s: float = 0.0  # decode: total time in steps
+    step_time_s: float = 0.0  # decode and prefill: total time in steps
     batch_size_sum: int = 0  # decode: sum of step batch sizes
     remote_wait_s: float = 0.0  # decode: time waiting on executors' outputs (not overlapped)
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on
@@ -102,6 +106,9 @@ class PrefillResult(msgspec.Struct, kw_only=True):
     # what the instance holds drops them; see policy/prefix.py).
     num_cached_tokens: int = 0
     evicted_hashes: list[int] = []
+    # With params.prompt_logprobs (see engine/prompt_logprobs.py); else None.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):

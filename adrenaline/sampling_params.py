@@ -26,6 +26,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     token's count in the output / once if it occurs there); then temperature,
     ``min_p`` (drop tokens below min_p times the top token's probability), top-k, top-p.
     ``n`` choices share one prefill; choice i of a seeded request uses seed + i.
+
+    ``prompt_logprobs=N`` (vLLM's name) returns, per prompt token after the first, its
+    log-probability given the tokens before it and the N most likely tokens there (the
+    same float32 log-softmax of the raw logits as ``logprobs``). Such a prompt is
+    prefilled whole: the prefix cache is not read for it (a cached prefix has no logits).
     """
 
     max_tokens: int = 16
@@ -44,6 +49,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
     json_schema: str | None = None  # a JSON schema, as JSON text (structured output)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -58,6 +64,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError(
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if not 1 <= self.n <= 128:
             raise InvalidRequestError(f"n must be in [1, 128], got {self.n}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -105,6 +114,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None  # "length" | "stop" once finished
     logprobs: list[dict[int, float]] | None = None
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:

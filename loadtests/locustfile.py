@@ -20,8 +20,13 @@ earlier answers) plus a new message, streamed, named ``multi-turn [turn k]``; af
 server recomputes only the new part of each turn (see /metrics'
 ``adrenaline_worker_prefix_cache_hit_ratio``).
 
+``ADRENALINE_DATASET=long-decode`` makes every request of ``OpenAIUser`` a decode-heavy one
+instead, with the lengths of ``bench serving --dataset long-decode`` (prompts of 100-300
+tokens, outputs of 1,000-2,000), streamed completions only, named ``long-decode``.
+
 Environment: ``ADRENALINE_MODEL`` (default "tiny"), ``ADRENALINE_VOCAB`` (default 4096),
-``ADRENALINE_MAX_TOKENS`` (default 16), ``ADRENALINE_TURNS`` (default 4).
+``ADRENALINE_MAX_TOKENS`` (default 16), ``ADRENALINE_TURNS`` (default 4),
+``ADRENALINE_DATASET`` (default: the mix above).
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ import time
 
 from locust import FastHttpUser, between, events, task
 
+from adrenaline.bench.serving_workloads import LONG_DECODE_INPUT, LONG_DECODE_OUTPUT
+
 MODEL = os.environ.get("ADRENALINE_MODEL", "tiny")
 VOCAB = int(os.environ.get("ADRENALINE_VOCAB", "4096"))
 MAX_TOKENS = int(os.environ.get("ADRENALINE_MAX_TOKENS", "16"))
 TURNS = int(os.environ.get("ADRENALINE_TURNS", "4"))
+DATASET = os.environ.get("ADRENALINE_DATASET", "mix")
 PROMPT_LENS = {"short": 16, "medium": 128, "long": 512}
 SYSTEM_PROMPT = [random.Random(0).randrange(10, VOCAB - 10) for _ in range(64)]
 MESSAGE_LEN = 48  # tokens of each user message
@@ -124,6 +132,28 @@ class MultiTurnUser(FastHttpUser):
         stream_request(self.client, "/v1/completions", body, f"multi-turn [turn {self.turn}]")
         # The answer joins the history (token ids stand for its text: the lengths are exact).
         self.history = prompt + [random.randrange(10, VOCAB - 10) for _ in range(MAX_TOKENS)]
+
+
+class LongDecodeUser(FastHttpUser):
+    """Decode-heavy requests only (``ADRENALINE_DATASET=long-decode``): streamed completions
+    of a 100-300 token prompt and a 1,000-2,000 token answer."""
+
+    wait_time = between(0.05, 0.2)
+
+    @task
+    def long_decode(self) -> None:
+        n = random.randint(*LONG_DECODE_INPUT)
+        body = {"model": MODEL, "prompt": [random.randrange(10, VOCAB - 10) for _ in range(n)],
+                "max_tokens": random.randint(*LONG_DECODE_OUTPUT), "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        stream_request(self.client, "/v1/completions", body, "long-decode")
+
+
+# The users this run spawns: the decode-heavy one alone, or the mix.
+if DATASET == "long-decode":
+    del OpenAIUser, MultiTurnUser
+else:
+    del LongDecodeUser
 
 
 def stream_request(client, path: str, body: dict, name: str) -> None:

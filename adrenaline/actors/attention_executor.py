@@ -17,13 +17,16 @@ import threading
 
 import torch
 
+from adrenaline.actors.pinning import pin_process
 from adrenaline.actors.worker import Worker
 from adrenaline.engine.attention_service import AttentionService
 from adrenaline.engine.core import resolve_device
-from adrenaline.model.resolve import resolve_model_dir
+from adrenaline.engine.remote_attention import exchange_message_bytes
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import resolve_dtype
-from adrenaline.policy.profile import measure_copy_bandwidth
+from adrenaline.model.resolve import resolve_model_dir
+from adrenaline.engine.step_profile import profile_executor_attention
+from adrenaline.engine.synthetic_batch import service_adopt
 from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.protocol import KVReport, PrefillResult
 from adrenaline.app_config import AppArgs
@@ -36,12 +39,18 @@ class AttentionExecutor(Worker):
 
     def __init__(self, args: AppArgs, index: int):
         super().__init__(index)
+        # The executor stands on its prefill instance's device: it runs on that one's cores.
+        pin_process(args.prefill.cpus, "prefill.cpus")
         self.num_threads = args.executor.engine.num_threads or 1
         torch.set_num_threads(self.num_threads)
         model = load_model_config(resolve_model_dir(args.model))
         device = resolve_device(args.device)
         self.service = AttentionService(model, args.executor.engine,
                                         resolve_dtype(args.dtype, model, device), device)
+        # A link's shm rings hold one decode step's per-layer message at the decode
+        # engine's largest batch.
+        self._exchange_bytes = 2 * exchange_message_bytes(model, self.service.dtype,
+                                                          args.decode.engine.max_num_seqs)
         self._threads: list[threading.Thread] = []
         # CUDA with executor.sm_count: the service threads launch on a green-context stream
         # bound to that many SMs (the prefill worker on the same GPU keeps the rest).
@@ -51,6 +60,9 @@ class AttentionExecutor(Worker):
 
     async def capacity_tokens(self) -> int:
         return self.service.capacity_tokens
+
+    def _ring_bytes(self, peer: int) -> int:
+        return self._exchange_bytes
 
     async def _linked(self, peer: int, pair, peer_rank: int, epoch: int) -> None:
         """Serve decode worker ``peer`` over the new link.
@@ -90,12 +102,18 @@ class AttentionExecutor(Worker):
 
         return await asyncio.get_running_loop().run_in_executor(None, adopt)
 
-    async def measure_bandwidth(self) -> float:
+    async def profile_attention(self) -> float:
+        """Start-up only: seconds of attention per KV token (all layers), by running it
+        on synthetic requests with this executor's thread budget; the pool is left empty."""
         def run() -> float:
             torch.set_num_threads(self.num_threads)
-            return measure_copy_bandwidth(device=self.service.device)
+            return profile_executor_attention(self.service)
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    async def adopt_synthetic(self, context: int) -> int:
+        """Start-up only: a request of random KV (for timing the exchange); free it by handle."""
+        return service_adopt(self.service, 1, context)[0]
 
     async def free(self, handle: int) -> None:
         self.service.free(handle)

@@ -1,16 +1,17 @@
 """Cluster: creates the prefill, decode and attention-executor actors and wires their world.
 
 Ranks: prefill instance i is rank i, decode instance j is rank P + j, and the
-attention executor of prefill instance i (when enabled) is rank P + D + i: global
-ranks that name actors, not one world (each pair that exchanges tensors has a
-two-rank world of its own, below). A prefill worker and its executor share one
-placement-group bundle (same node, same device). Each actor is an asyncio
+attention executor of prefill instance i (when enabled) is rank P + D + i.
+A prefill worker and its executor share one placement-group bundle (same
+node, same device). Each actor is an asyncio
 actor; the cluster only creates and connects them (the router routes).
 
 Tensors move over *links*, one two-rank world per pair of actors that
 exchange them (prefill i <-> decode j for KV handoffs, decode j <-> executor
 i for offloaded attention), addressed by the global ranks above (see
-transport/mesh.py). When one actor is lost, ``replace`` starts a new one in
+transport/mesh.py). Each link's kind is chosen for its pair (``link_kind``):
+with ``transport: auto``, shared memory when both actors are on one Ray
+node, gloo across nodes, NCCL between GPUs. When one actor is lost, ``replace`` starts a new one in
 its slot and links it with each peer; the survivors keep their links, their
 KV and their work (serve/supervisor.py). Each slot has an *epoch* (times
 replaced): a link is recorded under its peer's epoch, so work meant for one
@@ -58,6 +59,9 @@ class Cluster:
         self.groups = list(groups or [])
         self.prefill, self.executors, self.decode = [], [], []
         self.epochs: dict[tuple[str, int], int] = {}  # (role, index) -> replacements so far
+        self.nodes: dict[tuple[str, int], str] = {}  # (role, index) -> the Ray node it runs on
+        # The kind of each link, keyed by its two slots in sorted order.
+        self.link_kinds: dict[tuple[tuple[str, int], tuple[str, int]], str] = {}
         try:
             for i in range(args.prefill.num_instances):
                 self._create_prefill(args, i, name_prefix, timeout_s)
@@ -71,6 +75,9 @@ class Cluster:
                 [a.info.remote() for a in self.decode], timeout=timeout_s)
             self.executor_capacity_tokens: list[int] = ray.get(
                 [e.capacity_tokens.remote() for e in self.executors], timeout=timeout_s)
+            slots = self.named_workers()
+            self.nodes = dict(zip([(role, i) for role, i, _ in slots], ray.get(
+                [a.node_id.remote() for _, _, a in slots], timeout=timeout_s)))
             self._connect(timeout_s)
         except BaseException:
             self.shutdown(keep_groups=groups is not None)
@@ -142,11 +149,14 @@ class Cluster:
                     + [("executor", k) for k in range(len(self.executors))])
         return [("decode", k) for k in range(len(self.decode))]
 
-    def _kind(self) -> str:
+    def link_kind(self, a: tuple[str, int], b: tuple[str, int]) -> str:
+        """The transport of the link between slots a and b (see the module notes)."""
         kind = self.args.transport
-        if kind == "auto":
-            kind = "nccl" if self.args.device == "cuda" else "gloo"
-        return kind
+        if kind != "auto":
+            return kind
+        if self.args.device == "cuda":
+            return "nccl"
+        return "shm" if self.nodes[a] == self.nodes[b] else "gloo"
 
     def _set_rank_call(self, role: str, i: int, actor):
         world = len(self.workers)
@@ -160,16 +170,17 @@ class Cluster:
             from adrenaline.transport.nccl import new_nccl_unique_id
 
             return new_nccl_unique_id()
-        # The rendezvous store runs on the host side's node, a port free there (the
+        # The rendezvous (a gloo store, an shm segment) is on the host side's node (the
         # router may run on another node).
-        return await host.rendezvous_address.remote()
+        return await host.rendezvous_address.remote(kind)
 
-    async def _link(self, kind: str, a: tuple[str, int], actor_a, b: tuple[str, int],
-                    actor_b) -> None:
+    async def _link(self, a: tuple[str, int], actor_a, b: tuple[str, int], actor_b) -> None:
         """Make the two-rank world between slots a and b; a serves the rendezvous.
 
         Each side records the link under the *other* side's epoch.
         """
+        kind = self.link_kind(a, b)
+        self.link_kinds[tuple(sorted((a, b)))] = kind
         init = await self._init_for(kind, actor_a)
         await asyncio.gather(
             actor_a.link.remote(kind, self.rank_of(*b), init, True, self.epoch(*b)),
@@ -179,20 +190,24 @@ class Cluster:
         """Give every actor its rank and link every pair that exchanges tensors."""
         ray.get([self._set_rank_call(role, i, a) for role, i, a in self.named_workers()],
                 timeout=timeout_s)
-        kind = self._kind()
         pairs = [(("prefill", i), ("decode", j)) for i in range(len(self.prefill))
                  for j in range(len(self.decode))]
         pairs += [(("decode", j), ("executor", i)) for j in range(len(self.decode))
                   for i in range(len(self.executors))]
-        if kind == "nccl":
-            from adrenaline.transport.nccl import new_nccl_unique_id
+        self.link_kinds = {tuple(sorted((a, b))): self.link_kind(a, b) for a, b in pairs}
+        inits = []
+        for a, b in pairs:  # the first slot of each pair serves its rendezvous, on its node
+            kind = self.link_kind(a, b)
+            if kind == "nccl":
+                from adrenaline.transport.nccl import new_nccl_unique_id
 
-            inits = [new_nccl_unique_id() for _ in pairs]
-        else:  # the first slot of each pair serves its rendezvous, on its node
-            inits = ray.get([self.actor(*a).rendezvous_address.remote() for a, _ in pairs],
-                            timeout=timeout_s)
+                inits.append(new_nccl_unique_id())
+            else:
+                inits.append(self.actor(*a).rendezvous_address.remote(kind))
+        inits = [i if isinstance(i, str) else ray.get(i, timeout=timeout_s) for i in inits]
         calls = []
         for (a, b), init in zip(pairs, inits):
+            kind = self.link_kind(a, b)
             calls.append(self.actor(*a).link.remote(kind, self.rank_of(*b), init, True, 0))
             calls.append(self.actor(*b).link.remote(kind, self.rank_of(*a), init, False, 0))
         ray.get(calls, timeout=timeout_s)
@@ -239,11 +254,11 @@ class Cluster:
 
     async def _start_replacement(self, role: str, i: int, new) -> None:
         await new.info.remote() if role != "executor" else await new.capacity_tokens.remote()
+        self.nodes[(role, i)] = await new.node_id.remote()
         self.epochs[(role, i)] = self.epoch(role, i) + 1
         await self._set_rank_call(role, i, new)
-        kind = self._kind()
         # The new actor serves each link's rendezvous: it is alive and has no other work.
-        await asyncio.gather(*[self._link(kind, (role, i), new, peer, self.actor(*peer))
+        await asyncio.gather(*[self._link((role, i), new, peer, self.actor(*peer))
                                for peer in self.peers_of(role, i)])
         {"prefill": self.prefill, "decode": self.decode, "executor": self.executors}[role][i] = new
 

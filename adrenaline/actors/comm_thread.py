@@ -20,6 +20,7 @@ import torch
 from adrenaline.transport import find_free_port, make_communicator
 from adrenaline.transport.base import Communicator
 from adrenaline.transport.mesh import PeerMesh
+from adrenaline.transport.shm import new_shm_init
 
 
 # Executors wait on their decode workers' next step without bound, and a gloo timeout
@@ -28,6 +29,9 @@ from adrenaline.transport.mesh import PeerMesh
 WORLD_TIMEOUT_S = 365 * 24 * 3600.0
 # A peer that does not join a link's rendezvous within this is treated as gone.
 LINK_TIMEOUT_S = 120.0
+# An shm link between a prefill and a decode worker carries KV handoffs, which stream
+# through its rings in pieces of at most this many bytes.
+KV_RING_BYTES = 8 << 20
 
 
 class CommThread:
@@ -50,22 +54,34 @@ class CommThread:
         self.rank = rank
 
     @staticmethod
-    def rendezvous_address() -> str:
-        """Where a link with this actor serving the rendezvous meets: this node, a free port."""
+    def rendezvous_address(kind: str = "gloo") -> str:
+        """Where a link of ``kind`` with this actor serving the rendezvous meets: for gloo this
+        node and a free port; for shm a new segment name (made by this side on this host)."""
+        if kind == "shm":
+            return new_shm_init()
         return f"tcp://{ray.util.get_node_ip_address()}:{find_free_port()}"
 
-    async def join(self, kind: str, init: str, host: bool) -> Communicator:
+    @staticmethod
+    def node_id() -> str:
+        """The Ray node this actor runs on (links between actors of one node use shm)."""
+        return ray.get_runtime_context().get_node_id()
+
+    async def join(self, kind: str, init: str, host: bool,
+                   ring_bytes: int | None = None) -> Communicator:
         """Make the two-rank world of one link; returns once the peer has joined too.
 
-        ``host``: this side serves the rendezvous at ``init`` (rank 0 of the pair). Gloo
-        binds to the address Ray knows this node by, so peers on other nodes can reach it
-        (gloo's own guess, from the host name, may be a loopback address).
+        ``host``: this side serves the rendezvous at ``init`` (rank 0 of the pair); for shm
+        it makes the segment, with rings of ``ring_bytes`` (the largest message that
+        should pass in one piece). Gloo binds to the address Ray knows this node by, so
+        peers on other nodes can reach it (gloo's own guess, from the host name, may be a
+        loopback address).
         """
         bind_ip = ray.util.get_node_ip_address()
         return await asyncio.get_running_loop().run_in_executor(
             self._links, lambda: make_communicator(kind, 0 if host else 1, 2, init,
                                                    timeout_s=WORLD_TIMEOUT_S, bind_ip=bind_ip,
-                                                   connect_timeout_s=LINK_TIMEOUT_S))
+                                                   connect_timeout_s=LINK_TIMEOUT_S,
+                                                   capacity_bytes=ring_bytes))
 
     async def send(self, tensor: torch.Tensor, dst: int, tag: int,
                    epoch: int | None = None) -> None:

@@ -28,10 +28,12 @@ import torch
 
 from adrenaline.actors.worker import EngineWorker
 from adrenaline.engine.kv_audit import audit_kv
-from adrenaline.engine.remote_attention import ExecutorsLostError, RemoteAttention
+from adrenaline.engine.remote_attention import (ExecutorsLostError, RemoteAttention,
+                                                exchange_message_bytes)
 from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
-from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
+from adrenaline.engine.kv_pool import kv_bytes_per_token
+from adrenaline.engine.step_profile import profile_decode, profile_exchange
 from adrenaline.protocol import GenerateRequest, KVReport, PrefillResult, TokenDelta
 from adrenaline.app_config import AppArgs
 
@@ -42,7 +44,7 @@ class DecodeWorker(EngineWorker):
     role = "decode"
 
     def __init__(self, args: AppArgs, index: int):
-        super().__init__(args, args.decode.engine, index)
+        super().__init__(args, args.decode, index)
         # KV received (None: offloaded, KV on an executor), waiting to join the batch.
         self._parked: list[tuple[Request, torch.Tensor | None]] = []
         self._outbox: list[TokenDelta] = []
@@ -77,6 +79,12 @@ class DecodeWorker(EngineWorker):
         lived on the old one (their attempts rerun)."""
         self._ensure_loop()
         await super().link(kind, peer, init, host, epoch)
+
+    def _ring_bytes(self, peer: int) -> int:
+        if peer not in self._executor_ranks:
+            return super()._ring_bytes(peer)
+        e = self.engine  # one decode step's per-layer exchange at the largest batch
+        return 2 * exchange_message_bytes(e.model_config, e.dtype, e.config.max_num_seqs)
 
     async def _linked(self, peer: int, pair, peer_rank: int, epoch: int) -> None:
         if peer not in self._executor_ranks:
@@ -148,15 +156,19 @@ class DecodeWorker(EngineWorker):
         self._reported[r.request_id] = r.num_output_tokens  # the prefill token was already sent
         self._parked.append((r, kv))
 
-    async def profile_steps(self, batch_sizes: list[int], prompt_len: int = 8,
-                            repeats: int = 3) -> dict[int, float]:
-        """Start-up only: median decode step seconds at each batch size (synthetic requests)."""
-        return await self.engine_thread.run(profile_decode_steps, self.engine, batch_sizes,
-                                     prompt_len, repeats)
+    async def profile_steps(self, batch_sizes: list[int]) -> tuple[dict[int, float], float]:
+        """Start-up only: (base step seconds by batch, attention seconds per KV token),
+        timed on synthetic requests (engine/step_profile.py); the pool is left empty."""
+        return await self.engine_thread.run(profile_decode, self.engine, batch_sizes)
 
-    async def measure_bandwidth(self) -> float:
-        return await self.engine_thread.run(measure_copy_bandwidth, 256 << 20, 3,
-                                     self.engine.device)
+    async def profile_exchange(self, executor: int, handle: int, context: int) -> float:
+        """Start-up only: seconds a step waits on ``executor`` for one offloaded request."""
+        return await self.engine_thread.run(profile_exchange, self.engine, executor, handle,
+                                     context)
+
+    async def kv_bytes_per_token(self) -> int:
+        e = self.engine
+        return kv_bytes_per_token(e.model_config, e.dtype)
 
     async def poll(self) -> list[TokenDelta]:
         """All deltas since the previous poll (waits until there is at least one)."""

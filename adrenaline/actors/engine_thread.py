@@ -13,6 +13,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from adrenaline.actors.pinning import thread_budget
 from adrenaline.config import EngineConfig
 from adrenaline.engine.core import EngineCore
 from adrenaline.protocol import WorkerInfo
@@ -22,13 +23,15 @@ T = TypeVar("T")
 
 
 class EngineThread:
-    def __init__(self, args: AppArgs, config: EngineConfig):
-        # On CPU an actor gets its thread budget (default 1: several actors share few cores).
-        torch.set_num_threads(config.num_threads or 1)
+    def __init__(self, args: AppArgs, config: EngineConfig, cpus: list[int] | None = None):
+        # On CPU an actor gets its thread budget (default 1: several actors share few cores;
+        # a pinned role: one per core of its set).
+        threads = thread_budget(config.num_threads, cpus)
+        torch.set_num_threads(threads)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         # Build on the engine thread too: torch's thread settings are per thread.
         self.core: EngineCore = self._pool.submit(
-            lambda: _build(args, config)).result()
+            lambda: _build(args, config, threads)).result()
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -43,6 +46,6 @@ class EngineThread:
                           prefix_caching=e.config.enable_prefix_caching)
 
 
-def _build(args: AppArgs, config: EngineConfig) -> EngineCore:
-    torch.set_num_threads(config.num_threads or 1)
+def _build(args: AppArgs, config: EngineConfig, threads: int) -> EngineCore:
+    torch.set_num_threads(threads)
     return EngineCore(args.model, dtype=args.dtype, device=args.device, config=config)

@@ -16,6 +16,7 @@ router keeps its record of what this instance holds.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
@@ -32,13 +33,14 @@ class PrefillWorker(EngineWorker):
     role = "prefill"
 
     def __init__(self, args: AppArgs, index: int):
-        super().__init__(args, args.prefill.engine, index)
+        super().__init__(args, args.prefill, index)
         self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
         self._waiting: dict[str, asyncio.Future] = {}
         self._released = Tombstones()  # released before they reached the engine
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
+        self._step_time_s = 0.0  # time inside prefill steps (the prefill core's busy time)
 
     async def prefill(self, req: GenerateRequest) -> list[PrefillResult]:
         """Prefill ``req`` once; one result per choice (``params.n``), each held (when not
@@ -96,6 +98,7 @@ class PrefillWorker(EngineWorker):
                     num_waiting=len(e.scheduler.waiting) + len(self._queue),
                     kv_blocks_used=e.block_manager.num_used_blocks,
                     kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
+                    step_time_s=self._step_time_s,
                     prefill_tokens=e.scheduler.num_prefill_tokens,
                     prefix_cached_tokens=e.scheduler.num_cached_tokens,
                     kv_blocks_cached=e.block_manager.num_cached_blocks)
@@ -153,7 +156,9 @@ class PrefillWorker(EngineWorker):
                 self._waiting[req.request_id] = fut
             if not engine.scheduler.waiting:
                 continue
+            start = time.perf_counter()
             done = await self.engine_thread.run(engine.prefill_step)
+            self._step_time_s += time.perf_counter() - start
             self._num_steps += 1
             evicted = engine.block_manager.drain_evicted()
             for r in done:
@@ -177,4 +182,5 @@ class PrefillWorker(EngineWorker):
             request_id=r.request_id, token_ids=list(r.token_ids), num_computed=r.num_computed,
             logprobs=r.logprobs, finish_reason=r.finish_reason,
             kv_shape=tuple(shape), kv_dtype=dtype, num_cached_tokens=r.num_cached_tokens,
-            evicted_hashes=evicted)
+            evicted_hashes=evicted, prompt_logprobs=r.prompt_logprobs,
+            prompt_ranks=r.prompt_ranks)

@@ -15,10 +15,10 @@ import asyncio
 import os
 from typing import Callable, TypeVar
 
-from adrenaline.actors.comm_thread import CommThread
+from adrenaline.actors.comm_thread import KV_RING_BYTES, CommThread
 from adrenaline.actors.engine_thread import EngineThread
-from adrenaline.app_config import AppArgs
-from adrenaline.config import EngineConfig
+from adrenaline.actors.pinning import pin_process
+from adrenaline.app_config import AppArgs, RoleConfig
 from adrenaline.protocol import KVReport, WorkerInfo, WorkerMetrics
 from adrenaline.transport.base import Communicator
 
@@ -35,14 +35,22 @@ class Worker:
     async def set_rank(self, rank: int, world_size: int) -> None:
         self.comm.start(rank, world_size)
 
-    async def rendezvous_address(self) -> str:
-        return self.comm.rendezvous_address()
+    async def rendezvous_address(self, kind: str = "gloo") -> str:
+        return self.comm.rendezvous_address(kind)
+
+    async def node_id(self) -> str:
+        return self.comm.node_id()
 
     async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
         """Reach rank ``peer`` (in its ``epoch``) through a new two-rank world; ``host``:
         this side serves the rendezvous at ``init``."""
-        pair = await self.comm.join(kind, init, host)
+        pair = await self.comm.join(kind, init, host, self._ring_bytes(peer))
         await self._linked(peer, pair, 1 if host else 0, epoch)
+
+    def _ring_bytes(self, peer: int) -> int:
+        """An shm link's ring size: the largest message to ``peer`` that passes in one
+        piece (by default a KV handoff's piece, actors/comm_thread.py)."""
+        return KV_RING_BYTES
 
     async def _linked(self, peer: int, pair: Communicator, peer_rank: int, epoch: int) -> None:
         """The link's world is made: record it under the peer's epoch."""
@@ -75,11 +83,13 @@ class Worker:
 
 
 class EngineWorker(Worker):
-    """A worker whose KV pool is an EngineCore's, changed on its engine thread only."""
+    """A worker whose KV pool is an EngineCore's, changed on its engine thread only; it
+    runs on its role's cores (``cpus``, actors/pinning.py)."""
 
-    def __init__(self, args: AppArgs, config: EngineConfig, index: int):
+    def __init__(self, args: AppArgs, role: RoleConfig, index: int):
         super().__init__(index)
-        self.engine_thread = EngineThread(args, config)
+        pin_process(role.cpus, f"{self.role}.cpus")
+        self.engine_thread = EngineThread(args, role.engine, role.cpus)
         self.engine = self.engine_thread.core
         self._steps_allowed = asyncio.Event()  # the worker's loop waits on it between steps
         self._steps_allowed.set()

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "serve": "adrenaline.bench.serve_bench",
     "serving": "adrenaline.bench.serving",
     "offload": "adrenaline.bench.offload_bench",
+    "exchange": "adrenaline.bench.exchange_bench",
     "roofline": "adrenaline.bench.roofline",
     "grammar": "adrenaline.bench.grammar_bench",
     "gpu-check": "adrenaline.bench.gpu_check.run",

@@ -1,36 +1,47 @@
-"""Offloading benchmark: none vs static vs load_aware on a KV-capacity-bound workload.
+"""Offloading benchmark: none vs static vs load_aware on one prefill (+ executor) and one decode.
 
-One prefill, one decode instance and the prefill's attention executor on
-this machine's cores (1 torch thread each). The decode KV budget is small
-enough to cap the decode batch; the executor's budget stands for the
-prefill GPU's idle memory. Every request is sent at once through the handle
-client; token arrival times give TTFT and TPOT. Worker metrics give the
-mean decode batch, the per-layer round trip to the executor and its share of
-the decode step, and the prefill side's KV capacity and bandwidth use.
+Each system is deployed in turn (the same requests, the same cores) and run at each
+``--rates`` rate: Poisson arrivals, or every request at once (``inf``). Requests go
+through the handle client, so each one's greedy token ids are compared with the
+offline engine's (``--check-greedy``). Token arrival times give TTFT and TPOT;
+worker metrics give the mean decode batch, the offload ratio, the per-layer wait
+on the executor and its share of the decode step, the prefill side's core
+utilization (prefill steps + executor attention over the run) and the executor's
+attention bandwidth; the start-up profile gives the attention share of the
+decode step at the run's mean batch and context.
+
+Datasets: ``fixed`` (``--input-len`` -> ``--output-len`` each), ``long-decode`` and
+``sharegpt-synthetic`` (bench/serving_workloads.py). ``--pin``: the prefill instance
+and its executor on core 0, decode on core 1 (serve_configs/local.yaml's layout).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import time
 
-from adrenaline.bench.report import print_table, result_header, write_result
+from adrenaline.bench.offload_report import print_rows, worker_stats
+from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import RequestTimeline, summarize
-from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
+from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets,
+                                               long_decode_requests, synthetic_sharegpt_requests)
 from adrenaline.bench.workloads import random_token_prompts
 
-SYSTEMS = ADRENALINE_SYSTEMS  # the serving sweep's policies and options
+SYSTEMS = ("none", "static", "load_aware")
 
 
-async def _one(client, prompt, params) -> RequestTimeline:
-    timing = RequestTimeline(start=time.perf_counter())
-    seen = 0
+async def _one(client, prompt, params, delay: float) -> tuple[RequestTimeline, list[int]]:
+    await asyncio.sleep(delay)
+    timing = RequestTimeline(start=time.perf_counter(), prompt_tokens=len(prompt))
+    tokens: list[int] = []
     async for out in client.stream(prompt, params):
         now = time.perf_counter()
-        timing.token_times.extend([now] * (len(out.token_ids) - seen))
-        seen = len(out.token_ids)
-    return timing
+        timing.token_times.extend([now] * (len(out.token_ids) - len(tokens)))
+        tokens = list(out.token_ids)
+    timing.end = time.perf_counter()
+    return timing, tokens
 
 
 async def _sample_usage(client, stop: asyncio.Event, samples: list) -> None:
@@ -39,95 +50,115 @@ async def _sample_usage(client, stop: asyncio.Event, samples: list) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _run(client, prompts, params):
+async def _run(client, prompts, params, offsets):
     stop, samples = asyncio.Event(), []
     sampler = asyncio.create_task(_sample_usage(client, stop, samples))
     start = time.perf_counter()
-    timings = await asyncio.gather(*[_one(client, p, params) for p in prompts])
+    done = await asyncio.gather(*[_one(client, p, sp, o)
+                                  for p, sp, o in zip(prompts, params, offsets)])
     elapsed = time.perf_counter() - start
     stop.set()
     await sampler
-    return timings, elapsed, samples, await client.metrics()
+    return [t for t, _ in done], [k for _, k in done], elapsed, samples
 
 
-def bench_system(name: str, args, prompts) -> dict:
+def app_args(args, name: str) -> dict:
+    options = {"none": {}, "static": {"ratio": args.static_ratio},
+               "load_aware": {"tpot_slo_ms": args.tpot_slo_ms}}[name]
+    engine = {"num_threads": 1, "max_num_seqs": args.max_num_seqs}
+    pin = (lambda core: {"cpus": [core]}) if args.pin else (lambda core: {})
+    return {
+        "model": args.model, "dtype": args.dtype, "policy": name, "policy_options": options,
+        "prefill": {**pin(0), "engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
+        "decode": {**pin(1), "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
+                                        "num_threads": args.decode_threads}},
+        "executor": {"enabled": name != "none",
+                     "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
+    }
+
+
+def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict]:
     from ray import serve
 
     from adrenaline.client import Client
     from adrenaline.sampling_params import SamplingParams
     from adrenaline.serve.app import build_router_app
 
-    policy, options = SYSTEMS[name]
-    engine = {"num_threads": 1, "max_num_seqs": len(prompts)}
-    app_args = {
-        "model": args.model, "dtype": args.dtype, "policy": policy, "policy_options": options,
-        "prefill": {"engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
-        "decode": {"engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
-                              "num_threads": args.decode_threads}},
-        "executor": {"enabled": name != "none",
-                     "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
-    }
     app = f"offload-{name}"
-    serve.run(build_router_app(app_args), name=app, route_prefix=None)
+    serve.run(build_router_app(app_args(args, name)), name=app, route_prefix=None)
+    rows = []
     try:
         client = Client(app_name=app)
-        params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-        asyncio.run(_run(client, prompts[:2], SamplingParams(max_tokens=4, temperature=0)))
-        before = asyncio.run(client.metrics())
         router = serve.get_deployment_handle("Router", app_name=app)
-        stats0 = router.stats.remote().result()
-        timings, elapsed, samples, after = asyncio.run(_run(client, prompts, params))
-        stats = router.stats.remote().result()
+        warm = [SamplingParams(max_tokens=4, temperature=0)] * 2
+        asyncio.run(_run(client, prompts[:2], warm, [0.0, 0.0]))
+        for rate in rates:
+            offsets = arrival_offsets(len(prompts), rate, 1.0, args.seed)
+            before, stats0 = asyncio.run(client.metrics()), router.stats.remote().result()
+            timings, tokens, elapsed, samples = asyncio.run(_run(client, prompts, params, offsets))
+            after, stats = asyncio.run(client.metrics()), router.stats.remote().result()
+            row = {"system": name, "rate": rate, **summarize(timings, elapsed)}
+            row.update(worker_stats(before, after, samples, elapsed, stats.get("profile")))
+            placed = stats["num_placed"] - stats0["num_placed"]
+            row["offload_ratio"] = (stats["num_offloaded"] - stats0["num_offloaded"]) / max(placed, 1)
+            row["b_max"], row["ob_mem"] = stats["b_max"], stats["ob_mem"]
+            row["links"] = stats.get("links")
+            if expected is not None:
+                row["greedy_mismatches"] = sum(a != b for a, b in zip(tokens, expected))
+            rows.append(row)
+            print(f"{name} @ {rate:g} req/s: {row['output_tok_s']:.1f} tok/s, batch "
+                  f"{row['mean_decode_batch']:.1f}, offload {row['offload_ratio']:.2f}", flush=True)
     finally:
         serve.delete(app)
-    row = {"system": name, **summarize(timings, elapsed)}
-    row.update(_worker_stats(before, after, samples, elapsed))
-    row["offload_ratio"] = ((stats["num_offloaded"] - stats0["num_offloaded"])
-                            / max(stats["num_placed"] - stats0["num_placed"], 1))
-    row["b_max"], row["ob_mem"] = stats["b_max"], stats["ob_mem"]
-    return row
+    return rows
 
 
-def _delta(before, after, role: str, field: str) -> float:
-    b = sum(getattr(m, field) for m in before if m.role == role)
-    a = sum(getattr(m, field) for m in after if m.role == role)
-    return a - b
+def build_prompts(args, model_dir: str, vocab: int) -> list:
+    if args.dataset == "fixed":
+        return [SampleRequest(p, len(p), args.output_len) for p in
+                random_token_prompts(args.num_requests, args.input_len, vocab, args.seed)]
+    if args.dataset == "sharegpt-synthetic":
+        return synthetic_sharegpt_requests(args.num_requests, vocab, args.input_len,
+                                           args.output_len, args.seed)
+    from adrenaline.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_dir)
+    return long_decode_requests(args.num_requests, vocab, args.seed,
+                                lambda text: tok.encode(text, add_special_tokens=False))
 
 
-def _worker_stats(before, after, samples, elapsed) -> dict:
-    steps = _delta(before, after, "decode", "num_steps")
-    out = {"mean_decode_batch": _delta(before, after, "decode", "batch_size_sum") / max(steps, 1),
-           "decode_step_ms": 1e3 * _delta(before, after, "decode", "step_time_s") / max(steps, 1)}
-    waits = _delta(before, after, "decode", "num_remote_waits")
-    if waits:
-        wait_s = _delta(before, after, "decode", "remote_wait_s")
-        out["remote_wait_per_layer_ms"] = 1e3 * wait_s / waits
-        out["remote_wait_share_of_step"] = wait_s / max(_delta(before, after, "decode",
-                                                               "step_time_s"), 1e-9)
-    # Prefill side = the prefill worker's pool plus its executor's (the idle GPU memory).
-    side = [[m for m in s if m.role in ("prefill", "executor")] for s in samples]
-    used = [sum(m.kv_blocks_used for m in s) / max(sum(m.kv_blocks_total for m in s), 1)
-            for s in side if s]
-    out["prefill_side_kv_use_mean"] = sum(used) / max(len(used), 1)
-    out["prefill_side_kv_use_max"] = max(used, default=0.0)
-    out["executor_attention_gbs"] = _delta(before, after, "executor", "kv_bytes_read") / elapsed / 1e9
-    out["executor_busy_share"] = _delta(before, after, "executor", "busy_s") / elapsed
-    return out
+def offline_tokens(args, prompts, params) -> list[list[int]]:
+    """The offline engine's greedy tokens for the same requests (the reference)."""
+    from adrenaline import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, num_threads=2, enable_prefix_caching=False)
+    return [list(o.token_ids) for o in llm.generate(prompts, params)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m adrenaline.bench offload")
     ap.add_argument("--model", default="small")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dataset", default="fixed", choices=["fixed", "long-decode",
+                                                           "sharegpt-synthetic"])
     ap.add_argument("--num-requests", type=int, default=48)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128, help="fixed: each; synthetic: median")
+    ap.add_argument("--output-len", type=int, default=64, help="fixed: each; synthetic: median")
+    ap.add_argument("--rates", default="inf", help="req/s, comma-separated; inf: all at once")
     ap.add_argument("--decode-kv-tokens", type=int, default=1536, help="caps the decode batch")
     ap.add_argument("--prefill-kv-tokens", type=int, default=8192)
     ap.add_argument("--executor-kv-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--decode-threads", type=int, default=1,
                     help="torch threads of the decode worker (prefill and executor get 1)")
-    ap.add_argument("--systems", default="none,static,load_aware")
+    ap.add_argument("--pin", action="store_true",
+                    help="prefill + executor on core 0, decode on core 1")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--static-ratio", type=float, default=0.75)
+    ap.add_argument("--tpot-slo-ms", type=float, default=250.0)
+    ap.add_argument("--check-greedy", action="store_true",
+                    help="compare every request's tokens with the offline engine's")
+    ap.add_argument("--plot-dir", default=None, help="throughput and TPOT p90 by rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -137,41 +168,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     from adrenaline.model.resolve import resolve_model_dir
     from adrenaline.model.hf_config import load_model_config
+    from adrenaline.sampling_params import SamplingParams
 
-    vocab = load_model_config(resolve_model_dir(args.model)).vocab_size
-    prompts = random_token_prompts(args.num_requests, args.input_len, vocab, args.seed)
+    model_dir = str(resolve_model_dir(args.model))
+    reqs = build_prompts(args, model_dir, load_model_config(model_dir).vocab_size)
+    prompts = [list(r.prompt) for r in reqs]
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
+              for r in reqs]
+    rates = [math.inf if r == "inf" else float(r) for r in args.rates.split(",")]
+    expected = offline_tokens(args, prompts, params) if args.check_greedy else None
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8765})
-        rows = [bench_system(name, args, prompts) for name in args.systems.split(",")]
+        rows = [row for name in args.systems.split(",")
+                for row in bench_system(name, args, prompts, params, rates, expected)]
     finally:
         serve.shutdown()
         ray.shutdown()
-    base = next((r["output_tok_s"] for r in rows if r["system"] == "none"), None)
+    mean_context = (sum(len(p) for p in prompts) / len(prompts)
+                    + sum(p.max_tokens for p in params) / len(params) / 2)
     for r in rows:
+        if r.get("profile_attention_us_per_token") and r["decode_step_ms"]:
+            # by the start-up profile: local requests x mean context x attention per token
+            r["attention_share_of_step"] = (1e-3 * r["profile_attention_us_per_token"]
+                                            * r["mean_local_requests"] * mean_context
+                                            / r["decode_step_ms"])
+        base = next((b["output_tok_s"] for b in rows
+                     if b["system"] == "none" and b["rate"] == r["rate"]), None)
         r["vs_none"] = r["output_tok_s"] / base if base else None
+    workload = {k: getattr(args, k) for k in (
+        "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens",
+        "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
+        "tpot_slo_ms", "seed")}
+    workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),
+                    mean_output_len=sum(p.max_tokens for p in params) / len(params))
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,
-              "workload": {k: getattr(args, k) for k in ("num_requests", "input_len", "output_len",
-                                                         "decode_kv_tokens", "prefill_kv_tokens",
-                                                         "executor_kv_tokens", "decode_threads",
-                                                         "seed")},
-              "rows": rows}
-    _print(result)
+              "workload": workload, "rates": [str(r) for r in rates], "rows": rows}
+    print_rows(result)
     write_result(result, args.out)
+    if args.plot_dir:
+        from adrenaline.bench.plots import plot_offload_rates
+
+        for path in plot_offload_rates(result, args.plot_dir):
+            print(f"wrote {path}")
     return result
-
-
-def _print(result: dict) -> None:
-    w = result["workload"]
-    print(f"\noffload benchmark: {result['model']} {result['dtype']}, {w['num_requests']} x "
-          f"({w['input_len']} -> {w['output_len']}), decode KV {w['decode_kv_tokens']} tokens, "
-          f"executor KV {w['executor_kv_tokens']} tokens")
-    # (key, header, width, decimals)
-    cols = [("output_tok_s", "tok/s", 8, 1), ("vs_none", "x none", 7, 2),
-            ("tpot_p50_ms", "TPOT50", 7, 1), ("tpot_p99_ms", "TPOT99", 7, 1),
-            ("ttft_p50_ms", "TTFT50", 7, 0), ("ttft_p99_ms", "TTFT99", 7, 0),
-            ("mean_decode_batch", "batch", 6, 1), ("offload_ratio", "offl", 5, 2),
-            ("remote_wait_per_layer_ms", "rt/lyr", 7, 2),
-            ("remote_wait_share_of_step", "rt%step", 8, 2),
-            ("prefill_side_kv_use_max", "pKVmax", 7, 2), ("executor_attention_gbs", "exGB/s", 7, 2)]
-    print_table(result["rows"], cols)

@@ -119,3 +119,31 @@ def plot_sweep(result: dict, out_dir: str | Path = "docs") -> list[Path]:
             plot_cdf(rows, "ttfts_ms", "TTFT", out / "serving_ttft_cdf.png"),
             plot_cdf(rows, "tpots_ms", "TPOT", out / "serving_tpot_cdf.png"),
             plot_over_time(rows, out / "serving_over_time.png")]
+
+
+def plot_offload_rates(result: dict, out_dir: str | Path = "docs") -> list[Path]:
+    """``bench offload`` over request rates: output tok/s and TPOT p90 by rate, a line per
+    system (``offload_rates.png``)."""
+    rows = [r for r in result["rows"] if np.isfinite(r["rate"])]
+    if not rows:
+        return []
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    for s in _systems(rows):
+        rs = sorted((r for r in rows if r["system"] == s), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in rs]
+        ax_t.plot(rates, [r["output_tok_s"] for r in rs], "o-", label=s)
+        ax_p.plot(rates, [r["tpot_p90_ms"] for r in rs], "o-", label=s)
+    slo = result["workload"].get("tpot_slo_ms")
+    if slo:
+        ax_p.axhline(slo, color="grey", ls="--", lw=1, label=f"SLO {slo:g} ms")
+    ax_t.set_ylabel("output tok/s")
+    ax_p.set_ylabel("TPOT p90 (ms)")
+    for ax in (ax_t, ax_p):
+        ax.set_xlabel("request rate (req/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "offload_rates.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

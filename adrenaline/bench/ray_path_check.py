@@ -32,6 +32,9 @@ def cpu_layout(args: dict) -> dict:
     """The same roles and policy on CPU: tiny model, float32, no GPUs, small KV budgets."""
     out = {**args, "model": "tiny", "dtype": "float32", "device": "cpu", "transport": "gloo"}
     budgets = {"prefill": 4096, "decode": 256, "executor": 4096}  # decode: a full pool offloads
+    # At these tiny contexts remote attention cannot hide behind local attention: offload
+    # for capacity anyway, so that the check runs the executor path.
+    out["policy_options"] = {**(out.get("policy_options") or {}), "hide_remote": False}
     for role in ("prefill", "decode", "executor"):
         cfg = dict(out.get(role) or {})
         engine = {k: v for k, v in (cfg.get("engine") or {}).items() if k != "kv_cache_bytes"}

@@ -18,7 +18,7 @@ import time
 import torch
 
 from adrenaline.bench.report import print_table, result_header, write_result
-from adrenaline.policy.profile import measure_copy_bandwidth, profile_decode_steps
+from adrenaline.engine.step_profile import measure_copy_bandwidth, profile_decode_steps
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:

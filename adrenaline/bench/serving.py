@@ -47,7 +47,7 @@ from adrenaline.bench.serving_workloads import (DatasetError, SampleRequest, arr
                                                history_fraction, multi_turn_conversations,
                                                multi_turn_schedule, random_requests,
                                                sharegpt_multi_turn, sharegpt_requests,
-                                               synthetic_sharegpt_requests)
+                                               long_decode_requests, synthetic_sharegpt_requests)
 
 # Prefix-compare mode: the same app three ways (policy least_loaded, no executor).
 PREFIX_SYSTEMS: dict[str, tuple[bool, bool]] = {  # name -> (prefix caching, placement by prefix)
@@ -200,6 +200,8 @@ def build_requests(args) -> list[SampleRequest]:
         except DatasetError as e:
             raise SystemExit(str(e)) from None
     vocab = args.vocab_size or _vocab_size(args.tokenizer or args.model)
+    if args.dataset == "long-decode":
+        return long_decode_requests(args.num_prompts, vocab, args.seed, _encoder(args))
     if args.dataset == "random":
         return random_requests(args.num_prompts, args.input_len, args.output_len, vocab,
                                args.range_ratio, args.seed)
@@ -404,8 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="sweep mode: the app's dtype")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--dataset", default="random",
-                    choices=["random", "sharegpt-synthetic", "sharegpt", "multi-turn",
-                             "sharegpt-multi-turn"])
+                    choices=["random", "sharegpt-synthetic", "sharegpt", "long-decode",
+                             "multi-turn", "sharegpt-multi-turn"])
     ap.add_argument("--dataset-path", default=None)
     ap.add_argument("--sharegpt-output-len", type=int, default=None)
     ap.add_argument("--input-len", type=int, default=128, help="random: mean; synthetic: median")

@@ -180,6 +180,6 @@ def summarize(timelines: list[RequestTimeline], elapsed_s: float) -> dict:
     out = {"num_requests": len(timelines), "num_output_tokens": m.total_output_tokens,
            "elapsed_s": elapsed_s, "output_tok_s": m.output_throughput}
     for name in ("ttft", "tpot"):
-        for stat in ("mean", "p50", "p99"):
-            out[f"{name}_{stat}_ms"] = f[f"{name}_{stat}_ms"]
+        for stat in ("mean", "p50", "p90", "p99"):
+            out[f"{name}_{stat}_ms"] = f.get(f"{name}_{stat}_ms")
     return out

@@ -28,6 +28,10 @@ Datasets (every sampler is deterministic given its seed):
   ``turns`` human/gpt pairs; turn k's prompt is the text of every earlier turn plus the k-th
   human message (joined by newlines), its output length the k-th reply's token count.
   Conversations whose last prompt + output exceeds ``max_model_len`` are dropped.
+- ``long-decode``: decode-heavy requests, the kind with long generated answers (reasoning
+  traces): prompt lengths uniform on [100, 300], output lengths uniform on [1000, 2000],
+  seeded. With a tokenizer the prompts are chat-like (questions asking for a long,
+  step-by-step answer, cut to the drawn length in tokens); without one, random token ids.
 
 Multi-turn arrivals (``multi_turn_schedule``): conversation c starts at the c-th offset of
 ``arrival_offsets(conversation_rate)`` and sends turn k at start + k * ``turn_gap_s``: a
@@ -106,6 +110,48 @@ def synthetic_sharegpt_requests(num_prompts: int, vocab_size: int, input_median:
     return [SampleRequest(_token_ids(rng, i, vocab_size), i, o) for i, o in
             synthetic_sharegpt_lengths(num_prompts, input_median, output_median, seed,
                                        max_model_len=max_model_len)]
+
+
+LONG_DECODE_INPUT = (100, 300)
+LONG_DECODE_OUTPUT = (1000, 2000)
+_QUESTIONS = (
+    "Explain step by step how a compiler turns source code into machine code.",
+    "Work through the proof that there are infinitely many prime numbers, then extend it.",
+    "Plan a two-week trip through Japan day by day, with reasons for each choice.",
+    "Derive the formula for the sum of a geometric series and check it on three examples.",
+    "Describe how a city water system works, from the reservoir to the tap, in detail.",
+    "Reason through why the sky is blue and why sunsets are red, covering the physics.",
+    "Write a detailed study guide for the causes and effects of the industrial revolution.",
+    "Solve a scheduling puzzle for five people with conflicting constraints, showing work.",
+)
+
+
+def long_decode_lengths(num_prompts: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(input, output) length pairs of the ``long-decode`` dataset."""
+    rng = np.random.default_rng(seed)
+    ins = rng.integers(LONG_DECODE_INPUT[0], LONG_DECODE_INPUT[1] + 1, size=num_prompts)
+    outs = rng.integers(LONG_DECODE_OUTPUT[0], LONG_DECODE_OUTPUT[1] + 1, size=num_prompts)
+    return [(int(i), int(o)) for i, o in zip(ins, outs)]
+
+
+def long_decode_requests(num_prompts: int, vocab_size: int, seed: int = 0,
+                         encode: Callable[[str], list[int]] | None = None) -> list[SampleRequest]:
+    """The ``long-decode`` dataset: token-id prompts of exactly the drawn lengths."""
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for k, (i, o) in enumerate(long_decode_lengths(num_prompts, seed)):
+        if encode is None:
+            ids = _token_ids(rng, i, vocab_size)
+        else:  # questions until the length is reached, cut to exactly i tokens
+            ids: list[int] = []
+            j = k
+            while len(ids) < i:
+                ids += encode(f"User {k}: {_QUESTIONS[j % len(_QUESTIONS)]} Think it through "
+                              "carefully and answer at length.\n")
+                j += 1
+            ids = ids[:i]
+        out.append(SampleRequest(ids, i, o))
+    return out
 
 
 class DatasetError(ValueError):

@@ -203,6 +203,8 @@ class EngineCore:
         for req in plan.requests:
             if not req.is_offloaded:  # its full blocks' KV is written: cache them
                 self.block_manager.cache_blocks(req.request_id, req.token_ids, req.num_tokens)
+            for c in req.choices or ():  # the prompt (and its logprobs) is the request's
+                c.prompt_logprobs, c.prompt_ranks = req.prompt_logprobs, req.prompt_ranks
         # A choice's prompt KV is its n-choice request's (computed this step) too.
         for req, token, lp in zip(sampled_requests(plan.requests), tokens, logprobs):
             req.num_computed = req.num_tokens

@@ -69,7 +69,7 @@ class LLM:
             request_id=req.request_id, prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=req.prompt_token_ids, token_ids=req.output_token_ids,
             text=self.engine.decode(req.output_token_ids), finish_reason=req.finish_reason,
-            logprobs=req.logprobs)
+            logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs)
 
 
 def _within_context(params: SamplingParams, n_prompt: int, max_model_len: int) -> SamplingParams:

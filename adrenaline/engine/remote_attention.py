@@ -26,11 +26,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adrenaline.config import ModelConfig
 from adrenaline.engine.request import Request
 from adrenaline.transport.base import CommHandle, Communicator
 from adrenaline.transport.mesh import PeerLostError
 
 TAG_HEADER, TAG_META, TAG_QKV, TAG_OUT = 1, 2, 3, 4
+
+
+def exchange_message_bytes(model: ModelConfig, dtype: torch.dtype, max_batch: int) -> int:
+    """The largest message of a decode step's exchange with one executor: the packed
+    q, k, v of ``max_batch`` requests for one layer (the output and metadata are smaller)."""
+    width = (model.num_attention_heads + 2 * model.num_key_value_heads) * model.head_dim
+    elt = torch.empty(0, dtype=dtype).element_size()
+    return max(max_batch * width * elt, max_batch * 2 * 8)
 
 
 @dataclass

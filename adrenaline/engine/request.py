@@ -50,6 +50,10 @@ class Request:
     # Prefill of an n-choice request: the choices, sampled from this request's logits and
     # sharing its KV blocks (see EngineCore.prefill_step); this one is never sampled itself.
     choices: list[Request] | None = None
+    # With params.prompt_logprobs, set by its prefill (engine/prompt_logprobs.py): per prompt
+    # token, its logprob and the top-k (None for the first), and its rank in the vocabulary.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -6,6 +6,7 @@ import torch
 
 from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool
+from adrenaline.engine.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
 from adrenaline.engine.remote_attention import ExecutorsLostError, RemoteAttention
 from adrenaline.engine.request import sampled_requests
 from adrenaline.engine.sampler import Sampler
@@ -69,6 +70,9 @@ class ModelRunner:
         else:  # decode step with offloaded requests (they are never prefilled here)
             attention = self._split_attention(step, local)
         hidden = self._with_remote(lambda: self.model(input_ids, positions, attention))
+        if step.is_prefill and any(map(wants_prompt_logprobs, step.requests)):
+            compute_prompt_logprobs(self.model.compute_logits, hidden, step.requests,
+                                    step.query_lens, step.context_lens)
         last = torch.tensor(step.query_lens, device=self.device).cumsum(0) - 1
         if any(r.choices for r in step.requests):  # n choices: the row repeated n times
             last = last.repeat_interleave(torch.tensor(

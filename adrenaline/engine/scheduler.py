@@ -10,7 +10,9 @@ Prefix caching (when the block manager has it on): a request admitted to
 prefill shares the cached blocks of its longest cached full-block prefix and
 computes only the tokens after it. At least one token is always computed
 (its logits give the first sample), so a prompt cached whole recomputes its
-last block.
+last block. A request that asks for prompt logprobs does not read the cache: its
+whole prompt is computed, since a cached prefix has no logits (its blocks are
+still registered in the cache once written).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from adrenaline.engine.block_manager import BlockManager
+from adrenaline.engine.prompt_logprobs import wants_prompt_logprobs
 from adrenaline.engine.request import Request, RequestStatus
 
 
@@ -70,7 +73,8 @@ class Scheduler:
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             req = self.waiting[0]
             # At least one token is computed: never the whole sequence from the cache.
-            cached = self.bm.match_prefix(req.token_ids, (req.num_tokens - 1) // self.bm.block_size)
+            cached = ([] if wants_prompt_logprobs(req) else
+                      self.bm.match_prefix(req.token_ids, (req.num_tokens - 1) // self.bm.block_size))
             num_cached = len(cached) * self.bm.block_size
             # A prompt longer than the budget still runs, alone.
             if admitted and req.num_tokens - num_cached > budget:

@@ -79,8 +79,9 @@ class PlacementPolicy(ABC):
     executor beside its prefill instance, or must wait (None). A request is
     admitted only where its KV fits at its maximum length.
 
-    ``options`` come from the app args' ``policy_options``; ``profile`` (optional) is
-    what the cluster measured at start-up (see policy/profile.py).
+    ``options`` come from the app args' ``policy_options``; ``profile`` is what the
+    cluster measured at start-up (policy/profile.py), given to a policy whose class sets
+    ``needs_profile`` (None otherwise: the profile costs start-up time).
 
     Placement by prefix is part of the interface: ``prefer_cached_prefill`` turns a
     policy's own prefill choice into the instance that already holds the longest
@@ -88,6 +89,8 @@ class PlacementPolicy(ABC):
     built-in policy calls it; options ``prefix_placement`` (default true) and
     ``prefix_balance`` (default 1.0) tune it.
     """
+
+    needs_profile: bool = False
 
     def __init__(self, options: dict | None = None, profile=None):
         self.options = dict(options or {})

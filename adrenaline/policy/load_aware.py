@@ -1,18 +1,29 @@
-"""Load-aware offloading (the paper's bound).
+"""Load-aware offloading: the paper's bound, with remote attention kept hidden.
 
-OB = min(OB_mem, OB_comp):
-  OB_mem  = min(sum executor KV capacity / decode KV capacity,
-                sum executor bandwidth   / decode bandwidth)
+From the start-up profile (policy/profile.py), for a request of T tokens at
+its maximum length on decode instance d, beside executor p:
+
+  OB_mem  = min(sum executor KV capacity / sum decode KV capacity,
+                sum executor attention bandwidth / sum decode attention bandwidth)
+  B_max   = the largest batch whose step fits the TPOT SLO with d's pool full of
+            local KV (offloaded requests add only their non-attention share)
+  B_tpot  = max(decode capacity // T, 1)      (what d's own KV holds)
   OB_comp = (B_max - B_tpot) / B_tpot
-B_max is the largest decode batch whose step fits the TPOT SLO (profiled);
-B_tpot the batch the decode instance's own KV capacity holds at the
-request's length. The decision is made at admission (after prefill, and
-again whenever capacity frees): a request runs locally while the decode
-instance has KV room for it; otherwise it is offloaded onto the executor
-beside its prefill instance only while (a) the offloaded KV load, at every
-request's maximum length, stays within OB x the decode KV capacity, (b) the
-decode batch stays within B_max, and (c) the executor has room for it;
-otherwise it waits. Options: ``tpot_slo_ms`` (default 200).
+  OB      = min(OB_mem, OB_comp)
+
+A request runs locally while d has KV room for it. Otherwise it is offloaded
+onto executor p only while all of these hold, else it waits:
+  (a) the offloaded KV load, at every request's maximum length, stays within
+      OB x d's KV capacity;
+  (b) d's batch stays within B_max at the local KV it holds;
+  (c) p has room for its KV;
+  (d) p's share of a step's attention, its offloaded KV tokens with this one at
+      p's measured attention speed plus the exchange, finishes within d's
+      local attention time for the step, so remote attention stays hidden
+      behind local attention and the step does not grow by waiting on p.
+Options: ``tpot_slo_ms`` (default 200); ``hide_remote`` (default true): false drops rule
+(d), offloading for KV capacity even where the executor's attention would make the step
+wait on it.
 """
 
 from __future__ import annotations
@@ -22,21 +33,32 @@ from adrenaline.protocol import GenerateRequest
 
 
 class LoadAware(PlacementPolicy):
+    needs_profile = True
+
     def __init__(self, options: dict | None = None, profile=None):
         super().__init__(options, profile)
         if profile is None:
             raise ValueError("load_aware needs the cluster's start-up profile")
         self.tpot_slo_s = float(self.options.get("tpot_slo_ms", 200.0)) / 1e3
-        self.b_max = profile.b_max(self.tpot_slo_s)
+        self.hide_remote = bool(self.options.get("hide_remote", True))
         dec_cap = sum(profile.decode_capacity_tokens)
         dec_bw = sum(profile.decode_bandwidth_gbs)
         self.ob_mem = min(sum(profile.executor_capacity_tokens) / dec_cap,
                           sum(profile.executor_bandwidth_gbs) / dec_bw) if dec_bw else 0.0
+        # B_max with decode instance 0's pool full of local KV (the bound's worst case).
+        self.b_max = profile.b_max(self.tpot_slo_s, profile.decode_capacity_tokens[0])
 
-    def offload_bound(self, request_tokens: int, decode_capacity: int) -> float:
+    def offload_bound(self, request_tokens: int, decode_capacity: int, decode: int = 0) -> float:
         b_tpot = max(decode_capacity // max(request_tokens, 1), 1)
-        ob_comp = max(self.b_max - b_tpot, 0) / b_tpot
+        b_max = self.profile.b_max(self.tpot_slo_s, decode_capacity, decode)
+        ob_comp = max(b_max - b_tpot, 0) / b_tpot
         return min(self.ob_mem, ob_comp)
+
+    def hidden(self, d: int, p: int, tokens: int, load: ClusterLoad) -> bool:
+        """(d) The executor's step over its offloaded KV plus this request's fits within
+        the decode instance's local attention time (both at maximum lengths)."""
+        remote = self.profile.remote_s(p, load.executor_reserved_tokens[p] + tokens)
+        return remote <= self.profile.local_attention_s(load.decode_reserved_tokens[d], d)
 
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement:
         prefill, decode = least_loaded(load)
@@ -50,8 +72,10 @@ class LoadAware(PlacementPolicy):
         cap = load.decode_capacity_tokens[d]
         # All offloaded KV; exact with one decode instance, conservative with several.
         offloaded = sum(load.executor_reserved_tokens)
-        within_ob = offloaded + tokens <= self.offload_bound(tokens, cap) * cap
-        within_batch = load.decode_active[d] + 1 <= self.b_max
-        if within_ob and within_batch and load.executor_fits(p, tokens):
+        within_ob = offloaded + tokens <= self.offload_bound(tokens, cap, d) * cap
+        b_max = self.profile.b_max(self.tpot_slo_s, load.decode_reserved_tokens[d], d)
+        within_batch = load.decode_active[d] + 1 <= b_max
+        if (within_ob and within_batch and load.executor_fits(p, tokens)
+                and (not self.hide_remote or self.hidden(d, p, tokens, load))):
             return Placement(prefill=p, decode=d, offload=True)
         return None

@@ -1,20 +1,24 @@
 """The HTTP ingress: a FastAPI app served by the ``Ingress`` Ray Serve deployment.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, and vLLM's ``POST /tokenize``,
+``POST /detokenize``, ``GET /version`` (openai_api/utility.py). A completions request
+with several prompts runs as one router request per prompt (openai_api/batch.py).
 
 A request is parsed and validated here (``openai_api``), tokenized here, and
 handed to the router as a ``GenerateRequest``; the router streams TokenDeltas
 back. Invariant: every request the router accepted either ends with a final
 delta (finish_reason set) or is cancelled *and* aborted on the router
 (``_RouterStream.close``), whatever happens to the client, so no worker keeps
-its KV blocks.
+its KV blocks. When the router replica itself is lost, the request is sent again
+to its successor with the tokens already passed on (serve/router_resume.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 import typing
@@ -27,16 +31,20 @@ from ray.serve.handle import DeploymentHandle
 
 from adrenaline.model.resolve import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
-from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta, choice_request_id
+from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
 from adrenaline.app_config import AppArgs, parse_app_args
 from adrenaline.serve.auth import APIKeys
 from adrenaline.serve.gate import IngressGate, Slot
 from adrenaline.serve.metrics import CONTENT_TYPE, IngressMetrics, RequestTracker
+from adrenaline.serve.openai_api import utility
+from adrenaline.serve.openai_api.batch import (BatchResponder, StreamBatch, complete_batch,
+                                               sse_batch)
 from adrenaline.serve.openai_api.errors import APIError, finish_error, router_error
 from adrenaline.serve.openai_api.requests import (ParsedRequest, parse_chat_request,
                                                   parse_completion_request)
 from adrenaline.serve.openai_api.responses import (SSE_DONE, json_bytes, make_responder,
                                                    sse_error, sse_event)
+from adrenaline.serve.router_resume import RouterLink
 
 logger = logging.getLogger("adrenaline.serve.ingress")
 
@@ -66,11 +74,11 @@ def _eager_annotations(fn):
     return fn
 
 
-Parser = Callable[[bytes, ModelInfo, Tokenizer | None], ParsedRequest]
+Parser = Callable[[bytes, ModelInfo, Tokenizer | None], ParsedRequest | list[ParsedRequest]]
 
 
 class _RouterStream:
-    """One request's TokenDelta stream from the router.
+    """One request's TokenDelta stream from the router (resent if the router is lost).
 
     ``close`` is idempotent: after a final delta it only settles the metrics;
     otherwise (client gone, error, rejection) it cancels the stream and aborts
@@ -79,13 +87,13 @@ class _RouterStream:
     otherwise include the abort itself).
     """
 
-    def __init__(self, router: DeploymentHandle, req: GenerateRequest,
+    def __init__(self, link: RouterLink, req: GenerateRequest,
                  tracker: RequestTracker, background: set[asyncio.Task]):
-        self._router = router
+        self._router = link.router
         self._request_id = req.request_id
         self._tracker = tracker
         self._background = background
-        self._gen = router.options(stream=True).generate.remote(req)
+        self._gen = link.stream(req, lambda rid: self._spawn(self._abort(rid)))
         self._done = False
         self._reason = "abort"  # what close() records if no final delta came
         self._unfinished = set(range(req.params.n))  # choices without a final delta yet
@@ -93,7 +101,7 @@ class _RouterStream:
     async def next(self) -> TokenDelta:
         try:
             delta = await self._gen.__anext__()
-        except StopAsyncIteration:
+        except StopAsyncIteration:  # only after the client's own stop_choice/close
             self._reason = "error"
             raise APIError(500, "the router ended the stream without a finish reason") from None
         except Exception as e:
@@ -118,15 +126,14 @@ class _RouterStream:
             self._reason = "stop"
             self.close()
         elif not self._done:
-            self._spawn(self._abort(choice_request_id(self._request_id, index)))
+            self._gen.stop_choice(index)
 
     def close(self) -> None:
         if self._done:
             return
         self._done = True
         self._tracker.finish(self._reason)
-        self._gen.cancel()
-        self._spawn(self._abort(self._request_id))
+        self._gen.close()  # cancels and aborts every router call carrying it
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
@@ -196,6 +203,7 @@ class Ingress:
         self._tokenizer = (Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file()
                            else None)
         self._router = router
+        self._link = RouterLink(router, self._args.recovery)  # lost router: resend, wait
         self._info: ModelInfo | None = None  # fetched from the router on first use
         self._metrics = IngressMetrics()
         self._gate = IngressGate(self._args.limits)  # 429 before any heavy work
@@ -208,7 +216,9 @@ class Ingress:
     @_eager_annotations
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        return await self._generate(request, parse_completion_request)
+        return await self._generate(request, functools.partial(
+            parse_completion_request,
+            max_prompts=self._args.limits.max_prompts_per_request))
 
     @fastapi_app.post("/v1/chat/completions")
     @_eager_annotations
@@ -225,11 +235,37 @@ class Ingress:
             {"id": info.name, "object": "model", "created": 0, "owned_by": "adrenaline",
              "max_model_len": info.max_model_len}]}), media_type="application/json")
 
+    @fastapi_app.post("/tokenize")
+    @_eager_annotations
+    async def tokenize(self, request: Request) -> Response:
+        return await self._utility(request, utility.tokenize)
+
+    @fastapi_app.post("/detokenize")
+    @_eager_annotations
+    async def detokenize(self, request: Request) -> Response:
+        return await self._utility(request, utility.detokenize)
+
+    @fastapi_app.get("/version")
+    @_eager_annotations
+    async def version(self, request: Request) -> Response:
+        self._authorize(request)
+        return Response(json_bytes(utility.server_version()), media_type="application/json")
+
+    async def _utility(self, request: Request, handler) -> Response:
+        self._authorize(request)
+        body = await _read_body(request, self._args.limits.max_request_bytes)
+        return Response(json_bytes(handler(body, await self._model_info(), self._tokenizer)),
+                        media_type="application/json")
+
     @fastapi_app.get("/health")
     @_eager_annotations
     async def health(self, request: Request) -> Response:
-        """200 while the router answers model_info (each call asks it again), else 503."""
+        """200 while the router answers model_info (each call asks it again), else 503
+        (at once while a lost router is awaited)."""
         self._authorize(request, control=True)
+        if not self._link.up:
+            return error_response(APIError(503, "the router is being restarted",
+                                           code="unavailable", headers={"Retry-After": "1"}))
         try:
             self._info = await asyncio.wait_for(self._router.model_info.remote(),
                                                 ROUTER_CALL_TIMEOUT_S)
@@ -248,6 +284,13 @@ class Ingress:
             logger.warning("router.metrics() failed: %s", _describe(e))
             workers = None
         self._metrics.set_workers(workers)
+        try:
+            stats = await asyncio.wait_for(self._router.stats.remote(), ROUTER_CALL_TIMEOUT_S)
+        except Exception as e:
+            logger.warning("router.stats() failed: %s", _describe(e))
+            stats = None
+        self._metrics.policy.set_stats(stats)
+        self._metrics.set_router(stats)
         return Response(self._metrics.render(), media_type=CONTENT_TYPE)
 
     def _authorize(self, request: Request, control: bool = False) -> None:
@@ -273,7 +316,10 @@ class Ingress:
         try:
             body = await _read_body(request, self._args.limits.max_request_bytes)
             parsed = parse(body, await self._model_info(), self._tokenizer)  # APIError
-            stream = _RouterStream(self._router, parsed.request,
+            if isinstance(parsed, list):  # several prompts: _batch owns the slot from here
+                owned, slot = slot, None
+                return await self._batch(parsed, start, owned)
+            stream = _RouterStream(self._link, parsed.request,
                                    self._metrics.track(parsed.num_prompt_tokens, start),
                                    self._background)
             # Wait for the first delta before answering, so that a request the router
@@ -293,6 +339,33 @@ class Ingress:
             if slot is not None:
                 slot.release()
 
+    async def _batch(self, parsed: list[ParsedRequest], start: float, slot: Slot) -> Response:
+        """Several prompts (openai_api/batch.py): one router stream each, merged."""
+        streams: list[_RouterStream] | None = []
+        batch = None
+        try:
+            for p in parsed:
+                streams.append(_RouterStream(self._link, p.request,
+                                             self._metrics.track(p.num_prompt_tokens, start),
+                                             self._background))
+            batch = StreamBatch(streams, parsed[0].n)
+            await batch.start()
+            responder = BatchResponder(parsed, self._tokenizer)
+            if parsed[0].stream:
+                response = _SSEResponse(sse_batch(batch, responder, parsed[0].include_usage),
+                                        batch, slot)
+                streams = slot = None  # the response owns (and closes) them now
+                return response
+            return Response(json_bytes(await complete_batch(batch, responder)),
+                            media_type="application/json")
+        finally:
+            if batch is not None and streams is not None:
+                batch.close()
+            for s in streams or ():
+                s.close()
+            if slot is not None:
+                slot.release()
+
     async def _complete(self, parsed: ParsedRequest, stream: _RouterStream,
                         delta: TokenDelta) -> Response:
         responder = make_responder(parsed, self._tokenizer)
@@ -309,8 +382,10 @@ class Ingress:
 
     async def _sse(self, parsed: ParsedRequest, stream: _RouterStream,
                    delta: TokenDelta) -> AsyncIterator[bytes]:
-        """The event stream: chunks, [usage chunk], [DONE]; an error event replaces the rest."""
+        """The event stream: chunks, [usage chunk], [DONE]; an error event replaces the rest
+        ([DONE] included: it stands for a complete answer)."""
         responder = make_responder(parsed, self._tokenizer)
+        failed = True
         try:
             while True:
                 err = finish_error(delta)
@@ -325,6 +400,7 @@ class Ingress:
                 if responder.done:
                     if parsed.include_usage:
                         yield sse_event(responder.usage_chunk())
+                    failed = False
                     break
                 delta = await stream.next()
         except APIError as e:
@@ -334,4 +410,5 @@ class Ingress:
             yield sse_error(APIError(500, f"internal error: {_describe(e)}"))
         finally:
             stream.close()
-        yield SSE_DONE
+        if not failed:
+            yield SSE_DONE

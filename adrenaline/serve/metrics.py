@@ -22,6 +22,14 @@ one), so several Ingress instances in one process (tests) do not collide.
   (``..._prefix_cache_hit_tokens``, ``..._prefix_cache_prefill_tokens``: rate() them for a
   windowed ratio) and ``adrenaline_worker_kv_blocks_cached`` (pages holding a cached prefix
   block, in use or free).
+* The placement policy (serve/policy_metrics.py): its choices, its bounds, the start-up profile.
+* Router-wide, from ``router.stats()`` on each scrape (cumulative since the router
+  started; rate() them): ``adrenaline_router_reruns`` (attempts rerun after an actor
+  was lost) and ``adrenaline_router_refused_requests`` (requests the router refused
+  with 429). A failed poll sets them to NaN.
+
+deploy/grafana/adrenaline.json is a dashboard over these series
+(tests/integration/test_grafana_dashboard.py checks that it names only exported ones).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from adrenaline.protocol import WorkerMetrics
+from adrenaline.serve.policy_metrics import PolicyMetrics
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -107,6 +116,12 @@ class IngressMetrics:
         self.kv_cached = Gauge("adrenaline_worker_kv_blocks_cached",
                                "Prefill: KV blocks holding a cached prefix block (used or free)",
                                _WORKER_LABELS, registry=r)
+        self.policy = PolicyMetrics(r)  # the policy's choices, bounds and start-up profile
+        self.reruns = Gauge("adrenaline_router_reruns",
+                            "Request attempts rerun after an actor was lost (cumulative)",
+                            registry=r)
+        self.refused = Gauge("adrenaline_router_refused_requests",
+                             "Requests the router refused with 429 (cumulative)", registry=r)
         self._worker_gauges = (self.running, self.waiting, self.kv_used, self.kv_free,
                                self.offloaded, self.steps, self.busy, self.attn_bytes,
                                self.remote_wait, self.kv_usage, self.prefix_hit_tokens,
@@ -140,6 +155,12 @@ class IngressMetrics:
                     w.prefix_cached_tokens / w.prefill_tokens if w.prefill_tokens else 0.0)
                 self.kv_cached.labels(*labels).set(w.kv_blocks_cached)
         self.offload_ratio.set(float("nan") if workers is None else offload_ratio(workers))
+
+    def set_router(self, stats: dict | None) -> None:
+        """Router-wide counters from one ``router.stats()`` poll (None: it failed)."""
+        stats = stats or {}
+        self.reruns.set(stats.get("num_reruns", float("nan")))
+        self.refused.set(stats.get("num_refused", float("nan")))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from adrenaline.protocol import GenerateRequest, TokenDelta
 from adrenaline.serve.attempt import Control, Restart
 
@@ -27,12 +29,14 @@ def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequ
 
     Prefilled over its prompt plus those tokens, which stay output (counted against
     max_tokens and min_tokens, penalized, replayed into its grammar), so its first token
-    is the next one.
+    is the next one. Prompt logprobs went out with the first token: not computed again.
     """
     if not produced:
         return req
+    params = (req.params if req.params.prompt_logprobs is None
+              else msgspec.structs.replace(req.params, prompt_logprobs=None))
     return GenerateRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-                           params=req.params,
+                           params=params,
                            output_token_ids=list(req.output_token_ids) + list(produced))
 
 

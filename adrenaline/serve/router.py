@@ -46,7 +46,7 @@ from ray import serve
 
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError
-from adrenaline.policy import Placement, make_policy
+from adrenaline.policy import Placement, make_policy, needs_profile
 from adrenaline.request_length import check_request_length
 from adrenaline.protocol import (GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics,
                                  choice_request_id)
@@ -117,6 +117,10 @@ class Router:
                 "num_losses": self.supervisor.num_losses,
                 "hangs": list(self.supervisor.hangs),
                 "generation": self.supervisor.generation, "state": self.supervisor.state,
+                "links": {f"{a[0]}{a[1]}-{b[0]}{b[1]}": kind
+                          for (a, b), kind in getattr(self.cluster, "link_kinds", {}).items()},
+                "profile": (self.policy.profile.summary()
+                            if getattr(self.policy, "profile", None) is not None else None),
                 "b_max": getattr(self.policy, "b_max", None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
 
@@ -280,7 +284,8 @@ class Router:
                 a.done()  # DONE (marked first: the consumer may close us at the yield)
             yield TokenDelta(request_id=a.id, token_ids=pre.token_ids[-1:],
                              logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
-                             finish_reason=pre.finish_reason)
+                             finish_reason=pre.finish_reason,
+                             prompt_logprobs=pre.prompt_logprobs, prompt_ranks=pre.prompt_ranks)
             if a.stage is Stage.DONE:
                 return
             a.parked()  # PARKED: the KV waits in the prefill pool until there is room
@@ -453,10 +458,10 @@ class Router:
         self.admission.capacity_freed()
 
     def _profile(self, args: AppArgs):
-        """Start-up measurements for policies that need them (load_aware)."""
-        if args.policy != "load_aware":
+        """Start-up measurements, for a policy that declares it needs them."""
+        if not needs_profile(args.policy):
             return None
-        from adrenaline.policy.profile import profile_cluster
+        from adrenaline.actors.cluster_profile import profile_cluster
 
         return profile_cluster(self.cluster, args)
 

@@ -49,7 +49,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
                    help="what-if: the offload exchange per layer (default: the profile's)")
     w = ap.add_argument_group("workload (as `bench serving`)")
     w.add_argument("--dataset", default="random",
-                   choices=["random", "sharegpt-synthetic", "sharegpt", "trace"])
+                   choices=["random", "sharegpt-synthetic", "long-decode", "sharegpt", "trace"])
     w.add_argument("--dataset-path", default=None)
     w.add_argument("--tokenizer", default=None)
     w.add_argument("--num-prompts", type=int, default=1000)

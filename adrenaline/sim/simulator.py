@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from adrenaline.app_config import LimitsConfig
 from adrenaline.engine.request import Request
 from adrenaline.errors import InvalidRequestError
-from adrenaline.policy import make_policy
-from adrenaline.policy.profile import PROFILE_BATCHES, ClusterProfile
+from adrenaline.policy import make_policy, needs_profile
+from adrenaline.policy.profile import ClusterProfile, profile_batches
 from adrenaline.protocol import GenerateRequest
 from adrenaline.request_length import check_request_length
 from adrenaline.sampling_params import SamplingParams
@@ -71,17 +71,18 @@ def kv_budgets(cfg: SimConfig, cost: CostModel) -> tuple[int, int, int]:
     return prefill, decode, executor
 
 
-def startup_profile(cost: CostModel, hw: HardwareProfile, decode_tokens: list[int],
-                    executor_tokens: list[int], batches=PROFILE_BATCHES) -> ClusterProfile:
-    """What profile_cluster measures at start-up, from the cost model: decode step time at
-    the profiled batches (8-token prompts, as profile_decode_steps), copy bandwidths (each
-    worker measures its whole device), KV capacities."""
-    steps = {b: cost.decode_s(b, b * 10) for b in batches}
-    return ClusterProfile(step_time_s=steps,
-                          decode_bandwidth_gbs=[hw.mem_bw_gbs] * len(decode_tokens),
-                          executor_bandwidth_gbs=[hw.mem_bw_gbs] * len(executor_tokens),
+def startup_profile(cost: CostModel, decode_tokens: list[int], executor_tokens: list[int],
+                    batches: list[int] | tuple[int, ...]) -> ClusterProfile:
+    """What actors/cluster_profile.py measures at start-up, from the cost model: the decode
+    step without attention at the profiled batches, the attention seconds per KV token of
+    decode and executor, the exchange, and the KV capacities."""
+    return ClusterProfile(base_step_s={b: cost.decode_s(b, 0) for b in batches},
+                          decode_attn_s_per_token=[cost.kv_tok_s] * len(decode_tokens),
+                          executor_attn_s_per_token=[cost.exec_kv_tok_s] * len(executor_tokens),
+                          exchange_s=cost.exchange_s,
                           decode_capacity_tokens=list(decode_tokens),
-                          executor_capacity_tokens=list(executor_tokens))
+                          executor_capacity_tokens=list(executor_tokens),
+                          kv_bytes_per_token=cost.kv_bytes)
 
 
 class Simulation:
@@ -108,9 +109,9 @@ class Simulation:
         self.max_model_len = self.model.config.max_position_embeddings
         self.max_request_tokens = min([p.bm.num_blocks * bs for p in self.prefill] + dec_cap
                                       + [self.max_model_len])
-        profile = (startup_profile(self.cost, hw, dec_cap, exe_cap,
-                                   cfg.profile_batches or PROFILE_BATCHES)
-                   if cfg.policy == "load_aware" else None)
+        profile = (startup_profile(self.cost, dec_cap, exe_cap,
+                                   cfg.profile_batches or profile_batches(cfg.max_num_seqs))
+                   if needs_profile(cfg.policy) else None)
         self.policy = make_policy(cfg.policy, cfg.policy_options, profile)
         self.router = SimRouter(self.policy, cfg.num_prefill, dec_cap, exe_cap)
         self.now = 0.0

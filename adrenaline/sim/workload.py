@@ -26,7 +26,7 @@ class SimArrival:
 
 @dataclass(frozen=True)
 class Workload:
-    dataset: str = "random"  # random | sharegpt-synthetic | sharegpt | trace
+    dataset: str = "random"  # random | sharegpt-synthetic | long-decode | sharegpt | trace
     num_prompts: int = 100
     input_len: int = 128  # random: mean; synthetic: median
     output_len: int = 128
@@ -49,6 +49,8 @@ def lengths(w: Workload) -> list[tuple[int, int]]:
         return list(zip(ins, outs))
     if w.dataset == "sharegpt-synthetic":
         return sw.synthetic_sharegpt_lengths(w.num_prompts, w.input_len, w.output_len, w.seed)
+    if w.dataset == "long-decode":
+        return sw.long_decode_lengths(w.num_prompts, w.seed)
     if w.dataset == "sharegpt":
         if not w.dataset_path:
             raise ValueError("dataset sharegpt needs a dataset path")
@@ -56,7 +58,7 @@ def lengths(w: Workload) -> list[tuple[int, int]]:
         return [(r.prompt_len, r.output_len)
                 for r in sw.sharegpt_requests(w.dataset_path, w.num_prompts, encode, seed=w.seed)]
     raise ValueError(f"dataset: unknown {w.dataset!r} "
-                     "(random, sharegpt-synthetic, sharegpt, trace)")
+                     "(random, sharegpt-synthetic, long-decode, sharegpt, trace)")
 
 
 def _encoder(tokenizer: str | None):

@@ -1,4 +1,6 @@
-"""Tensor transport between real Ray actors over gloo; NCCL only for its CPU-side errors."""
+"""Tensor transport between real Ray actors: the same contract tests over gloo and over
+shared memory (small rings, so large messages stream through them); NCCL only for its
+CPU-side errors."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import ray
 import torch
 
 from adrenaline.transport import find_free_port, make_communicator
+from adrenaline.transport.shm import new_shm_init
 
 RAY_TIMEOUT_S = 60  # any hang fails the test instead of blocking the run
 GLOO_TIMEOUT_S = 30
+SHM_RING_BYTES = 64 * 1024  # far below the largest message, so messages stream through
 
 
 def _seeded(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -30,8 +34,9 @@ class Peer:
         torch.set_num_threads(1)
         self.comm = None
 
-    def join(self, rank: int, world_size: int, init: str) -> int:
-        self.comm = make_communicator("gloo", rank, world_size, init, timeout_s=GLOO_TIMEOUT_S)
+    def join(self, rank: int, world_size: int, init: str, kind: str = "gloo") -> int:
+        self.comm = make_communicator(kind, rank, world_size, init, timeout_s=GLOO_TIMEOUT_S,
+                                      capacity_bytes=SHM_RING_BYTES)
         return self.comm.rank
 
     def send(self, dst: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
@@ -89,16 +94,40 @@ class Peer:
             return f"ValueError: {e}"
         return "no error"
 
+    def kind(self) -> str:
+        return type(self.comm).__name__.removesuffix("Communicator").lower()
+
+    def same_tag_in_order(self, peer: int, n: int, send: bool) -> list[int]:
+        """``n`` messages on one tag, posted at once: each is matched in posting order."""
+        if send:
+            handles = [self.comm.isend(torch.full((33,), i, dtype=torch.int64), peer, 5)
+                       for i in range(n)]
+            for h in handles:
+                h.wait()
+            return []
+        bufs = [torch.empty(33, dtype=torch.int64) for _ in range(n)]
+        handles = [self.comm.irecv(b, peer, 5) for b in bufs]
+        for h in reversed(handles):
+            h.wait()
+        return [int(b[0]) for b in bufs if torch.all(b == b[0])]
+
+    def zero_size(self, peer: int) -> bool:
+        """Zero-element sends and receives complete at once, without the peer."""
+        self.comm.isend(torch.empty(0), peer, 3).wait()
+        self.comm.irecv(torch.empty(0, 4), peer, 3).wait()
+        return True
+
     def close(self) -> None:
         if self.comm is not None:
             self.comm.close()
 
 
-def _world(n: int) -> list:
-    """``n`` actors joined into one gloo world; all join concurrently (the rendezvous blocks)."""
+def _world(n: int, kind: str = "gloo") -> list:
+    """``n`` actors joined into one world; all join concurrently (the rendezvous blocks)."""
     peers = [Peer.remote() for _ in range(n)]
-    init = f"tcp://127.0.0.1:{find_free_port()}"
-    ranks = ray.get([p.join.remote(r, n, init) for r, p in enumerate(peers)], timeout=RAY_TIMEOUT_S)
+    init = new_shm_init() if kind == "shm" else f"tcp://127.0.0.1:{find_free_port()}"
+    ranks = ray.get([p.join.remote(r, n, init, kind) for r, p in enumerate(peers)],
+                    timeout=RAY_TIMEOUT_S)
     assert ranks == list(range(n))
     return peers
 
@@ -111,9 +140,9 @@ def _teardown(peers: list) -> None:
             ray.kill(p)
 
 
-@pytest.fixture(scope="module")
-def pair(ray_cluster):
-    peers = _world(2)
+@pytest.fixture(scope="module", params=["gloo", "shm"])
+def pair(ray_cluster, request):
+    peers = _world(2, request.param)
     yield peers
     _teardown(peers)
 
@@ -148,6 +177,25 @@ def test_tags_are_independent(pair):
         assert torch.equal(got[tag], _seeded(shape, torch.float32, seed))
 
 
+def test_same_tag_matches_in_posting_order(pair):
+    a, b = pair
+    _, got = _get([a.same_tag_in_order.remote(1, 40, True), b.same_tag_in_order.remote(0, 40, False)])
+    assert got == list(range(40))
+
+
+def test_zero_size_is_a_no_op(pair):
+    a, b = pair
+    assert _get([a.zero_size.remote(1), b.zero_size.remote(0)]) == [True, True]
+
+
+@pytest.mark.parametrize("numel", [1, 63, 64, 65, 16_385, 3 * SHM_RING_BYTES + 7])
+def test_message_sizes(pair, numel):
+    a, b = pair
+    _, got = _get([a.send.remote(1, (numel,), torch.uint8, numel),
+                   b.recv.remote(0, (numel,), torch.uint8)])
+    assert torch.equal(got, _seeded((numel,), torch.uint8, numel))
+
+
 def test_world_of_three_fan_out(ray_cluster):
     peers = _world(3)
     try:
@@ -164,6 +212,7 @@ def test_world_of_three_fan_out(ray_cluster):
 
 def test_large_round_trip_and_latency(pair):
     a, b = pair
+    kind = _get(a.kind.remote())
     shape = (2 * 1024 * 1024,)  # 8 MiB of float32
     ok, _ = _get([a.round_trip.remote(1, shape, torch.float32, 5), b.echo.remote(0, shape, torch.float32)])
     assert ok
@@ -171,7 +220,7 @@ def test_large_round_trip_and_latency(pair):
     for nbytes in (4 * 1024, 64 * 1024):
         rtts, _ = _get([a.ping.remote(1, nbytes, iters), b.echo.remote(0, (nbytes,), torch.uint8, iters)])
         rtts = rtts[warmup:]
-        print(f"\ngloo round trip {nbytes // 1024} KiB: median {statistics.median(rtts) * 1e6:.0f} us, "
+        print(f"\n{kind} round trip {nbytes // 1024} KiB: median {statistics.median(rtts) * 1e6:.0f} us, "
               f"min {min(rtts) * 1e6:.0f} us over {len(rtts)} iterations")
 
 

@@ -11,7 +11,7 @@ import yaml
 from tests.multinode.netns_cluster import NodeSpec, tool
 
 # The 3-node layout: nodes offer the custom resources the YAML's roles ask for.
-HEAD = NodeSpec("head", 1, {"adrenaline_router": 100})  # router + ingress pinned here
+HEAD = NodeSpec("head", 1, {"adrenaline_head": 100})  # the YAML pins router + ingress here
 PREFILL = NodeSpec("prefill", 1, {"adrenaline_prefill": 100})
 DECODE = NodeSpec("decode", 1, {"adrenaline_decode": 100})
 
@@ -21,17 +21,13 @@ CONFIG = Path(__file__).resolve().parents[2] / "serve_configs" / "multinode.yaml
 
 
 def config(policy_options: dict | None = None) -> dict:
-    """serve_configs/multinode.yaml with short recovery bounds, and the
-    router and ingress pinned to the head (losing the router's node loses its streams;
-    that node is not the one these tests take away)."""
+    """serve_configs/multinode.yaml as shipped (the router and ingress pinned to the
+    head), with short recovery bounds."""
     cfg = yaml.safe_load(CONFIG.read_text())
     app = cfg["applications"][0]
     if policy_options is not None:
         app["args"]["policy_options"] = policy_options
     app["args"]["recovery"] = {"enabled": True, "timeout_s": 20, "retry_interval_s": 2}
-    pin = {"num_cpus": 0, "resources": {"adrenaline_router": 1}}
-    app["deployments"] = [{"name": "Router", "ray_actor_options": pin},
-                          {"name": "Ingress", "ray_actor_options": pin}]
     return cfg
 
 

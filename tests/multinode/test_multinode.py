@@ -2,7 +2,10 @@
 netns_cluster.py): `serve deploy` of serve_configs/multinode.yaml, greedy parity with the
 offline engine over HTTP, a redeploy with a changed config, and the loss of a whole node
 under load (rerun elsewhere; 503 + Retry-After while nothing can be placed; back when the
-node rejoins). Every scenario ends with the KV audit.
+node rejoins). The shipped config keeps the router on the head, so losing a worker node
+never touches it; with the router deliberately on a worker node (a test-only config),
+losing that node loses no stream either (the ingress resends them to the new router).
+Every scenario ends with the KV audit.
 
 The tests run in order on one cluster (module scope); each leaves it serving.
 """
@@ -120,7 +123,9 @@ def test_node_loss_under_load_reruns_on_remaining_nodes(netns_cluster, tmp_path)
     out = json.loads((tmp_path / "out.json").read_text().strip().splitlines()[-1])
     assert_exact(out, expected)
     after = c.driver("stats", APP)
+    # The same router all along (a new one would count from 0), still on the head.
     assert after["num_recoveries"] - before["num_recoveries"] == 1, after
+    assert c.driver("placement", APP)["Router"] == c.ip("head")
     assert after["num_reruns"] > before["num_reruns"], after
     survivor = "decode2" if victim == "decode" else "decode"
     assert c.driver("placement", APP)["decode-0"] == c.ip(survivor)
@@ -133,6 +138,52 @@ def test_node_loss_under_load_reruns_on_remaining_nodes(netns_cluster, tmp_path)
     c.driver("audit", APP)
     c.start_node(victim)  # the lost node rejoins
     c.wait_nodes(4)
+
+
+def test_router_on_a_lost_worker_node_loses_no_stream(netns_cluster, tmp_path):
+    """A test-only layout: the Router deliberately on a decode node (the shipped config
+    keeps it on the head; the ingress stays there). 16 streams; the node holding the
+    router is killed, taking the router and the workers it owns. Serve starts a new
+    router on the other decode node, which starts a new cluster; the ingress resends every
+    stream with the tokens already sent: 0 lost, 0 changed."""
+    c = netns_cluster
+    cfg = config({"ratio": 0.5})
+    app = cfg["applications"][0]
+    app["args"]["recovery"]["timeout_s"] = 90  # node death + a new router + its cluster
+    for d in app["deployments"]:
+        if d["name"] == "Router":
+            d["ray_actor_options"] = {"num_cpus": 0, "resources": {"adrenaline_decode": 1}}
+    deploy(c, cfg)
+    router_ip = c.driver("placement", APP)["Router"]
+    victim = next(n for n in ("decode", "decode2") if c.ip(n) == router_ip)
+    n, seed, max_tokens = 16, 5, 160
+    expected = expected_texts(n, seed, max_tokens)
+    progress = tmp_path / "progress"
+    proc = c.popen(c.head, load_cmd(n, seed, max_tokens, True, str(progress)),
+                   stdout=open(tmp_path / "out.json", "w"), stderr=open(tmp_path / "err", "w"))
+    try:
+        while not progress.exists() or int(progress.read_text() or 0) < 4 * n:
+            assert proc.poll() is None, (tmp_path / "err").read_text()
+            time.sleep(0.05)
+        killed_at = time.time()
+        assert c.kill_node(victim) > 0
+        assert proc.wait(timeout=400) == 0, (tmp_path / "err").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = json.loads((tmp_path / "out.json").read_text().strip().splitlines()[-1])
+    assert_exact(out, expected)
+    survivor = "decode2" if victim == "decode" else "decode"
+    assert c.driver("placement", APP)["Router"] == c.ip(survivor)
+    times = out["chunk_times"]
+    gaps = [(b - a, b) for a, b in zip(times, times[1:]) if b > killed_at]
+    _, resumed = max(gaps)
+    print(f"\nrouter's node lost: {n} streams, 0 lost; tokens flowed again after "
+          f"{resumed - killed_at:.1f} s")
+    c.driver("audit", APP)
+    c.start_node(victim)
+    c.wait_nodes(4)
+    deploy(c, config({"ratio": 0.5}))  # the shipped layout again, for the tests after
 
 
 def test_no_placement_503_then_back_when_node_rejoins(netns_cluster, tmp_path):

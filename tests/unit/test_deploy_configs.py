@@ -78,3 +78,34 @@ def test_role_resources_are_checked():
         parse_app_args({"decode": {"resources": {"adrenaline_decode": 0}}})
     with pytest.raises(ConfigError, match="invalid app args"):
         parse_app_args({"decode": {"resource": {"adrenaline_decode": 1}}})  # a typo
+
+
+def _pins(cfg: dict) -> dict[str, dict]:
+    """Deployment name -> its ray_actor_options, as the config's application sets them."""
+    (app,) = cfg["applications"]
+    return {d["name"]: d["ray_actor_options"] for d in app.get("deployments", [])}
+
+
+def test_router_and_ingress_are_pinned_to_the_head():
+    """The router holds every stream and owns the workers: it and the ingress sit beside
+    the proxy on the head, by a resource only the head offers, in both files alike."""
+    m = _manifest()
+    cluster = m["spec"]["rayClusterConfig"]
+    head = _start_resources(cluster["headGroupSpec"]["rayStartParams"])
+    workers: dict[str, float] = {}
+    for g in cluster["workerGroupSpecs"]:
+        workers |= _start_resources(g["rayStartParams"])
+    for cfg in (yaml.safe_load(MULTINODE.read_text()), yaml.safe_load(m["spec"]["serveConfigV2"])):
+        pins = _pins(cfg)
+        assert set(pins) == {"Router", "Ingress"}, pins
+        for name, opts in pins.items():
+            assert opts["num_cpus"] == 0, (name, opts)  # the whole dict replaces the code's
+            (res, amount), = opts["resources"].items()
+            assert res in head and res not in workers, (name, res, head, workers)
+            assert head[res] >= amount
+    assert _pins(yaml.safe_load(MULTINODE.read_text())) == _pins(
+        yaml.safe_load(m["spec"]["serveConfigV2"]))
+    # The `ray start` line DEPLOY.md gives for the head offers it too.
+    deploy_md = (ROOT / "docs" / "DEPLOY.md").read_text()
+    head_line = next(line for line in deploy_md.splitlines() if line.startswith("ray start --head"))
+    assert '"adrenaline_head": 100' in head_line, head_line

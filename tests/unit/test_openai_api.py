@@ -114,8 +114,13 @@ def test_neutral_values_of_unsupported_options_are_accepted(info, tok):
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"prompt": []}, 400, "prompt", "empty"),
     ({"prompt": [[]]}, 400, "prompt", "empty"),
-    ({"prompt": ["a", "b"]}, 400, "prompt", "batched prompts are not supported"),
-    ({"prompt": [[1, 2], [3]]}, 400, "prompt", "batched prompts are not supported"),
+    ({"prompt": ["a"] * 65}, 400, "prompt", "the limit is 64"),
+    ({"prompt": [[1, 2]] * 65}, 400, "prompt", "limits.max_prompts_per_request"),
+    ({"prompt": ["a", [1]]}, 400, "prompt", "prompt"),
+    ({"prompt": ["a", ""]}, 400, "prompt", "empty"),
+    ({"prompt": "x", "max_tokens": 0, "echo": False}, 400, "max_tokens", "0 only with `echo`"),
+    ({"prompt": "x", "echo": True, "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ({"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs", "prompt_logprobs"),
     ({"prompt": [1, "a"]}, 400, "prompt", "prompt"),
     ({"prompt": [1, True]}, 400, "prompt", "prompt"),
     ({"prompt": [1, 4096]}, 400, "prompt", "outside the vocabulary"),
@@ -141,7 +146,6 @@ def test_neutral_values_of_unsupported_options_are_accepted(info, tok):
     ({"prompt": "x", "stream_options": {"include_usage": 1}}, 400,
      "stream_options.include_usage", "stream_options.include_usage"),
     ({"prompt": "x", "stop_token_ids": ["a"]}, 400, "stop_token_ids[0]", "stop_token_ids"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo", "`echo` with `logprobs`"),
     ({"prompt": "x", "best_of": 2}, 400, "best_of", "`best_of` is not supported"),
     ({"prompt": "x", "suffix": "end"}, 400, "suffix", "`suffix` is not supported"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
@@ -522,17 +526,17 @@ def _run_sse(ingress, parsed, deltas) -> tuple[list[bytes], _FakeStream]:
     return asyncio.run(collect()), stream
 
 
-def test_ingress_sse_error_event_then_done(info, tok):
+def test_ingress_sse_error_event_ends_the_stream_without_done(info, tok):
     parsed = _completion(info, tok, prompt="hello", stream=True,
                          stream_options={"include_usage": True})
     deltas = [TokenDelta(request_id="x", token_ids=[74]),
               TokenDelta(request_id="x", token_ids=[], finish_reason="error", error="boom")]
     events, stream = _run_sse(_ingress(tok), parsed, deltas)
-    assert events[-1] == SSE_DONE and stream.closed
+    assert SSE_DONE not in events and stream.closed  # [DONE] stands for a complete answer
     assert json.loads(events[0][6:])["choices"][0]["text"] == tok.decode([74])
     err = json.loads(events[1][6:])["error"]
     assert "boom" in err["message"] and err["type"] == "server_error"
-    assert len(events) == 3  # no usage chunk after an error
+    assert len(events) == 2  # no usage chunk after an error
 
 
 def test_ingress_sse_usage_then_done_and_complete_error(info, tok):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adrenaline import ConfigError, SamplingParams
-from adrenaline.policy import ClusterLoad, make_policy
+from adrenaline.policy import ClusterLoad, Placement, PlacementPolicy, make_policy
 from adrenaline.policy.profile import ClusterProfile
 from adrenaline.protocol import GenerateRequest
 
@@ -25,12 +25,16 @@ def _load(decode_reserved=0, decode_active=0, exec_reserved=(0,), exec_cap=(10_0
                        executor_capacity_tokens=list(exec_cap))
 
 
-def _profile(step_ms=None, exec_cap=(10_000,), decode_cap=1000, exec_bw=(20.0,), dec_bw=20.0):
-    step_ms = step_ms or {1: 10, 8: 20, 16: 40, 32: 90, 64: 200}
-    return ClusterProfile(step_time_s={b: t / 1e3 for b, t in step_ms.items()},
-                          decode_bandwidth_gbs=[dec_bw], executor_bandwidth_gbs=list(exec_bw),
+def _profile(base_ms=None, exec_cap=(10_000,), decode_cap=1000, exec_us=(10.0,), dec_us=10.0,
+             exchange_ms=0.0):
+    """Base step by batch (ms), attention per KV token (us) on decode and executors."""
+    base_ms = base_ms or {1: 5, 8: 10, 16: 20, 32: 40, 64: 80}
+    return ClusterProfile(base_step_s={b: t / 1e3 for b, t in base_ms.items()},
+                          decode_attn_s_per_token=[dec_us / 1e6],
+                          executor_attn_s_per_token=[u / 1e6 for u in exec_us],
+                          exchange_s=exchange_ms / 1e3,
                           decode_capacity_tokens=[decode_cap],
-                          executor_capacity_tokens=list(exec_cap))
+                          executor_capacity_tokens=list(exec_cap), kv_bytes_per_token=1000)
 
 
 def _decide(policy, req, load):
@@ -68,31 +72,77 @@ def test_static_offloads_onto_its_own_prefill_instance():
     assert where.offload and where.prefill == 1  # the executor with room; prefill beside it
 
 
+def test_profile_splits_the_step_into_base_and_attention():
+    prof = _profile()
+    assert prof.base_s(8) == pytest.approx(0.010)
+    assert prof.base_s(12) == pytest.approx(0.015)  # between profiled batches: linear
+    assert prof.base_s(128) == pytest.approx(0.160)  # past the last: its slope
+    # 16 requests of 500 tokens: 20 ms base + 8000 tokens x 10 us = 100 ms.
+    assert prof.step_s(16, 8000) == pytest.approx(0.100)
+    # B_max depends on the local KV read, not on a fixed short context.
+    assert prof.b_max(0.100, 0) == 64  # capped at the largest profiled batch
+    assert prof.b_max(0.100, 8000) == 16
+    assert prof.b_max(0.030, 1000) == 16  # 20 ms + 10 ms
+    assert prof.executor_bandwidth_gbs == [pytest.approx(0.1)]  # 1000 B per 10 us
+
+
 def test_load_aware_bound_and_admission():
-    # B_max at a 100 ms SLO is 32 (a 90 ms step); 64 takes 200 ms.
+    # 100 ms SLO with the decode pool full (1000 tokens = 10 ms): B_max = 64 (80 + 10 ms).
     policy = make_policy("load_aware", {"tpot_slo_ms": 100}, _profile())
-    assert policy.b_max == 32
-    # OB_mem = min(10000/1000, 20/20) = 1; B_tpot = 1000 // 200 = 5; OB_comp = (32-5)/5 = 5.4.
+    assert policy.b_max == 64
+    # OB_mem = min(10000/1000, 1) = 1; B_tpot = 1000 // 200 = 5; OB_comp = (64-5)/5.
     assert policy.offload_bound(200, 1000) == pytest.approx(1.0)
     # Local KV has room: stay local.
     assert not _decide(policy, _req(), _load(decode_reserved=700)).offload
-    # Local KV full: offload while offloaded load stays within OB x 1000 tokens; else wait.
+    # Local KV full: offload while the offloaded load stays within OB x 1000 tokens and the
+    # executor's attention over it hides behind the local one (900 local tokens here).
     assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5)).offload
     assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
                                          exec_reserved=(900,))) is None
     # The decode batch would pass B_max: wait (for local KV) instead.
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=32)) is None
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=64)) is None
+
+
+def test_load_aware_keeps_remote_attention_hidden():
+    # A generous bound (fast executor KV, big OB); only rule (d) decides.
+    policy = make_policy("load_aware", {"tpot_slo_ms": 1000},
+                         _profile(exec_us=(20.0,), exchange_ms=1.0))
+    # Local attention: 900 tokens x 10 us = 9 ms. Remote: 1 ms + (tokens) x 20 us.
+    # 200 more tokens: 1 + 4 = 5 ms <= 9 ms: offload.
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5)).offload
+    # 200 already offloaded + 200: 1 + 8 = 9 ms: still hidden.
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
+                                         exec_reserved=(200,))).offload
+    # 250 + 200: 1 + 9 = 10 ms > 9 ms: the step would wait on the executor: wait instead.
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
+                                         exec_reserved=(250,))) is None
 
 
 def test_load_aware_compute_bound_limits_offload():
-    # A slow decode: B_max = 8 at a 25 ms SLO; B_tpot = 5 -> OB_comp = 0.6 < OB_mem = 2.
-    policy = make_policy("load_aware", {"tpot_slo_ms": 25}, _profile(exec_bw=(40.0,)))
-    assert policy.b_max == 8
-    assert policy.offload_bound(200, 1000) == pytest.approx(0.6)
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
-                                         exec_reserved=(300,))).offload
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
-                                         exec_reserved=(500,))) is None
+    # A slow decode base: at a 30 ms SLO with 1000 local tokens (10 ms), B_max = 16;
+    # B_tpot = 5 -> OB_comp = 11/5 = 2.2 > OB_mem = min(10, 10/5 = 2) = 2 -> OB = 2.
+    policy = make_policy("load_aware", {"tpot_slo_ms": 30}, _profile(exec_us=(5.0,)))
+    assert policy.b_max == 16
+    assert policy.offload_bound(200, 1000) == pytest.approx(2.0)
+    # The batch at 16 stops it whatever the KV says.
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=16)) is None
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=15)).offload
+
+
+def test_a_policy_declares_it_needs_the_profile():
+    from adrenaline.policy import needs_profile
+
+    assert needs_profile("load_aware") and not needs_profile("static")
+    assert needs_profile("tests.unit.test_policies:ProfiledPolicy")
+
+
+class ProfiledPolicy(PlacementPolicy):
+    """A user's policy ("module:Class") that asks for the start-up profile."""
+
+    needs_profile = True
+
+    def place(self, req, load):
+        return Placement(prefill=0, decode=0)
 
 
 def test_load_aware_requires_a_profile():

@@ -32,9 +32,10 @@ def _load(n_p: int = 2, inflight=None, queued=None) -> ClusterLoad:
 
 
 def _profile() -> ClusterProfile:
-    return ClusterProfile(step_time_s={1: 0.01, 8: 0.02, 64: 0.2}, decode_bandwidth_gbs=[20.0],
-                          executor_bandwidth_gbs=[20.0, 20.0], decode_capacity_tokens=[100_000],
-                          executor_capacity_tokens=[100_000, 100_000])
+    return ClusterProfile(base_step_s={1: 0.01, 8: 0.02, 64: 0.2},
+                          decode_attn_s_per_token=[1e-7], executor_attn_s_per_token=[1e-7, 1e-7],
+                          exchange_s=0.0, decode_capacity_tokens=[100_000],
+                          executor_capacity_tokens=[100_000, 100_000], kv_bytes_per_token=1000)
 
 
 def test_index_matches_leading_chain_and_forgets_lru_and_evicted():

@@ -23,7 +23,7 @@ def test_shipped_configs_validate(path):
     args = parse_app_args(app["args"])
     assert args.prefill.num_instances >= 1 and args.decode.num_instances >= 1
     # load_aware needs the cluster's start-up profile: a stand-in with one executor.
-    profile = ClusterProfile({1: 0.01}, [100.0], [100.0], [1 << 14], [1 << 14])
+    profile = ClusterProfile({1: 0.01}, [1e-6], [1e-6], 1e-3, [1 << 14], [1 << 14], 1000)
     make_policy(args.policy, args.policy_options, profile)
 
 

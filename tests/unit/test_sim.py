@@ -33,9 +33,15 @@ def test_policy_change_changes_the_simulated_outcome():
     # Offloading lifts the batch past what the decode pool holds (8 x 192 tokens).
     assert none["mean_decode_batch"] <= 8.0 < static["mean_decode_batch"]
     assert static["metrics"]["output_throughput"] != none["metrics"]["output_throughput"]
-    # load_aware's bound comes from the simulated start-up profile, like the live one.
-    sim, aware = _run(policy="load_aware", policy_options={"tpot_slo_ms": 250}, executor=True)
+    # load_aware's bound comes from the simulated start-up profile, like the live one. With
+    # a fast exchange it offloads part of the burst; with an exchange slower than these short
+    # contexts' local attention it cannot hide remote attention, so it offloads nothing.
+    sim, aware = _run(policy="load_aware", policy_options={"tpot_slo_ms": 250}, executor=True,
+                      exchange_layer_s=0.0)
     assert aware["b_max"] == sim.policy.b_max and 0.0 < aware["offload_ratio"] < 1.0
+    _, slow = _run(policy="load_aware", policy_options={"tpot_slo_ms": 250}, executor=True,
+                   exchange_layer_s=0.005)
+    assert slow["offload_ratio"] == 0.0
 
 
 def test_a_user_policy_by_import_path_runs(tmp_path, monkeypatch):
@@ -92,7 +98,9 @@ def test_fitted_cpu_profile_checks_against_live_offload_runs():
     hw = get_profile("cpu")
     assert "bench-offload.json" not in json.dumps(hw.fitted_on["files"])
     chk = check_cpu(hw, DOCS / "bench-offload.json", DOCS / "bench-serving-sweep.json")
-    for row in chk["offload"]["rows"]:
+    # That live run (2026-11-27, gloo) predates load_aware's hiding rule (policy/load_aware.py
+    # rule d), so its load_aware row no longer describes this policy: none and static do.
+    for row in (r for r in chk["offload"]["rows"] if r["system"] != "load_aware"):
         for key, tol in CPU_TOLERANCE.items():
             assert abs(row[key]["err"]) <= tol, (row["system"], key, row[key])
 

@@ -23,7 +23,7 @@ def stage_engine(plan: Plan, ctx: dict) -> dict:
     from adrenaline.config import EngineConfig
     from adrenaline.engine.core import EngineCore
     from adrenaline.engine.kv_pool import kv_bytes_per_token
-    from adrenaline.policy.profile import profile_decode_steps
+    from adrenaline.engine.step_profile import profile_decode_steps
     from adrenaline.sampling_params import SamplingParams
 
     top = max(plan.batches)

@@ -70,6 +70,7 @@ class _CommonBody(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None  # accepted and ignored
+    prompt_logprobs: int | None = None  # vLLM's: each choice gets the prompt's logprobs
 
 
 class CompletionBody(_CommonBody, kw_only=True):
@@ -162,6 +163,10 @@ class ParsedRequest:
     num_logprobs: int | None  # completions: logprobs=N; chat: top_logprobs when logprobs=true
     stop: list[str] = field(default_factory=list)  # stop strings (matched on decoded text)
     echo: str | None = None  # completions' echo: the prompt's text, put before each choice
+    # completions' echo with logprobs: the prompt tokens' logprobs lead each choice's
+    echo_logprobs: bool = False
+    echo_only: bool = False  # max_tokens 0 with echo: one token is generated, then dropped
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: its top-k
     tools: ToolMode | None = None  # chat: how tool calls are parsed from the output
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -233,7 +238,8 @@ def _check_model(body: _CommonBody, info: ModelInfo) -> None:
 
 
 def _sampling_params(body: _CommonBody, max_tokens: int, num_logprobs: int | None,
-                     info: ModelInfo, json_schema: str | None = None) -> SamplingParams:
+                     info: ModelInfo, json_schema: str | None = None,
+                     prompt_logprobs: int | None = None) -> SamplingParams:
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise bad_request(f"`n` must be in [1, {MAX_N}], got {n}", param="n")
@@ -266,7 +272,7 @@ def _sampling_params(body: _CommonBody, max_tokens: int, num_logprobs: int | Non
                               frequency_penalty=body.frequency_penalty or 0.0,
                               repetition_penalty=rep, min_tokens=min_tokens,
                               logit_bias=_logit_bias(body.logit_bias, info),
-                              json_schema=json_schema)
+                              json_schema=json_schema, prompt_logprobs=prompt_logprobs)
     except InvalidRequestError as e:  # a bound the checks above do not cover
         raise bad_request(str(e)) from None
 
@@ -331,10 +337,15 @@ def _check_prompt_ids(ids: list[int], info: ModelInfo) -> None:
 
 
 def _resolve_max_tokens(n_prompt: int, requested: int | None, param: str, info: ModelInfo,
-                        prompt_param: str) -> int:
-    """The request's max_tokens; None means "whatever room is left" (at least 1)."""
+                        prompt_param: str, echo: bool = False) -> int:
+    """The request's max_tokens; None means "whatever room is left" (at least 1). With
+    ``echo``, 0 is allowed (scoring the prompt only); the engine then generates one token."""
     if requested is not None and requested <= 0:
-        raise bad_request(f"`{param}` must be >= 1, got {requested}", param=param)
+        if echo and requested == 0:
+            requested = 1
+        else:
+            raise bad_request(f"`{param}` must be >= 1{' (0 only with `echo`)' if not echo else ''}"
+                              f", got {requested}", param=param)
     if requested is None:
         requested = max(1, room_left(n_prompt, info.max_model_len, info.max_request_tokens))
     try:
@@ -363,27 +374,34 @@ def _stream_flags(body: _CommonBody) -> tuple[bool, bool]:
 # /v1/completions
 
 
+def split_prompts(prompt: str | list, max_prompts: int) -> list[str | list]:
+    """A completions ``prompt`` -> its prompts: a string or a list of ids is one; a list of
+    strings or of id lists is several (at most ``max_prompts``, the
+    ``limits.max_prompts_per_request``)."""
+    if not isinstance(prompt, list) or not prompt or _is_id_list(prompt):
+        return [prompt]
+    if not all(isinstance(p, str) for p in prompt) and not all(
+            isinstance(p, list) for p in prompt):
+        raise bad_request("`prompt` must be a string, a list of token ids, or a list of "
+                          "strings or of token-id lists", param="prompt")
+    if len(prompt) > max_prompts:
+        raise bad_request(f"`prompt` holds {len(prompt)} prompts; the limit is {max_prompts} "
+                          "per request (limits.max_prompts_per_request)", param="prompt",
+                          code="too_many_prompts")
+    return list(prompt)
+
+
 def prompt_token_ids(prompt: str | list, info: ModelInfo, tokenizer: Tokenizer | None
                      ) -> list[int]:
-    """A completions ``prompt`` -> token ids: a string, a list of ids, or a one-element list of
-    either. Several prompts (a batch) are rejected."""
-    if isinstance(prompt, list) and prompt and not _is_id_list(prompt):
-        if len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            raise bad_request("batched prompts are not supported: send one prompt per request",
-                              param="prompt")
-        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        else:
-            raise bad_request("`prompt` must be a string, a list of token ids, or a list "
-                              "holding one of those", param="prompt")
+    """One completions prompt -> token ids: a string or a list of ids."""
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("the prompt is empty", param="prompt")
         tok = _need_tokenizer(tokenizer, info, "pass the prompt as token ids", "prompt")
         return tok.encode(prompt)
-    if not _is_id_list(prompt):
-        raise bad_request("`prompt` must be a string, a list of token ids, or a list "
-                          "holding one of those", param="prompt")
+    if not isinstance(prompt, list) or not _is_id_list(prompt):
+        raise bad_request("`prompt` must be a string, a list of token ids, or a list of "
+                          "strings or of token-id lists", param="prompt")
     return list(prompt)
 
 
@@ -391,32 +409,55 @@ def _is_id_list(x: list) -> bool:
     return all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def parse_completion_request(body: bytes, info: ModelInfo, tokenizer: Tokenizer | None
-                             ) -> ParsedRequest:
+def _check_prompt_logprobs(value: int | None) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"`prompt_logprobs` must be in [0, {MAX_LOGPROBS}], got {value}",
+                          param="prompt_logprobs")
+
+
+def parse_completion_request(body: bytes, info: ModelInfo, tokenizer: Tokenizer | None,
+                             max_prompts: int = 64) -> ParsedRequest | list[ParsedRequest]:
+    """One ParsedRequest per prompt: the request itself when it holds one prompt, else the
+    list (see openai_api/batch.py; ids ``<id>-<i>``, one ``created``)."""
     req = _decode_body(body, CompletionBody, _UNSUPPORTED_COMPLETION)
     _check_model(req, info)
-    ids = prompt_token_ids(req.prompt, info, tokenizer)
-    _check_prompt_ids(ids, info)
+    prompts = split_prompts(req.prompt, max_prompts)
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"`logprobs` must be in [0, {MAX_LOGPROBS}], got {req.logprobs}",
                           param="logprobs")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("`echo` with `logprobs` is not supported (no prompt logprobs)",
-                          param="echo")
+    _check_prompt_logprobs(req.prompt_logprobs)
+    echo_logprobs = bool(req.echo) and req.logprobs is not None
+    # The engine computes the larger of the two top-k's; each use keeps its own.
+    wanted = [k for k in (req.logprobs if echo_logprobs else None, req.prompt_logprobs)
+              if k is not None]
+    prompt_k = max(wanted) if wanted else None
     requested = 16 if req.max_tokens is msgspec.UNSET else req.max_tokens
-    max_tokens = _resolve_max_tokens(len(ids), requested, "max_tokens", info, "prompt")
-    params = _sampling_params(req, max_tokens, req.logprobs, info, _response_format_schema(req))
     stream, include_usage = _stream_flags(req)
-    gen = GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}", prompt_token_ids=ids,
-                          params=params)
-    echo = None
-    if req.echo:
-        echo = req.prompt if isinstance(req.prompt, str) else (
-            req.prompt[0] if req.prompt and isinstance(req.prompt[0], str)
-            else (tokenizer.decode(ids) if tokenizer is not None else ""))
-    return ParsedRequest(kind="completion", request=gen, model=info.name, stream=stream,
-                         include_usage=include_usage, num_logprobs=req.logprobs,
-                         stop=_stop_strings(req), echo=echo)
+    stop, schema = _stop_strings(req), _response_format_schema(req)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = prompt_token_ids(prompt, info, tokenizer)
+        _check_prompt_ids(ids, info)
+        max_tokens = _resolve_max_tokens(len(ids), requested, "max_tokens", info, "prompt",
+                                         echo=bool(req.echo))
+        params = _sampling_params(req, max_tokens, req.logprobs, info, schema, prompt_k)
+        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, params=params)
+        echo = None
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else (
+                tokenizer.decode(ids) if tokenizer is not None else "")
+        out.append(ParsedRequest(kind="completion", request=gen, model=info.name, stream=stream,
+                                 include_usage=include_usage, num_logprobs=req.logprobs,
+                                 stop=stop, echo=echo, echo_logprobs=echo_logprobs,
+                                 echo_only=bool(req.echo) and requested == 0,
+                                 prompt_logprobs=req.prompt_logprobs))
+    if len(out) > 1:
+        for p in out[1:]:
+            p.created = out[0].created
+        return out
+    return out[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,10 +549,13 @@ def parse_chat_request(body: bytes, info: ModelInfo, tokenizer: Tokenizer | None
     else:
         requested, param = req.max_tokens, "max_tokens"
     max_tokens = _resolve_max_tokens(len(ids), requested, param, info, "messages")
-    params = _sampling_params(req, max_tokens, num_logprobs, info, tool_schema or schema)
+    _check_prompt_logprobs(req.prompt_logprobs)
+    params = _sampling_params(req, max_tokens, num_logprobs, info, tool_schema or schema,
+                              req.prompt_logprobs)
     stream, include_usage = _stream_flags(req)
     gen = GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_token_ids=ids,
                           params=params)
     return ParsedRequest(kind="chat", request=gen, model=info.name, stream=stream,
                          include_usage=include_usage, num_logprobs=num_logprobs,
-                         stop=_stop_strings(req), tools=tools)
+                         stop=_stop_strings(req), tools=tools,
+                         prompt_logprobs=req.prompt_logprobs)

@@ -17,7 +17,9 @@ from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import TokenDelta
 from adrenaline.serve.openai_api.errors import APIError
 from adrenaline.serve.openai_api.requests import ParsedRequest
-from adrenaline.serve.openai_api.tools import TOOL_CALL_OPEN, parse_tool_calls
+from adrenaline.serve.openai_api.prompt_logprobs import (echo_logprobs, vllm_prompt_logprobs)
+from adrenaline.serve.openai_api.tools import (TOOL_CALL_OPEN, parse_complete_tool_calls,
+                                               parse_tool_calls)
 
 # ---------------------------------------------------------------------------------------------
 # Detokenization
@@ -108,6 +110,9 @@ class _Choice:
         tools = parsed.tools
         self.call: str | None = "" if tools and tools.choice != "auto" else None
         self.tool_calls: list[dict] | None = None
+        # From the first delta, with prompt logprobs asked (echo + logprobs, prompt_logprobs).
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_ranks: list[int | None] | None = None
         self._markers = list(parsed.stop) + ([TOOL_CALL_OPEN] if tools and tools.choice == "auto"
                                              else [])
 
@@ -115,10 +120,20 @@ class _Choice:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def detok_prompt_ids(self) -> list[int]:
+        return self.parsed.request.prompt_token_ids
+
     def advance(self, delta: TokenDelta) -> str:
         """Record a delta; returns the text it releases (none once finished)."""
         if self.finished:
             return ""  # a choice stopped by a stop string: what the router still sent
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs, self.prompt_ranks = delta.prompt_logprobs, delta.prompt_ranks
+        if self.parsed.echo_only:  # max_tokens 0: the one token generated is not output
+            if delta.finish_reason is not None:
+                self.finish_reason = "length"
+            return ""
         self.token_ids.extend(delta.token_ids)
         if self.parsed.num_logprobs is not None:
             lps = delta.logprobs or []
@@ -155,6 +170,11 @@ class _Choice:
         """Settle the choice; returns text released by a failed tool-call parse."""
         self.finish_reason = reason
         if self.call is None:
+            return ""
+        if reason == "length":  # cut by max_tokens: the complete calls; a partial one is dropped
+            self.tool_calls = parse_complete_tool_calls(self.parsed.tools, self.call) or None
+            for c in self.tool_calls or ():
+                c["id"] = f"call_{uuid.uuid4().hex[:24]}"
             return ""
         self.tool_calls = parse_tool_calls(self.parsed.tools, self.call)
         if self.tool_calls is None:
@@ -235,14 +255,22 @@ class CompletionResponder(_Responder):
     def __init__(self, parsed: ParsedRequest, tokenizer: Tokenizer | None):
         super().__init__(parsed, tokenizer)
         self._text_offset = [0] * parsed.n  # streaming: offset of each choice's next token
+        self._started: set[int] = set()  # streaming: choices that sent their first chunk
 
-    def _logprobs(self, c: _Choice, start: int, end: int, text_offset: int = 0) -> dict | None:
+    def _logprobs(self, c: _Choice, start: int, end: int, text_offset: int = 0,
+                  echo: bool = False) -> dict | None:
         """Completions logprobs of c's tokens [start, end); token ``start``'s text starts at
-        ``text_offset`` (advanced in ``self._text_offset`` when streaming)."""
+        ``text_offset`` (advanced in ``self._text_offset`` when streaming). With ``echo``
+        (echo + logprobs), the prompt tokens' come first and the output's offsets follow
+        the echoed prompt."""
         if self.parsed.num_logprobs is None:
             return None
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                 "text_offset": []}
+        if echo and self.parsed.echo_logprobs:
+            out = echo_logprobs(self.tokenizer, c.detok_prompt_ids, c.prompt_logprobs,
+                                self.parsed.num_logprobs)
+            text_offset = len(self.parsed.echo or "")
         for i in range(start, end):
             tok = token_text(self.tokenizer, c.token_ids[i])
             lp, entries = self._sorted_entries(c, i)
@@ -260,21 +288,35 @@ class CompletionResponder(_Responder):
         c = self.choices[delta.index]
         if c.finished:
             return None
-        start, first = len(c.token_ids), not c.token_ids
+        start, first = len(c.token_ids), c.index not in self._started
+        self._started.add(c.index)
         text = c.advance(delta)
         if first and self.parsed.echo:
             text = self.parsed.echo + text
-        logprobs = self._logprobs(c, start, len(c.token_ids), self._text_offset[c.index])
+        logprobs = self._logprobs(c, start, len(c.token_ids), self._text_offset[c.index],
+                                  echo=first)
         if not text and logprobs is None and not c.finished:
             return None
-        return self._chunk_body({"index": c.index, "text": text, "logprobs": logprobs,
-                                 "finish_reason": c.finish_reason})
+        body = {"index": c.index, "text": text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
+        if first and self.parsed.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(c)
+        return self._chunk_body(body)
+
+    def _vllm_prompt_logprobs(self, c: _Choice) -> list | None:
+        return vllm_prompt_logprobs(self.tokenizer, c.detok_prompt_ids, c.prompt_logprobs,
+                                    c.prompt_ranks, self.parsed.prompt_logprobs)
 
     def response(self) -> dict:
-        body = self._envelope("text_completion", [
-            {"index": c.index, "text": (self.parsed.echo or "") + c.text,
-             "logprobs": self._logprobs(c, 0, len(c.token_ids)), "finish_reason": c.finish_reason}
-            for c in self.choices])
+        choices = []
+        for c in self.choices:
+            choice = {"index": c.index, "text": (self.parsed.echo or "") + c.text,
+                      "logprobs": self._logprobs(c, 0, len(c.token_ids), echo=True),
+                      "finish_reason": c.finish_reason}
+            if self.parsed.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(c)
+            choices.append(choice)
+        body = self._envelope("text_completion", choices)
         body["usage"] = self.usage()
         return body
 
@@ -337,6 +379,11 @@ class ChatResponder(_Responder):
                             "logprobs": self._logprobs(c, 0, len(c.token_ids)),
                             "finish_reason": c.finish_reason})
         body = self._envelope("chat.completion", choices)
+        if self.parsed.prompt_logprobs is not None:  # vLLM's: the prompt's, once per response
+            c = self.choices[0]
+            body["prompt_logprobs"] = vllm_prompt_logprobs(
+                self.tokenizer, c.detok_prompt_ids, c.prompt_logprobs, c.prompt_ranks,
+                self.parsed.prompt_logprobs)
         body["usage"] = self.usage()
         return body
 

@@ -108,3 +108,31 @@ def parse_tool_calls(mode: ToolMode, text: str) -> list[dict] | None:
         return None
 
 
+
+
+def parse_complete_tool_calls(mode: ToolMode, text: str) -> list[dict]:
+    """The complete tool calls at the start of output cut short (by max_tokens); a call
+    still being written is dropped. "required": the array's complete elements; "auto":
+    the closed ``<tool_call>`` blocks; "named": the arguments only if they are whole."""
+    if mode.choice == "named":
+        return parse_tool_calls(mode, text) or []
+    if mode.choice == "auto":
+        closed = text[:text.rfind(TOOL_CALL_CLOSE) + len(TOOL_CALL_CLOSE)] \
+            if TOOL_CALL_CLOSE in text else ""
+        return parse_tool_calls(mode, closed) or []
+    decoder, calls = json.JSONDecoder(), []
+    at = text.find("[")
+    if at < 0:
+        return []
+    at += 1
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except ValueError:  # the element being written when the output was cut
+            return calls
+        if not (isinstance(obj, dict) and obj.get("name") in mode.names
+                and isinstance(obj.get("parameters"), dict)):
+            return calls
+        calls.append({"name": obj["name"], "arguments": json.dumps(obj["parameters"])})

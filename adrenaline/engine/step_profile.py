@@ -1,0 +1,188 @@
+"""Timing an idle engine's decode steps and an executor's attention, on synthetic batches.
+
+Used at start-up (actors/cluster_profile.py) for policy/profile.py's split of a
+decode step into a non-attention part by batch and an attention part per KV
+token. Synthetic requests (engine/synthetic_batch.py) carry random KV, so long
+contexts cost no prefill; every function leaves the engine or service as it
+found it (its requests aborted or freed).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from adrenaline.engine.synthetic_batch import adopt_local, adopt_offloaded, service_adopt
+
+SHORT_CONTEXT = 16  # tokens: attention is negligible here, the step is its base
+
+
+def _median_step_s(engine, steps: int) -> float:
+    samples = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        engine.step()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples[1:])  # the first step of a shape may warm caches
+
+
+def _abort_all(engine, reqs) -> None:
+    for r in reqs:
+        engine.abort(r.request_id)
+
+
+def time_decode_steps(engine, batch: int, context: int, steps: int = 3) -> float | None:
+    """Median step seconds of ``batch`` local requests at ``context`` tokens (None: no room)."""
+    per_request = engine.block_manager.blocks_for(context + steps + 2)
+    if batch * per_request > engine.block_manager.num_free_blocks or \
+            batch > engine.config.max_num_seqs:
+        return None
+    with torch.inference_mode():
+        reqs = adopt_local(engine, batch, context, steps + 2, prefix=f"profile-{batch}-{context}")
+        try:
+            return _median_step_s(engine, steps)
+        finally:
+            _abort_all(engine, reqs)
+
+
+def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_batch: int = 8,
+                   steps: int = 3) -> tuple[dict[int, float], float]:
+    """(base step seconds by batch, attention seconds per KV token) of a decode engine.
+
+    The base is a step at SHORT_CONTEXT tokens per request; the attention rate is the
+    growth of a step of ``attn_batch`` requests from SHORT_CONTEXT to the longest context
+    (up to ``long_context``) the pool holds for them.
+    """
+    base: dict[int, float] = {}
+    for b in batches:
+        t = time_decode_steps(engine, b, SHORT_CONTEXT, steps)
+        if t is None:
+            break
+        base[b] = t
+    # The largest batch (up to attn_batch) that can hold a context well past the short one.
+    bs = engine.config.block_size
+    free_tokens = engine.block_manager.num_free_blocks * bs
+    attn_batch = min(attn_batch, engine.config.max_num_seqs)
+    while attn_batch > 1 and free_tokens // attn_batch - steps - 2 * bs < 4 * SHORT_CONTEXT:
+        attn_batch //= 2
+    context = min(long_context, free_tokens // attn_batch - steps - 2 * bs)
+    short = time_decode_steps(engine, attn_batch, SHORT_CONTEXT, steps)
+    long = (time_decode_steps(engine, attn_batch, context, steps)
+            if context >= 2 * SHORT_CONTEXT else None)
+    if short is None or long is None:
+        raise RuntimeError(f"profile: the decode pool ({free_tokens} tokens) is too small to "
+                           f"time attention")
+    per_token = max(long - short, 0.0) / (attn_batch * (context - SHORT_CONTEXT))
+    return base, per_token
+
+
+def profile_exchange(engine, executor: int, handle: int, context: int, steps: int = 5) -> float:
+    """Seconds per step a decode step waits on executor ``executor`` for one offloaded
+    request (``handle`` there, ``context`` tokens): the exchange beyond the attention."""
+    remote = engine.runner.remote
+    with torch.inference_mode():
+        reqs = adopt_offloaded(engine, [handle], context, steps + 2, executor=executor,
+                               prefix=f"profile-exchange-{executor}")
+        try:
+            engine.step()  # warm-up
+            before_s = remote.round_trip_s
+            for _ in range(steps):
+                engine.step()
+            return (remote.round_trip_s - before_s) / steps
+        finally:
+            _abort_all(engine, reqs)
+
+
+def profile_executor_attention(service, num_requests: int = 8, context: int = 2048,
+                               repeats: int = 3) -> float:
+    """Seconds of attention per KV token (all layers) on an AttentionService, by running it.
+
+    Uses the largest context up to ``context`` its free pool holds for ``num_requests``.
+    """
+    mc = service.model
+    bs = service.config.block_size
+    free = service.block_manager.num_free_blocks * bs
+    while num_requests > 1 and free // num_requests - 2 * bs < 4 * SHORT_CONTEXT:
+        num_requests //= 2
+    context = min(context, free // num_requests - 2 * bs)
+    if context < 2 * SHORT_CONTEXT:
+        raise RuntimeError(f"profile: the executor pool ({free} tokens) is too small")
+    handles = service_adopt(service, num_requests, context)
+    n, hq, hkv, d = num_requests, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+    q = torch.randn(n, hq, d).to(service.dtype)
+    k, v = torch.randn(n, hkv, d).to(service.dtype), torch.randn(n, hkv, d).to(service.dtype)
+    best = float("inf")
+    try:
+        with torch.inference_mode():
+            for r in range(repeats + 1):
+                step = service.begin_step(handles, [context + 1 + r] * n)
+                start = time.perf_counter()
+                for layer in range(mc.num_hidden_layers):
+                    service.attend(step, layer, q, k, v)
+                elapsed = time.perf_counter() - start
+                if r:  # the first pass warms up
+                    best = min(best, elapsed)
+    finally:
+        for h in handles:
+            service.free(h)
+    return best / (n * context)
+
+
+# ---- whole-engine timings for the benchmarks (roofline, GPU check) ----
+
+def profile_decode_steps(engine, batch_sizes: list[int], prompt_len: int, steps: int
+                         ) -> dict[int, float]:
+    """Median decode step seconds of ``engine`` (an idle EngineCore) at each batch size.
+
+    Synthetic requests of ``prompt_len`` tokens are prefilled, timed over ``steps``
+    decode steps, then aborted, so the engine is left as it was. Batch sizes the
+    pool cannot hold are skipped, along with every larger one after them.
+    """
+    import statistics
+    import time
+
+    from adrenaline.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    per_request = engine.block_manager.blocks_for(prompt_len + steps + 2)
+    times: dict[int, float] = {}
+    for b in batch_sizes:
+        if b * per_request > engine.num_kv_blocks:
+            break
+        ids = [f"profile-{b}-{i}" for i in range(b)]
+        for i, rid in enumerate(ids):
+            engine.add_request(rid, [10 + (7 * i + t) % 100 for t in range(prompt_len)], params)
+        while engine.scheduler.waiting:
+            engine.step()  # prefill
+        samples = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            samples.append(time.perf_counter() - start)
+        for rid in ids:
+            engine.abort(rid)
+        times[b] = statistics.median(samples)
+    return times
+
+
+def measure_copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 3, device="cpu") -> float:
+    """GB/s of a large tensor copy on ``device`` (on CPU, with the calling thread's torch threads)."""
+    import time
+
+    import torch
+
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * num_bytes / best / 1e9  # read + write

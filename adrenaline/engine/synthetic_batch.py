@@ -1,0 +1,69 @@
+"""Decode batches with synthetic KV, for profiles and benchmarks that must not prefill.
+
+A request here looks exactly like one handed off by a prefill instance
+(prompt + first token, ``num_computed`` tokens of KV), but its KV is random
+values written straight into the pool: a 2,048-token context costs a tensor
+fill instead of a prefill. Step times do not depend on the KV's values, so
+timings taken on these batches are those of real ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adrenaline.engine.kv_transfer import kv_export_shape
+from adrenaline.engine.request import Request
+from adrenaline.sampling_params import SamplingParams
+
+
+def synthetic_kv(pool, block_dim: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """Random KV for ``num_blocks`` blocks in ``pool``'s layout and dtype."""
+    shape = kv_export_shape(pool, block_dim, num_blocks)
+    g = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(shape, generator=g)).to(pool.k[0].dtype)
+
+
+def synthetic_request(engine, request_id: str, context_len: int, max_tokens: int,
+                      seed: int = 0) -> Request:
+    """A decode-ready request with ``context_len`` tokens of context (not yet adopted)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    prompt = [10 + (seed * 31 + t) % 1000 for t in range(context_len)]
+    r = Request(request_id, prompt, params, arrival=0,
+                eos_token_ids=engine.model_config.eos_token_ids,
+                max_model_len=engine.max_model_len)
+    r.token_ids.append(11)  # the "first token" a prefill would have sampled
+    r.num_computed = context_len
+    return r
+
+
+def adopt_local(engine, n: int, context_len: int, max_tokens: int, prefix: str = "synthetic"
+                ) -> list[Request]:
+    """Adopt ``n`` synthetic requests whose KV lives in ``engine``'s own pool."""
+    reqs = []
+    for i in range(n):
+        r = synthetic_request(engine, f"{prefix}-{i}", context_len, max_tokens, seed=i)
+        kv = synthetic_kv(engine.pool, engine.backend.block_dim,
+                          engine.block_manager.blocks_for(context_len), seed=i)
+        engine.adopt(r, kv)
+        reqs.append(r)
+    return reqs
+
+
+def adopt_offloaded(engine, handles: list[int], context_len: int, max_tokens: int,
+                    executor: int = 0, prefix: str = "synthetic-off") -> list[Request]:
+    """Adopt requests whose KV an executor holds under ``handles`` (see ``service_adopt``)."""
+    reqs = []
+    for i, h in enumerate(handles):
+        r = synthetic_request(engine, f"{prefix}-{i}", context_len, max_tokens, seed=1000 + i)
+        r.executor, r.remote_handle = executor, h
+        engine.adopt(r, None)
+        reqs.append(r)
+    return reqs
+
+
+def service_adopt(service, n: int, context_len: int) -> list[int]:
+    """Give an AttentionService ``n`` synthetic requests of ``context_len``; their handles."""
+    blocks = service.block_manager.blocks_for(context_len)
+    return [service.adopt(f"synthetic-off-{i}", context_len + 1, context_len,
+                          synthetic_kv(service.pool, service.backend.block_dim, blocks, 1000 + i))
+            for i in range(n)]
