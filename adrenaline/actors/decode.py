@@ -164,7 +164,7 @@ class DecodeWorker(EngineWorker):
     async def profile_exchange(self, executor: int, handle: int, context: int) -> float:
         """Start-up only: seconds a step waits on ``executor`` for one offloaded request."""
         return await self.engine_thread.run(profile_exchange, self.engine, executor, handle,
-                                     context)
+                                            context)
 
     async def kv_bytes_per_token(self) -> int:
         e = self.engine
