@@ -32,9 +32,10 @@ class Stage(enum.Enum):
     WAITING = "waiting"  # placed; its prefill not asked yet
     PREFILLING = "prefilling"  # its prefill instance queues or computes the prompt
     PARKED = "parked"  # prefilled: its KV waits in the prefill pool for admission
-    DECODING_LOCAL = "decoding local"  # admitted locally: KV to the decode instance, decoding
-    DECODING_OFFLOADED = "decoding offloaded"  # admitted offloaded: KV on the executor beside
-    DONE = "done"  # its last token was produced            # its prefill instance, decoding
+    DECODING_LOCAL = "decoding local"  # admitted locally: KV to the decode instance
+    # admitted offloaded: KV on the executor beside its prefill instance, decoded by decode
+    DECODING_OFFLOADED = "decoding offloaded"
+    DONE = "done"  # its last token was produced
     LOST = "lost"  # an actor it depended on was lost: the request reruns
 
     @property
@@ -202,11 +203,11 @@ class Attempt:
         """
         try:
             calls = []
-            r = self.reached
             if self.stage is not Stage.DONE:
-                if r is Stage.PARKED or r.decoding or (r is Stage.PREFILLING and not self.shared):
+                if self._on_prefill():
                     calls.append(self._free(serving, "prefill", self.p, "release"))
-                if r.decoding:  # only then is the id known there (else remembered as aborted)
+                # Only once admitted is the id known there (else it is kept as aborted).
+                if self.reached.decoding:
                     calls.append(self._free(serving, "decode", self.d, "abort"))
             await asyncio.gather(*[c for c in calls if c is not None])
             if self.offloaded:  # by id: also covers an adopt still in flight
@@ -230,9 +231,14 @@ class Attempt:
 
     def holds_actors(self) -> bool:
         """Whether ``cleanup`` has anything to free on the actors (else ``end`` will do)."""
-        r = self.reached
         if self.stage is Stage.DONE:
             return self.offloaded
+        return self._on_prefill() or self.reached.decoding
+
+    def _on_prefill(self) -> bool:
+        """Whether the prefill instance may hold it: from PREFILLING on (a shared prefill's
+        choice only once it is its own, from PARKED on)."""
+        r = self.reached
         return r is Stage.PARKED or r.decoding or (r is Stage.PREFILLING and not self.shared)
 
     def _free(self, serving, role: str, i: int, method: str):
