@@ -48,9 +48,9 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = False
     engine: EngineConfig = EngineConfig(kv_cache_tokens=16384)
     # CUDA only: the SMs the executor's kernels may use (a green-context partition, so the
-    # prefill worker on the same GPU keeps the rest); None: the whole device. Validated
-    # here; NOT YET APPLIED by the executor actor (issue 11: it logs a warning), see
-    # docs/GPU.md. Hopper partitions come in groups of 8 SMs.
+    # prefill worker on the same GPU keeps the rest); None: the whole device. The executor
+    # actor runs its service threads on that partition's stream (actors/
+    # attention_executor.py). Hopper partitions come in groups of 8 SMs.
     sm_count: int | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +98,15 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("limits.retry_after_s: must be >= 0")
         if self.max_request_bytes < 1024:
             raise ConfigError("limits.max_request_bytes: must be >= 1024")
+
+    def refusal(self, num_ongoing: int, num_queued: int) -> str | None:
+        """Why one more request is refused with ``num_ongoing`` held and ``num_queued`` of
+        them not yet decoding (None: admitted). The router and the simulator both ask."""
+        if num_ongoing >= self.max_ongoing_requests:
+            return f"{num_ongoing} requests in flight (limit {self.max_ongoing_requests})"
+        if num_queued >= self.max_queued_requests:
+            return f"{num_queued} requests queued (limit {self.max_queued_requests})"
+        return None
 
 
 class RecoveryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

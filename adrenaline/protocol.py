@@ -27,8 +27,10 @@ class TokenDelta(msgspec.Struct, kw_only=True):
     """New tokens of one request (one choice) since its previous delta (one per step).
 
     The first delta of a request carries the token sampled by prefill; the last one
-    has ``finish_reason`` set ("length" | "stop" | "abort" | "error"), and ``error``
-    the reason when it is "error".
+    has ``finish_reason`` set: "length" or "stop" (nothing produces another; control
+    signals travel apart, as serve/attempt.py's ``Control``). ``finish_error``
+    (serve/openai_api/errors.py) still maps an "abort" or an "error" reason (``error``:
+    why) to the client's error.
     """
 
     request_id: str
@@ -57,7 +59,7 @@ class ModelInfo(msgspec.Struct, kw_only=True):
 class WorkerMetrics(msgspec.Struct, kw_only=True):
     """What each worker reports (polled by the router, exported by the ingress)."""
 
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "executor"
     index: int
     num_running: int
     num_waiting: int

@@ -10,7 +10,7 @@ from tests.smollm2 import MODEL, QUESTIONS, chat_prompt_ids, hf_greedy, load_hf_
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The converted HF-format directory (the .gguf is fetched once per cache, then reused)."""
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
 
     return resolve_model_dir(MODEL)
 

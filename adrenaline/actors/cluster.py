@@ -57,6 +57,7 @@ class Cluster:
                  groups: list | None = None, timeout_s: float | None = None):
         self.args = args
         self.groups = list(groups or [])
+        self._ready_groups: set[int] = set()  # indexes of groups known ready
         self.prefill, self.executors, self.decode = [], [], []
         self.epochs: dict[tuple[str, int], int] = {}  # (role, index) -> replacements so far
         self.nodes: dict[tuple[str, int], str] = {}  # (role, index) -> the Ray node it runs on
@@ -64,11 +65,13 @@ class Cluster:
         self.link_kinds: dict[tuple[tuple[str, int], tuple[str, int]], str] = {}
         try:
             for i in range(args.prefill.num_instances):
-                self._create_prefill(args, i, name_prefix, timeout_s)
-            d = args.decode
-            self.decode = [_actor(DecodeWorker, f"{name_prefix}-decode-{j}", d.num_cpus,
-                                  d.num_gpus, d.resources).remote(args, j)
-                           for j in range(d.num_instances)]
+                self.prefill.append(self._spawn("prefill", i, f"{name_prefix}-prefill-{i}",
+                                                timeout_s))
+                if args.executor.enabled:
+                    self.executors.append(self._spawn("executor", i,
+                                                      f"{name_prefix}-executor-{i}", timeout_s))
+            self.decode = [self._spawn("decode", j, f"{name_prefix}-decode-{j}")
+                           for j in range(args.decode.num_instances)]
             self.prefill_info: list[WorkerInfo] = ray.get(
                 [a.info.remote() for a in self.prefill], timeout=timeout_s)
             self.decode_info: list[WorkerInfo] = ray.get(
@@ -92,31 +95,44 @@ class Cluster:
                 + [("decode", j, a) for j, a in enumerate(self.decode)]
                 + [("executor", i, a) for i, a in enumerate(self.executors)])
 
-    def _create_prefill(self, args: AppArgs, i: int, prefix: str,
-                        timeout_s: float | None) -> None:
-        role = args.prefill
-        if not args.executor.enabled:
-            self.prefill.append(_actor(PrefillWorker, f"{prefix}-prefill-{i}", role.num_cpus,
-                                       role.num_gpus, role.resources).remote(args, i))
-            return
-        # One bundle for the pair: the executor shares the prefill instance's device.
-        if i < len(self.groups):  # a replacement: the same bundle as before
+    def _spawn(self, role: str, i: int, name: str, timeout_s: float | None = None):
+        """A new actor for slot (role, i), at start and on replacement alike. With
+        executors, a prefill worker and its executor share one placement-group bundle
+        (same node, same device: half its GPU each); a replacement goes into the bundle
+        of the actor it replaces."""
+        args = self.args
+        if role == "decode":
+            d = args.decode
+            return _actor(DecodeWorker, name, d.num_cpus, d.num_gpus, d.resources).remote(args, i)
+        r = args.prefill
+        if not args.executor.enabled:  # a prefill worker without a bundle
+            return _actor(PrefillWorker, name, r.num_cpus, r.num_gpus, r.resources).remote(args, i)
+        where = PlacementGroupSchedulingStrategy(placement_group=self._bundle(i, timeout_s),
+                                                 placement_group_bundle_index=0)
+        if role == "prefill":
+            return _actor(PrefillWorker, name, r.num_cpus + _SLIVER, r.num_gpus / 2,
+                          r.resources, scheduling_strategy=where).remote(args, i)
+        return _actor(AttentionExecutor, name, _SLIVER, r.num_gpus / 2,
+                      scheduling_strategy=where).remote(args, i)
+
+    def _bundle(self, i: int, timeout_s: float | None):
+        """Prefill instance i's bundle: made (and waited for) at its cluster's start, or
+        kept from the cluster it replaces; a replaced actor's is there already."""
+        if i < len(self.groups):
             pg = self.groups[i]
+            if i in self._ready_groups:
+                return pg
         else:
-            bundle = {"CPU": role.num_cpus + 2 * _SLIVER}
-            if role.num_gpus:
-                bundle["GPU"] = role.num_gpus
-            bundle.update(role.resources)  # the node kind the pair must land on
+            r = self.args.prefill
+            bundle = {"CPU": r.num_cpus + 2 * _SLIVER}
+            if r.num_gpus:
+                bundle["GPU"] = r.num_gpus
+            bundle.update(r.resources)  # the node kind the pair must land on
             pg = placement_group([bundle], strategy="STRICT_PACK")
             self.groups.append(pg)
         ray.get(pg.ready(), timeout=timeout_s)
-        where = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
-        half_gpu = role.num_gpus / 2
-        self.prefill.append(_actor(PrefillWorker, f"{prefix}-prefill-{i}", role.num_cpus + _SLIVER,
-                                   half_gpu, role.resources,
-                                   scheduling_strategy=where).remote(args, i))
-        self.executors.append(_actor(AttentionExecutor, f"{prefix}-executor-{i}", _SLIVER, half_gpu,
-                                     scheduling_strategy=where).remote(args, i))
+        self._ready_groups.add(i)
+        return pg
 
     @property
     def workers(self) -> list:
@@ -165,52 +181,49 @@ class Cluster:
             return actor.set_rank.remote(self.decode_rank(i), world, ranks)
         return actor.set_rank.remote(self.rank_of(role, i), world)
 
-    async def _init_for(self, kind: str, host) -> str:
+    def _init_for(self, kind: str, host):
+        """A link's rendezvous: an NCCL unique id, or (a ref to) the address the host side
+        serves (a gloo store, an shm segment) on its node (the router may run elsewhere)."""
         if kind == "nccl":
             from adrenaline.transport.nccl import new_nccl_unique_id
 
             return new_nccl_unique_id()
-        # The rendezvous (a gloo store, an shm segment) is on the host side's node (the
-        # router may run on another node).
-        return await host.rendezvous_address.remote(kind)
+        return host.rendezvous_address.remote(kind)
 
-    async def _link(self, a: tuple[str, int], actor_a, b: tuple[str, int], actor_b) -> None:
-        """Make the two-rank world between slots a and b; a serves the rendezvous.
+    def _link_calls(self, a: tuple[str, int], actor_a, b: tuple[str, int], actor_b,
+                    init: str) -> list:
+        """The two calls that make the two-rank world between slots a and b (a serves the
+        rendezvous ``init``); each side records the link under the *other* side's epoch."""
+        kind = self.link_kinds[tuple(sorted((a, b)))]
+        return [actor_a.link.remote(kind, self.rank_of(*b), init, True, self.epoch(*b)),
+                actor_b.link.remote(kind, self.rank_of(*a), init, False, self.epoch(*a))]
 
-        Each side records the link under the *other* side's epoch.
-        """
-        kind = self.link_kind(a, b)
-        self.link_kinds[tuple(sorted((a, b)))] = kind
-        init = await self._init_for(kind, actor_a)
-        await asyncio.gather(
-            actor_a.link.remote(kind, self.rank_of(*b), init, True, self.epoch(*b)),
-            actor_b.link.remote(kind, self.rank_of(*a), init, False, self.epoch(*a)))
+    def _pairs(self, slot: tuple[str, int] | None = None) -> list:
+        """The pairs of slots that exchange tensors (those of ``slot`` only, with it first),
+        their link kinds recorded."""
+        if slot is None:
+            pairs = [(("prefill", i), ("decode", j)) for i in range(len(self.prefill))
+                     for j in range(len(self.decode))]
+            pairs += [(("decode", j), ("executor", i)) for j in range(len(self.decode))
+                      for i in range(len(self.executors))]
+        else:
+            pairs = [(slot, peer) for peer in self.peers_of(*slot)]
+        for a, b in pairs:
+            self.link_kinds[tuple(sorted((a, b)))] = self.link_kind(a, b)
+        return pairs
 
     def _connect(self, timeout_s: float | None = None) -> None:
-        """Give every actor its rank and link every pair that exchanges tensors."""
+        """Give every actor its rank and link every pair that exchanges tensors (the first
+        slot of each pair serves its rendezvous, on its node)."""
         ray.get([self._set_rank_call(role, i, a) for role, i, a in self.named_workers()],
                 timeout=timeout_s)
-        pairs = [(("prefill", i), ("decode", j)) for i in range(len(self.prefill))
-                 for j in range(len(self.decode))]
-        pairs += [(("decode", j), ("executor", i)) for j in range(len(self.decode))
-                  for i in range(len(self.executors))]
-        self.link_kinds = {tuple(sorted((a, b))): self.link_kind(a, b) for a, b in pairs}
-        inits = []
-        for a, b in pairs:  # the first slot of each pair serves its rendezvous, on its node
-            kind = self.link_kind(a, b)
-            if kind == "nccl":
-                from adrenaline.transport.nccl import new_nccl_unique_id
-
-                inits.append(new_nccl_unique_id())
-            else:
-                inits.append(self.actor(*a).rendezvous_address.remote(kind))
+        pairs = self._pairs()
+        inits = [self._init_for(self.link_kinds[tuple(sorted((a, b)))], self.actor(*a))
+                 for a, b in pairs]
         inits = [i if isinstance(i, str) else ray.get(i, timeout=timeout_s) for i in inits]
-        calls = []
-        for (a, b), init in zip(pairs, inits):
-            kind = self.link_kind(a, b)
-            calls.append(self.actor(*a).link.remote(kind, self.rank_of(*b), init, True, 0))
-            calls.append(self.actor(*b).link.remote(kind, self.rank_of(*a), init, False, 0))
-        ray.get(calls, timeout=timeout_s)
+        ray.get([c for (a, b), init in zip(pairs, inits)
+                 for c in self._link_calls(a, self.actor(*a), b, self.actor(*b), init)],
+                timeout=timeout_s)
 
     async def replace(self, role: str, i: int, name: str, timeout_s: float) -> None:
         """Replace the actor in slot (role, i) alone: a new actor, linked with every peer.
@@ -225,24 +238,7 @@ class Cluster:
             ray.kill(old, no_restart=True)
         except Exception:  # already gone
             pass
-        args = self.args
-        if role == "decode":
-            d = args.decode
-            new = _actor(DecodeWorker, name, d.num_cpus, d.num_gpus, d.resources).remote(args, i)
-        elif not args.executor.enabled:  # a prefill worker without a bundle
-            r = args.prefill
-            new = _actor(PrefillWorker, name, r.num_cpus, r.num_gpus, r.resources).remote(args, i)
-        else:
-            pg = self.groups[i]
-            where = PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                     placement_group_bundle_index=0)
-            r = args.prefill
-            if role == "prefill":
-                new = _actor(PrefillWorker, name, r.num_cpus + _SLIVER, r.num_gpus / 2,
-                             r.resources, scheduling_strategy=where).remote(args, i)
-            else:
-                new = _actor(AttentionExecutor, name, _SLIVER, r.num_gpus / 2,
-                             scheduling_strategy=where).remote(args, i)
+        new = self._spawn(role, i, name)
         try:
             await asyncio.wait_for(self._start_replacement(role, i, new), timeout_s)
         except BaseException:
@@ -258,8 +254,11 @@ class Cluster:
         self.epochs[(role, i)] = self.epoch(role, i) + 1
         await self._set_rank_call(role, i, new)
         # The new actor serves each link's rendezvous: it is alive and has no other work.
-        await asyncio.gather(*[self._link((role, i), new, peer, self.actor(*peer))
-                               for peer in self.peers_of(role, i)])
+        pairs = self._pairs((role, i))
+        inits = [self._init_for(self.link_kinds[tuple(sorted(p))], new) for p in pairs]
+        inits = [i if isinstance(i, str) else await i for i in inits]
+        await asyncio.gather(*[c for (a, b), init in zip(pairs, inits)
+                               for c in self._link_calls(a, new, b, self.actor(*b), init)])
         {"prefill": self.prefill, "decode": self.decode, "executor": self.executors}[role][i] = new
 
     def shutdown(self, keep_groups: bool = False) -> None:

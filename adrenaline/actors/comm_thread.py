@@ -45,12 +45,12 @@ class CommThread:
         # A link's rendezvous waits for its peer: one thread each, never queued behind
         # another link's (two actors linking to each other's peers must not deadlock).
         self._links = ThreadPoolExecutor(max_workers=64, thread_name_prefix="comm-link")
-        self.comm: PeerMesh | None = None
+        self.mesh: PeerMesh | None = None  # this actor's links, by peer rank
         self.rank = -1
 
     def start(self, rank: int, world_size: int) -> None:
         """Take global ``rank`` in a cluster of ``world_size`` actors (before any link)."""
-        self.comm = PeerMesh(rank, world_size)
+        self.mesh = PeerMesh(rank, world_size)
         self.rank = rank
 
     @staticmethod
@@ -86,9 +86,9 @@ class CommThread:
     async def send(self, tensor: torch.Tensor, dst: int, tag: int,
                    epoch: int | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: self.comm.send(tensor, dst, tag, epoch))
+            self._pool, lambda: self.mesh.send(tensor, dst, tag, epoch))
 
     async def recv(self, tensor: torch.Tensor, src: int, tag: int,
                    epoch: int | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(
-            self._recv, lambda: self.comm.recv(tensor, src, tag, epoch))
+            self._recv, lambda: self.mesh.recv(tensor, src, tag, epoch))

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 
 import torch
 
-from adrenaline.actors.comm_thread import KV_RING_BYTES, CommThread
-from adrenaline.actors.engine_thread import EngineThread
-from adrenaline.actors.pinning import pin_process
+from adrenaline.actors.worker import EngineWorker
 from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.engine.remote_attention import (ExecutorsLostError, RemoteAttention,
                                                 exchange_message_bytes)
@@ -37,19 +34,17 @@ from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.engine.kv_pool import kv_bytes_per_token
 from adrenaline.engine.step_profile import profile_decode, profile_exchange
-from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, TokenDelta, WorkerInfo,
-                                 WorkerMetrics)
+from adrenaline.protocol import GenerateRequest, KVReport, PrefillResult, TokenDelta
 from adrenaline.app_config import AppArgs
 
 log = logging.getLogger(__name__)
 
 
-class DecodeWorker:
+class DecodeWorker(EngineWorker):
+    role = "decode"
+
     def __init__(self, args: AppArgs, index: int):
-        self.index = index
-        pin_process(args.decode.cpus, "decode.cpus")
-        self.engine = EngineThread(args, args.decode.engine, args.decode.cpus)
-        self.comm = CommThread()
+        super().__init__(args, args.decode, index)
         # KV received (None: offloaded, KV on an executor), waiting to join the batch.
         self._parked: list[tuple[Request, torch.Tensor | None]] = []
         self._outbox: list[TokenDelta] = []
@@ -68,43 +63,40 @@ class DecodeWorker:
         self._relinked: asyncio.Event | None = None  # set when an executor link is made
 
     async def set_rank(self, rank: int, world_size: int, executor_ranks: list[int] = ()) -> None:
-        self.comm.start(rank, world_size)
+        await super().set_rank(rank, world_size)
         self._executor_ranks = list(executor_ranks)
         if executor_ranks:
-            e = self.engine.engine
+            e = self.engine
             mc = e.model_config
             e.runner.remote = RemoteAttention(
-                self.comm.comm, list(executor_ranks), mc.num_attention_heads,
+                self.comm.mesh, list(executor_ranks), mc.num_attention_heads,
                 mc.num_key_value_heads, mc.head_dim, num_layers=mc.num_hidden_layers,
                 dtype=e.dtype, device=e.device)
 
-    async def rendezvous_address(self, kind: str = "gloo") -> str:
-        return self.comm.rendezvous_address(kind)
-
-    async def node_id(self) -> str:
-        return self.comm.node_id()
-
     async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
-        """Reach ``peer`` (a prefill worker or an executor, in its ``epoch``) through a new
-        two-rank world. An executor's link replaces its old one between two steps, after
-        dropping the requests whose KV lived on the old one (their attempts rerun)."""
+        """Reach ``peer`` (a prefill worker or an executor, in its ``epoch``). An executor's
+        link replaces its old one between two steps, after dropping the requests whose KV
+        lived on the old one (their attempts rerun)."""
         self._ensure_loop()
-        to_executor = peer in self._executor_ranks
-        e = self.engine.engine
-        ring = (2 * exchange_message_bytes(e.model_config, e.dtype, e.config.max_num_seqs)
-                if to_executor else KV_RING_BYTES)
-        pair = await self.comm.join(kind, init, host, ring)
-        peer_rank = 1 if host else 0
-        if not to_executor:
-            self.comm.comm.link(peer, pair, peer_rank, epoch)
+        await super().link(kind, peer, init, host, epoch)
+
+    def _ring_bytes(self, peer: int) -> int:
+        if peer not in self._executor_ranks:
+            return super()._ring_bytes(peer)
+        e = self.engine  # one decode step's per-layer exchange at the largest batch
+        return 2 * exchange_message_bytes(e.model_config, e.dtype, e.config.max_num_seqs)
+
+    async def _linked(self, peer: int, pair, peer_rank: int, epoch: int) -> None:
+        if peer not in self._executor_ranks:
+            await super()._linked(peer, pair, peer_rank, epoch)
             return
-        await self.engine.run(self._install_executor_link, peer, pair, peer_rank, epoch)
+        await self.engine_thread.run(self._install_executor_link, peer, pair, peer_rank, epoch)
         self._relinked.set()
 
     def _install_executor_link(self, peer: int, pair, peer_rank: int, epoch: int) -> None:
         """Engine thread (between steps): forget the old executor's requests, link the new."""
         executor = self._executor_ranks.index(peer)
-        engine = self.engine.engine
+        engine = self.engine
         with self._park_lock:
             gone = [p for p in self._parked if p[0].executor == executor]
             for p in gone:
@@ -116,13 +108,10 @@ class DecodeWorker:
                     gone_ids.append(r.request_id)
             for rid in gone_ids:
                 self._reported.pop(rid, None)
-            self.comm.comm.link(peer, pair, peer_rank, epoch)
+            self.comm.mesh.link(peer, pair, peer_rank, epoch)
         if gone_ids:
             log.warning("executor %d replaced: dropped %d requests that lived on it",
                         executor, len(gone_ids))
-
-    async def info(self) -> WorkerInfo:
-        return self.engine.info()
 
     async def adopt(self, req: GenerateRequest, pre: PrefillResult, src: int, tag: int,
                     epoch: int | None = None) -> None:
@@ -130,7 +119,7 @@ class DecodeWorker:
         its replacement) and queue it for decoding."""
         self._ensure_loop()
         kv = torch.empty(pre.kv_shape, dtype=getattr(torch, pre.kv_dtype),
-                         device=self.engine.engine.device)
+                         device=self.engine.device)
         await self.comm.recv(kv, src, tag, epoch)
         self._park(req, pre, kv)
 
@@ -149,7 +138,7 @@ class DecodeWorker:
             if self._aborted.consume(req.request_id):  # cancelled while its KV was in flight
                 return
             if epoch is not None and \
-                    self.comm.comm.epoch(self._executor_ranks[executor]) != epoch:
+                    self.comm.mesh.epoch(self._executor_ranks[executor]) != epoch:
                 return  # its executor was lost meanwhile
             self._park_locked(req, pre, kv, executor, handle)
         self._wake.set()
@@ -157,8 +146,8 @@ class DecodeWorker:
     def _park_locked(self, req: GenerateRequest, pre: PrefillResult, kv: torch.Tensor | None,
                      executor: int | None, handle: int) -> None:
         r = Request(req.request_id, req.prompt_token_ids, req.params, arrival=0,
-                    eos_token_ids=self.engine.engine.model_config.eos_token_ids,
-                    max_model_len=self.engine.engine.max_model_len)
+                    eos_token_ids=self.engine.model_config.eos_token_ids,
+                    max_model_len=self.engine.max_model_len)
         r.token_ids = list(pre.token_ids)
         r.num_computed = pre.num_computed
         if pre.logprobs is not None:
@@ -170,15 +159,15 @@ class DecodeWorker:
     async def profile_steps(self, batch_sizes: list[int]) -> tuple[dict[int, float], float]:
         """Start-up only: (base step seconds by batch, attention seconds per KV token),
         timed on synthetic requests (engine/step_profile.py); the pool is left empty."""
-        return await self.engine.run(profile_decode, self.engine.engine, batch_sizes)
+        return await self.engine_thread.run(profile_decode, self.engine, batch_sizes)
 
     async def profile_exchange(self, executor: int, handle: int, context: int) -> float:
         """Start-up only: seconds a step waits on ``executor`` for one offloaded request."""
-        return await self.engine.run(profile_exchange, self.engine.engine, executor, handle,
-                                     context)
+        return await self.engine_thread.run(profile_exchange, self.engine, executor, handle,
+                                            context)
 
     async def kv_bytes_per_token(self) -> int:
-        e = self.engine.engine
+        e = self.engine
         return kv_bytes_per_token(e.model_config, e.dtype)
 
     async def poll(self) -> list[TokenDelta]:
@@ -198,7 +187,7 @@ class DecodeWorker:
         parked or in the engine (or not arrived yet: then it is dropped on arrival).
         """
         self._ensure_loop()
-        await self.engine.run(self._abort_here, request_id)
+        await self.engine_thread.run(self._abort_here, request_id)
         self._reported.pop(request_id, None)
 
     def _abort_here(self, request_id: str) -> None:
@@ -206,44 +195,31 @@ class DecodeWorker:
             parked = [p for p in self._parked if p[0].request_id == request_id]
             if parked:
                 self._parked.remove(parked[0])
-            elif request_id not in self.engine.engine.requests:
+            elif request_id not in self.engine.requests:
                 self._aborted.add(request_id)  # not here yet: drop it on arrival
-        self.engine.engine.abort(request_id)
+        self.engine.abort(request_id)
 
-    async def check_kv(self) -> KVReport:
-        """Audit: every page is owned by a running local request, or free.
+    def _audit(self) -> KVReport:
+        """Every page is owned by a running local request, or free. Offloaded requests
+        own no pages here; preempted (waiting) ones own none until prefilled again."""
+        e = self.engine
+        local = {r.request_id for r in e.scheduler.running if not r.is_offloaded}
+        return audit_kv("decode", self.index, e.block_manager, local, local)
 
-        Offloaded requests own no pages here; preempted (waiting) ones own none until
-        they are prefilled again.
-        """
-        def audit() -> KVReport:
-            e = self.engine.engine
-            local = {r.request_id for r in e.scheduler.running if not r.is_offloaded}
-            return audit_kv("decode", self.index, e.block_manager, local, local)
-
-        return await self.engine.run(audit)
-
-    async def pid(self) -> int:
-        return os.getpid()
-
-    async def watch(self) -> None:
-        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
-        await asyncio.Event().wait()
-
-    async def metrics(self) -> WorkerMetrics:
-        e = self.engine.engine
+    def _metrics(self) -> dict:
+        e = self.engine
         remote = e.runner.remote
         waiting_on, waiting_s = remote.waiting() if remote else (-1, 0.0)
-        return WorkerMetrics(role="decode", index=self.index, num_running=len(e.scheduler.running),
-                             waiting_on_executor=waiting_on, waiting_s=waiting_s,
-                             num_offloaded=sum(r.is_offloaded for r in e.scheduler.running),
-                             remote_wait_s=remote.round_trip_s if remote else 0.0,
-                             num_remote_waits=remote.num_round_trips if remote else 0,
-                             step_time_s=self._step_time_s, batch_size_sum=self._batch_sum,
-                             num_waiting=len(e.scheduler.waiting) + len(self._parked),
-                             kv_blocks_used=e.block_manager.num_used_blocks,
-                             kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
-                             num_preemptions=e.scheduler.num_preemptions)
+        return dict(num_running=len(e.scheduler.running),
+                    waiting_on_executor=waiting_on, waiting_s=waiting_s,
+                    num_offloaded=sum(r.is_offloaded for r in e.scheduler.running),
+                    remote_wait_s=remote.round_trip_s if remote else 0.0,
+                    num_remote_waits=remote.num_round_trips if remote else 0,
+                    step_time_s=self._step_time_s, batch_size_sum=self._batch_sum,
+                    num_waiting=len(e.scheduler.waiting) + len(self._parked),
+                    kv_blocks_used=e.block_manager.num_used_blocks,
+                    kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
+                    num_preemptions=e.scheduler.num_preemptions)
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None:
@@ -254,7 +230,7 @@ class DecodeWorker:
 
     def _adopt_parked(self) -> None:
         """Engine thread: take in parked requests, oldest first, while blocks last."""
-        engine = self.engine.engine
+        engine = self.engine
         while True:
             with self._park_lock:
                 if not (self._parked and (self._parked[0][0].is_offloaded
@@ -264,20 +240,21 @@ class DecodeWorker:
             engine.adopt(req, kv)  # abort runs on this thread too: never in between
 
     async def _run(self) -> None:
-        engine = self.engine.engine
+        engine = self.engine
         while True:
             if not engine.has_unfinished and not self._parked:
                 self._wake.clear()
                 await self._wake.wait()
-            await self.engine.run(self._adopt_parked)
+            await self._steps_allowed.wait()
+            await self.engine_thread.run(self._adopt_parked)
             if not engine.has_unfinished:
                 await asyncio.sleep(0.001)  # parked requests wait for blocks held elsewhere
                 continue
             start = time.perf_counter()
-            mesh = self.comm.comm
+            mesh = self.comm.mesh
             before = {e: mesh.epoch(r) for e, r in enumerate(self._executor_ranks)}
             try:
-                stepped = await self.engine.run(engine.step)
+                stepped = await self.engine_thread.run(engine.step)
             except ExecutorsLostError as e:
                 await self._await_replacements(e.executors, before)
                 continue
@@ -294,7 +271,7 @@ class DecodeWorker:
         """After a step failed on lost executors: wait until each is linked anew."""
         log.warning("decode step failed: executors %s lost; waiting for replacements",
                     sorted(executors))
-        mesh = self.comm.comm
+        mesh = self.comm.mesh
         ranks = {e: self._executor_ranks[e] for e in executors}
         for e, rank in ranks.items():
             if before.get(e) is not None:  # fail fast until its replacement links

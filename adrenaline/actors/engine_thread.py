@@ -30,14 +30,14 @@ class EngineThread:
         torch.set_num_threads(threads)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         # Build on the engine thread too: torch's thread settings are per thread.
-        self.engine: EngineCore = self._pool.submit(
+        self.core: EngineCore = self._pool.submit(
             lambda: _build(args, config, threads)).result()
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def info(self) -> WorkerInfo:
-        e = self.engine
+        e = self.core
         return WorkerInfo(model_dir=str(e.model_dir), max_model_len=e.max_model_len,
                           vocab_size=e.model_config.vocab_size,
                           max_request_tokens=e.max_request_tokens,

@@ -16,29 +16,24 @@ router keeps its record of what this instance holds.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import torch
 
-from adrenaline.actors.comm_thread import KV_RING_BYTES, CommThread
-from adrenaline.actors.engine_thread import EngineThread
-from adrenaline.actors.pinning import pin_process
+from adrenaline.actors.worker import EngineWorker
 from adrenaline.engine.kv_audit import audit_kv
 from adrenaline.engine.kv_transfer import kv_export_shape
 from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
-from adrenaline.protocol import (GenerateRequest, KVReport, PrefillResult, WorkerInfo,
-                                 WorkerMetrics)
+from adrenaline.protocol import GenerateRequest, KVReport, PrefillResult
 from adrenaline.app_config import AppArgs
 
 
-class PrefillWorker:
+class PrefillWorker(EngineWorker):
+    role = "prefill"
+
     def __init__(self, args: AppArgs, index: int):
-        self.index = index
-        pin_process(args.prefill.cpus, "prefill.cpus")
-        self.engine = EngineThread(args, args.prefill.engine, args.prefill.cpus)
-        self.comm = CommThread()
+        super().__init__(args, args.prefill, index)
         self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
         self._waiting: dict[str, asyncio.Future] = {}
         self._released = Tombstones()  # released before they reached the engine
@@ -46,23 +41,6 @@ class PrefillWorker:
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
         self._step_time_s = 0.0  # time inside prefill steps (the prefill core's busy time)
-
-    async def set_rank(self, rank: int, world_size: int) -> None:
-        self.comm.start(rank, world_size)
-
-    async def link(self, kind: str, peer: int, init: str, host: bool, epoch: int) -> None:
-        """Reach decode worker ``peer`` (in its ``epoch``) through a new two-rank world."""
-        pair = await self.comm.join(kind, init, host, KV_RING_BYTES)
-        self.comm.comm.link(peer, pair, 1 if host else 0, epoch)
-
-    async def rendezvous_address(self, kind: str = "gloo") -> str:
-        return self.comm.rendezvous_address(kind)
-
-    async def node_id(self) -> str:
-        return self.comm.node_id()
-
-    async def info(self) -> WorkerInfo:
-        return self.engine.info()
 
     async def prefill(self, req: GenerateRequest) -> list[PrefillResult]:
         """Prefill ``req`` once; one result per choice (``params.n``), each held (when not
@@ -84,17 +62,17 @@ class PrefillWorker:
         (cancelled) sends zeros, which the decode worker drops as aborted. With ``epoch``,
         the send goes only to that incarnation of ``dst`` (else PeerLostError).
         """
-        kv = await self.engine.run(self._export_and_release_or_none, request_id)
+        kv = await self.engine_thread.run(self._export_and_release_or_none, request_id)
         if kv is None:
             if not shape:
                 return
-            kv = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.engine.engine.device)
+            kv = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.engine.device)
         self._wake.set()  # freed blocks may admit waiting prompts
         await self.comm.send(kv, dst, tag, epoch)
 
     async def take_kv(self, request_id: str):
         """A held request's KV as a value (for the colocated executor), freed here."""
-        kv = await self.engine.run(self._export_and_release, request_id)
+        kv = await self.engine_thread.run(self._export_and_release, request_id)
         self._wake.set()
         return kv
 
@@ -106,7 +84,7 @@ class PrefillWorker:
         ``_drop`` looks) finds it once added, and is dropped then.
         """
         self._released.add(request_id)
-        if await self.engine.run(self._drop, request_id):
+        if await self.engine_thread.run(self._drop, request_id):
             self._released.consume(request_id)  # it was in the engine: dropped there
         fut = self._waiting.pop(request_id, None)
         if fut is not None and not fut.done():
@@ -114,48 +92,38 @@ class PrefillWorker:
         if self._wake is not None:
             self._wake.set()
 
-    async def metrics(self) -> WorkerMetrics:
-        e = self.engine.engine
-        return WorkerMetrics(role="prefill", index=self.index, num_running=len(e.held),
-                             num_waiting=len(e.scheduler.waiting) + len(self._queue),
-                             kv_blocks_used=e.block_manager.num_used_blocks,
-                             kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
-                             step_time_s=self._step_time_s,
-                             prefill_tokens=e.scheduler.num_prefill_tokens,
-                             prefix_cached_tokens=e.scheduler.num_cached_tokens,
-                             kv_blocks_cached=e.block_manager.num_cached_blocks)
+    def _metrics(self) -> dict:
+        e = self.engine
+        return dict(num_running=len(e.held),
+                    num_waiting=len(e.scheduler.waiting) + len(self._queue),
+                    kv_blocks_used=e.block_manager.num_used_blocks,
+                    kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
+                    step_time_s=self._step_time_s,
+                    prefill_tokens=e.scheduler.num_prefill_tokens,
+                    prefix_cached_tokens=e.scheduler.num_cached_tokens,
+                    kv_blocks_cached=e.block_manager.num_cached_blocks)
 
-    async def check_kv(self) -> KVReport:
-        """Audit: every page is owned by a queued, prefilling or held request, or free."""
-        def audit() -> KVReport:
-            e = self.engine.engine
-            return audit_kv("prefill", self.index, e.block_manager, set(e.requests) | set(e.held),
-                            {e.kv_owner(r) for r in e.held})
-
-        return await self.engine.run(audit)
-
-    async def pid(self) -> int:
-        return os.getpid()
-
-    async def watch(self) -> None:
-        """Never returns: the router keeps one call pending so Ray tells it when this dies."""
-        await asyncio.Event().wait()
+    def _audit(self) -> KVReport:
+        """Every page is owned by a queued, prefilling or held request, or free."""
+        e = self.engine
+        return audit_kv("prefill", self.index, e.block_manager, set(e.requests) | set(e.held),
+                        {e.kv_owner(r) for r in e.held})
 
     def _drop(self, request_id: str) -> bool:
         """Engine thread: abort a request the engine knows; False when it does not know it."""
-        e = self.engine.engine
+        e = self.engine
         known = request_id in e.requests or request_id in e.held
         e.abort(request_id)
         return known
 
     def _export_and_release_or_none(self, request_id: str):
-        if request_id not in self.engine.engine.held:  # released (cancelled) already
+        if request_id not in self.engine.held:  # released (cancelled) already
             return None
         return self._export_and_release(request_id)
 
     def _export_and_release(self, request_id: str):
-        kv = self.engine.engine.export_kv(request_id)
-        self.engine.engine.release(request_id)
+        kv = self.engine.export_kv(request_id)
+        self.engine.release(request_id)
         return kv
 
     def _ensure_loop(self) -> None:
@@ -164,31 +132,32 @@ class PrefillWorker:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        engine = self.engine.engine
+        engine = self.engine
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._steps_allowed.wait()
             queued, self._queue = self._queue, []
             for req, fut in queued:
                 if self._released.consume(req.request_id):
                     fut.cancel()
                     continue
                 try:
-                    await self.engine.run(engine.add_request, req.request_id, req.prompt_token_ids,
+                    await self.engine_thread.run(engine.add_request, req.request_id, req.prompt_token_ids,
                                           req.params, req.output_token_ids)
                 except Exception as e:  # invalid request: answer it, keep serving
                     if not fut.done():
                         fut.set_exception(e)
                     continue
                 if self._released.consume(req.request_id):  # released while being added
-                    await self.engine.run(self._drop, req.request_id)
+                    await self.engine_thread.run(self._drop, req.request_id)
                     fut.cancel()
                     continue
                 self._waiting[req.request_id] = fut
             if not engine.scheduler.waiting:
                 continue
             start = time.perf_counter()
-            done = await self.engine.run(engine.prefill_step)
+            done = await self.engine_thread.run(engine.prefill_step)
             self._step_time_s += time.perf_counter() - start
             self._num_steps += 1
             evicted = engine.block_manager.drain_evicted()
@@ -197,7 +166,7 @@ class PrefillWorker:
                 if fut is not None and not fut.done():
                     fut.set_result([self._result(c, evicted) for c in (r.choices or (r,))])
                 elif r.request_id in engine.held or r.choices:  # its caller is gone
-                    await self.engine.run(engine.release, r.request_id)
+                    await self.engine_thread.run(engine.release, r.request_id)
             if engine.scheduler.waiting and done:
                 self._wake.set()  # more prompts fit right away
 
@@ -205,7 +174,7 @@ class PrefillWorker:
         held = r.finish_reason is None
         shape, dtype = (), ""
         if held:
-            e = self.engine.engine
+            e = self.engine
             shape = kv_export_shape(e.pool, e.backend.block_dim,
                                     e.block_manager.blocks_for(r.num_computed))
             dtype = str(e.dtype).removeprefix("torch.")

@@ -104,7 +104,7 @@ def _executor(kind: str, init: str, model: str, n: int, context: int, core: int 
     _pin(core)
     from adrenaline.config import EngineConfig
     from adrenaline.engine.attention_service import AttentionService
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
     from adrenaline.engine.synthetic_batch import service_adopt
     from adrenaline.model.hf_config import load_model_config
     from adrenaline.engine.remote_attention import exchange_message_bytes
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (os.cpu_count() or 1) < 2 and args.pin != "off":
         raise SystemExit("--pin needs two cores")
 
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))
     pins = {"both": [False, True], "on": [True], "off": [False]}[args.pin]

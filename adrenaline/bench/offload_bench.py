@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray import serve
 
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
     from adrenaline.model.hf_config import load_model_config
     from adrenaline.sampling_params import SamplingParams
 

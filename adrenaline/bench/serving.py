@@ -210,14 +210,14 @@ def build_requests(args) -> list[SampleRequest]:
 
 
 def _vocab_size(model: str) -> int:
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
     from adrenaline.model.hf_config import load_model_config
 
     return load_model_config(resolve_model_dir(model)).vocab_size
 
 
 def _encoder(args):
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
     from adrenaline.model.tokenizer import Tokenizer
 
     tok = Tokenizer(resolve_model_dir(args.tokenizer or args.model))
@@ -364,7 +364,7 @@ def sweep_launchers(args, port: int) -> dict[str, Launcher]:
 
 def _vllm_launch(args):
     from adrenaline.bench.vllm_server import vllm_openai_server
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
 
     return vllm_openai_server(str(resolve_model_dir(args.model)), args.model, _free_port(),
                               dtype=args.vllm_dtype, max_model_len=args.vllm_max_model_len,

@@ -27,7 +27,6 @@ the request as RUNNING and runs decode steps.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import torch
 
@@ -42,35 +41,13 @@ from adrenaline.engine.sampler import Sampler
 from adrenaline.engine.scheduler import Scheduler
 from adrenaline.errors import InvalidRequestError
 from adrenaline.kernels import make_attention_backend
-from adrenaline.model.builtin import BUILTINS, builtin_path
-from adrenaline.model.gguf_checkpoint import converted_dir
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import load_model, resolve_dtype
-from adrenaline.model.packaged import PACKAGED, packaged_path
+from adrenaline.model.resolve import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import choice_request_id
+from adrenaline.request_length import check_request_length
 from adrenaline.sampling_params import SamplingParams
-
-
-def resolve_model_dir(model: str) -> Path:
-    """The HF-format directory of ``model``.
-
-    ``model`` is a built-in name (generated: "tiny", "small"; packaged:
-    "smollm2-135m-instruct"), a local HF-format directory, or a local .gguf
-    file (converted once into the cache).
-    """
-    if model in BUILTINS:
-        return builtin_path(model)
-    if model in PACKAGED:
-        return packaged_path(model)
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return converted_dir(path)
-    if not path.is_dir():
-        raise ConfigError(f"model: {model!r} is neither a built-in model "
-                          f"({', '.join([*BUILTINS, *PACKAGED])}), a local directory nor a "
-                          ".gguf file")
-    return path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -165,14 +142,7 @@ class EngineCore:
         if bad:
             raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
                                       f"[0, {vocab})")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(f"prompt has {n} tokens; the context is {self.max_model_len} "
-                                      "tokens and at least one must be generated")
-        final_len = min(n + params.max_tokens, self.max_model_len)
-        if final_len > self.max_request_tokens:
-            raise InvalidRequestError(
-                f"prompt plus max_tokens needs {final_len} tokens of KV cache; "
-                f"this engine holds {self.max_request_tokens} tokens")
+        check_request_length(n, params.max_tokens, self.max_model_len, self.max_request_tokens)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, output_token_ids: list[int] = ()) -> Request:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import msgspec
+
 from adrenaline.config import engine_config_from_options
 from adrenaline.engine.core import EngineCore
 from adrenaline.engine.request import Request
@@ -45,6 +47,8 @@ class LLM:
         elif len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         token_lists = [self.engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        params = [_within_context(p, len(ids), self.engine.max_model_len)
+                  for ids, p in zip(token_lists, params)]
         for ids, p in zip(token_lists, params):
             self.engine.validate(ids, p)
             if p.n != 1:  # choices share a prefill only on the disaggregated path (prefill_step)
@@ -66,6 +70,16 @@ class LLM:
             prompt_token_ids=req.prompt_token_ids, token_ids=req.output_token_ids,
             text=self.engine.decode(req.output_token_ids), finish_reason=req.finish_reason,
             logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs)
+
+
+def _within_context(params: SamplingParams, n_prompt: int, max_model_len: int) -> SamplingParams:
+    """Offline, as in vLLM's offline API, a request whose max_tokens passes the context ends
+    at the context ("length"): its max_tokens is the room left there (request_length.py)."""
+    room = max_model_len - n_prompt
+    if 0 < room < params.max_tokens:
+        return msgspec.structs.replace(params, max_tokens=room,
+                                       min_tokens=min(params.min_tokens, room))
+    return params
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

@@ -24,7 +24,7 @@ from adrenaline.policy import ClusterLoad, Placement, PlacementPolicy
 from adrenaline.policy import load as load_moves
 from adrenaline.policy.prefix import PrefixIndex
 from adrenaline.protocol import GenerateRequest
-from adrenaline.serve.recovery import Restart
+from adrenaline.serve.attempt import Restart
 
 
 def new_load(cluster: Cluster) -> ClusterLoad:
@@ -49,16 +49,12 @@ class Admission:
 
     def refuse_if_overloaded(self) -> None:
         """Raise OverloadedError when one more request would pass the limits (args.limits)."""
-        lim = self.limits
-        if self.num_ongoing >= lim.max_ongoing_requests:
-            why = f"{self.num_ongoing} requests in flight (limit {lim.max_ongoing_requests})"
-        elif self.num_queued >= lim.max_queued_requests:
-            why = f"{self.num_queued} requests queued (limit {lim.max_queued_requests})"
-        else:
+        why = self.limits.refusal(self.num_ongoing, self.num_queued)
+        if why is None:
             return
         self.num_refused += 1
         raise OverloadedError(f"the server is overloaded: {why}; retry later",
-                              retry_after_s=lim.retry_after_s)
+                              retry_after_s=self.limits.retry_after_s)
 
     def placed(self, load: ClusterLoad, where: Placement, reserved: int,
                prefill_tokens: int = 0) -> None:
@@ -74,7 +70,8 @@ class Admission:
                    load: ClusterLoad, is_current: Callable[[], bool]) -> Placement:
         """Wait until the policy admits the request; waiters retry in arrival order.
 
-        Restart when the cluster generation the attempt runs on is no longer current.
+        Restart when ``is_current`` turns false meanwhile: the attempt was lost (an actor it
+        depends on, or its whole cluster, is gone).
         """
         while (decision := policy.admit(req, where, load)) is None:
             waiter = asyncio.get_running_loop().create_future()

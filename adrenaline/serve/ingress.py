@@ -29,7 +29,7 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from adrenaline.engine.core import resolve_model_dir
+from adrenaline.model.resolve import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo, TokenDelta
 from adrenaline.app_config import AppArgs, parse_app_args

@@ -2,7 +2,7 @@
 
 One pass of a request through the cluster is an *attempt*. When an actor it depends on
 is lost (serve/supervisor.py replaces that actor, or the whole cluster when several are
-lost), the attempt ends with ``Restart``; the request then reruns from its prompt plus
+lost), the attempt (serve/attempt.py) ends with ``Restart``; the request then reruns from its prompt plus
 the tokens already yielded (``recompute_request``), so the client sees each token
 exactly once. Attempts that did not depend on the lost actor go on.
 """
@@ -14,12 +14,14 @@ import asyncio
 import msgspec
 
 from adrenaline.protocol import GenerateRequest, TokenDelta
+from adrenaline.serve.attempt import Control, Restart
 
-RESTART = "restart"  # finish_reason of the sentinel that stops an attempt that lost an actor
+__all__ = ["Restart", "attempt_id", "drain", "recompute_request"]
 
 
-class Restart(Exception):
-    """An actor this attempt depended on was lost: rerun the request (on its replacement)."""
+def attempt_id(request_id: str, rerun: int) -> str:
+    """The id actors know an attempt by: the request's own id first, then one per rerun."""
+    return request_id if rerun == 0 else f"{request_id}#{rerun}"
 
 
 def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequest:
@@ -38,12 +40,12 @@ def recompute_request(req: GenerateRequest, produced: list[int]) -> GenerateRequ
                            output_token_ids=list(req.output_token_ids) + list(produced))
 
 
-def drain(queue: asyncio.Queue[TokenDelta]) -> bool:
+def drain(queue: asyncio.Queue[TokenDelta | Control]) -> bool:
     """Drop what a lost attempt left queued (a rerun restarts from the yielded tokens).
 
     False when an abort was among it: the request is over.
     """
     aborted = False
     while not queue.empty():
-        aborted |= queue.get_nowait().finish_reason == "abort"
+        aborted |= queue.get_nowait() is Control.ABORT
     return not aborted

@@ -1,27 +1,29 @@
 """Router: the Serve deployment that owns the cluster and streams each request through it.
 
-A request's path: validate -> admission limits (refused at once beyond them)
--> the policy places it (prefill i, decode j) -> prefill i samples the first
-token (yielded at once: TTFT) -> admission: the policy admits it locally or
-offloaded, or it waits, its KV held in prefill i's pool, until capacity
-frees -> handoff: locally, decode j posts a receive and prefill i sends the
-KV (one tensor, through the communicator); offloaded, the KV goes to the
-executor beside prefill i (same node) and decode j only learns the
-executor's handle -> decode j streams deltas, which the router gets with one
-poll per decode step and fans out to per-request queues -> the last delta
-carries finish_reason. A client that goes away cancels the generator; the
-finally clause releases the load it counted and frees the request wherever
-it is, so no KV block stays held.
+A request's path, once validated (adrenaline/request_length.py) and within the admission
+limits (refused at once beyond them), is one *attempt* (serve/attempt.py) or, after an
+actor loss, several; ``_attempt`` reads top-down through its stages:
 
-Failures: one pass along that path is an *attempt*, with an id of its own
-(the request's id, then ``<id>#<n>`` for the n-th rerun: actors never mix two
-attempts of one request). When an actor is lost the supervisor replaces it
-alone, and only the attempts that depended on it stop (Restart): those it was
-prefilling or holding KV for (prefill), handing off or decoding (decode), or
-whose offloaded KV it held (executor). Each reruns from its prompt plus the
-tokens already yielded (recompute), so the client sees each token exactly
-once and exactly the tokens it would have had; the other attempts stream on.
-When the whole cluster is replaced (several actors lost) every attempt stops.
+* WAITING: the policy places it (prefill i, decode j); its load is counted from here.
+* PREFILLING: prefill i samples the first token (yielded at once: TTFT).
+* PARKED: its KV is held in prefill i's pool until the policy admits it, locally or
+  offloaded (admission waits in arrival order, serve/admission.py).
+* DECODING_LOCAL: decode j posts a receive and prefill i sends the KV (one tensor,
+  through the communicator). DECODING_OFFLOADED: the KV goes to the executor beside
+  prefill i (same node) and decode j only learns the executor's handle. Decode j
+  streams deltas, which the router gets with one poll per decode step and fans out to
+  the attempts' queues; the last delta carries finish_reason (DONE).
+
+A client that goes away cancels the generator; the attempt's ``close`` frees it by the
+stage it reached and takes back the load it counted, so no KV block stays held.
+
+Failures: each attempt has an id of its own (the request's id, then ``<id>#<n>`` for
+the n-th rerun: actors never mix two attempts of one request). When an actor is lost
+the supervisor replaces it alone, and only the attempts that depended on it
+(``Attempt.depends_on``) become LOST; each reruns from its prompt plus the tokens
+already yielded (serve/recovery.py), so the client sees each token exactly once and
+exactly the tokens it would have had; the other attempts stream on. When the whole
+cluster is replaced (several actors lost) every attempt is lost.
 
 An n-choice request is prefilled once (the prefill worker samples each choice's first
 token from the same logits and holds the choices sharing the prompt's blocks); from
@@ -33,11 +35,9 @@ its ``index``. A rerun reruns one choice (its own prefill).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 import msgspec
 import ray
@@ -47,20 +47,18 @@ from ray import serve
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import InvalidRequestError
 from adrenaline.policy import Placement, make_policy, needs_profile
+from adrenaline.request_length import check_request_length
 from adrenaline.protocol import (GenerateRequest, KVReport, ModelInfo, TokenDelta, WorkerMetrics,
                                  choice_request_id)
 from adrenaline.app_config import AppArgs
 from adrenaline.policy.prefix import PrefixIndex
 from adrenaline.serve.admission import Admission, new_load
-from adrenaline.serve.recovery import RESTART, Restart, drain, recompute_request
+from adrenaline.serve.attempt import (Attempt, Control, Restart, SharedPrefill, Stage,
+                                      consume_error, detached)
+from adrenaline.serve.recovery import attempt_id, drain, recompute_request
 from adrenaline.serve.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-
-def _detached(coro) -> asyncio.Task:
-    """Run ``coro`` as a task outside the current request's context (see callers)."""
-    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 def _app_name() -> str:
@@ -73,55 +71,6 @@ def _app_name() -> str:
 async def _awaited(ref):
     """An actor call's result, as a coroutine (to run it as a task)."""
     return await ref
-
-
-def _consume_error(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-@dataclass
-class _AttemptState:
-    """One attempt's place in the cluster: what it depends on, so a loss stops only it.
-
-    ``epochs``: the epoch of each slot (role, index) it has used, captured when it first
-    used it; ``lost`` is set when one of them is lost (or the whole cluster is).
-    """
-
-    attempt_id: str
-    gen: int
-    queue: asyncio.Queue
-    p: int = -1
-    d: int = -1
-    offload: bool = False
-    stage: str = "prefill"
-    epochs: dict = None
-    lost: asyncio.Event = None
-
-    def __post_init__(self) -> None:
-        self.epochs = {}
-        self.lost = asyncio.Event()
-
-    def depends_on(self, role: str, i: int) -> bool:
-        if role == "prefill":
-            return self.p == i and self.stage in ("prefill", "admission", "handoff")
-        if role == "decode":
-            return self.d == i and self.stage in ("handoff", "decode")
-        return self.offload and self.p == i and self.stage in ("handoff", "decode")
-
-
-def attempt_id(request_id: str, rerun: int) -> str:
-    """The id actors know an attempt by: the request's own id first, then one per rerun."""
-    return request_id if rerun == 0 else f"{request_id}#{rerun}"
-
-
-@dataclass
-class _SharedPrefill:
-    """A choice's first attempt: the n-choice request's one prefill, on instance ``prefill``."""
-
-    prefill: int
-    task: asyncio.Task  # -> list[PrefillResult], one per choice
-    index: int
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
@@ -139,15 +88,15 @@ class Router:
                                    for i in self.cluster.prefill_info + self.cluster.decode_info))
         # Load of the current cluster; an attempt updates the object it started with.
         self.load = new_load(self.cluster)
-        self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
-        self._attempts: dict[str, _AttemptState] = {}  # attempt id -> its state
+        self._streams: dict[str, asyncio.Queue[TokenDelta | Control]] = {}  # request id ->
+        self._attempts: dict[str, Attempt] = {}  # attempt id -> the attempt running now
         self._groups: dict[str, list[str]] = {}  # n-choice request id -> its choices' ids
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: dict[int, asyncio.Task] = {}  # decode index -> its poller
         self.admission = Admission(args.limits)  # limits, waiters, load ledger
         self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
-        self.num_reruns = 0  # attempts rerun on a replacement cluster
+        self.num_reruns = 0  # attempts that lost an actor and reran (either way of recovery)
         # (request id, prefill, decode, offloaded, placement ordinal) per admission, oldest
         # first (bounded); the ordinal is num_placed at its placement.
         self.admission_log: deque[tuple[str, int, int, bool, int]] = deque(maxlen=4096)
@@ -203,23 +152,22 @@ class Router:
         n_p, n_d = len(c.prefill), len(c.decode)
         return {"prefill": pids[:n_p], "decode": pids[n_p:n_p + n_d], "executor": pids[n_p + n_d:]}
 
+    async def hold_steps(self, role: str, i: int, held: bool) -> None:
+        """For tests: hold (or let go) the steps of the worker in slot (role, i), so that
+        an event a test asserts is certain, not timed (EngineWorker.hold_steps)."""
+        await self.cluster.actor(role, i).hold_steps.remote(held)
+
     async def abort(self, request_id: str) -> None:
         for rid in self._groups.get(request_id, [request_id]):
             q = self._streams.get(rid)
             if q is not None:
-                q.put_nowait(TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+                q.put_nowait(Control.ABORT)
 
     def validate(self, req: GenerateRequest) -> None:
-        n = len(req.prompt_token_ids)
-        if n == 0:
+        if not req.prompt_token_ids:
             raise InvalidRequestError("prompt is empty")
-        final_len = min(n + req.params.max_tokens, self.info.max_model_len)
-        if n >= self.info.max_model_len:
-            raise InvalidRequestError(f"prompt has {n} tokens; the context is "
-                                      f"{self.info.max_model_len} tokens")
-        if final_len > self.info.max_request_tokens:
-            raise InvalidRequestError(f"prompt plus max_tokens needs {final_len} tokens of KV "
-                                      f"cache; an instance holds {self.info.max_request_tokens}")
+        check_request_length(len(req.prompt_token_ids), req.params.max_tokens,
+                             self.info.max_model_len, self.info.max_request_tokens)
         if req.request_id in self._streams or req.request_id in self._groups:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
 
@@ -240,9 +188,9 @@ class Router:
         finally:
             self.admission.num_ongoing -= 1
 
-    async def _choice(self, req: GenerateRequest, shared: _SharedPrefill | None):
+    async def _choice(self, req: GenerateRequest, shared: SharedPrefill | None):
         """One choice's deltas, rerun as often as an actor it depends on is lost."""
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        queue: asyncio.Queue[TokenDelta | Control] = asyncio.Queue()
         self._streams[req.request_id] = queue
         produced: list[int] = []  # tokens already yielded: never sent again
         try:
@@ -279,8 +227,8 @@ class Router:
         await self.supervisor.wait_slots([("prefill", p)])
         cluster = self.cluster
         epoch = cluster.epoch("prefill", p)
-        prefill = _detached(_awaited(cluster.prefill[p].prefill.remote(req)))
-        prefill.add_done_callback(_consume_error)  # each choice awaits it
+        prefill = detached(_awaited(cluster.prefill[p].prefill.remote(req)))
+        prefill.add_done_callback(consume_error)  # each choice awaits it
         merged: asyncio.Queue = asyncio.Queue()
         ended = finished = 0  # choices whose stream ended / that ended with a finish reason
 
@@ -288,7 +236,7 @@ class Router:
             child = GenerateRequest(request_id=ids[i], prompt_token_ids=req.prompt_token_ids,
                                     params=req.params.for_choice(i))
             try:
-                async for delta in self._choice(child, _SharedPrefill(p, prefill, i)):
+                async for delta in self._choice(child, SharedPrefill(p, prefill, i)):
                     delta.index = i
                     merged.put_nowait(delta)
                 merged.put_nowait(None)  # this choice is over (finished, or aborted alone)
@@ -313,7 +261,7 @@ class Router:
             self._groups.pop(req.request_id, None)
             if finished < n and self.supervisor.is_current("prefill", p, epoch):
                 # Choices still held in the shared blocks (or the prompt still queued) go too.
-                _detached(self._release_prefill(cluster, p, req.request_id))
+                detached(self._release_prefill(cluster, p, req.request_id))
 
     async def _release_prefill(self, cluster: Cluster, p: int, request_id: str) -> None:
         try:
@@ -321,60 +269,44 @@ class Router:
         except Exception as e:
             log.warning("cleanup of %s: %s", request_id, e)
 
-    async def _guard(self, st: _AttemptState, aw):
-        """Await ``aw`` unless the attempt is lost first (then Restart; ``aw`` runs on,
-        its outcome ignored: a shielded handoff must finish both of its halves)."""
-        task = asyncio.ensure_future(aw)
-        task.add_done_callback(_consume_error)
-        if not task.done() and not st.lost.is_set():
-            lost = asyncio.get_running_loop().create_task(st.lost.wait())
-            try:
-                await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                task.cancel()
-                raise
-            finally:
-                lost.cancel()
-        if not task.done():  # lost first: stop waiting for it (a future, e.g. a shield,
-            task.cancel()  # is done at once once cancelled: decide before cancelling)
-            raise Restart()
-        return task.result()
-
-    async def _call(self, st: _AttemptState, slot: tuple[str, int] | None, aw):
-        """Await an actor call of the attempt; Restart if what it depends on was lost.
-
-        A call to a dead actor (``slot``) proves that actor lost (and is reported here).
-        Any other error may be a symptom of a peer's loss (a broken link) that the
-        watchers report a moment later, so wait a few seconds for them.
-        """
-        try:
-            return await self._guard(st, aw)
-        except (InvalidRequestError, Restart):
-            raise
-        except Exception as e:
-            if isinstance(e, ray.exceptions.RayActorError) and slot is not None:
-                self.supervisor.report_actor(st.gen, *slot, st.epochs.get(slot, 0),
-                                             f"{slot[0]} {slot[1]} died ({type(e).__name__})")
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5.0
-            while not st.lost.is_set() and loop.time() < deadline:
-                await asyncio.sleep(0.1)
-            if st.lost.is_set():
-                raise Restart() from e
-            raise
-
-    def _use(self, st: _AttemptState, role: str, i: int):
-        """The actor in slot (role, i), its epoch recorded as one the attempt depends on."""
-        st.epochs.setdefault((role, i), self.cluster.epoch(role, i))
-        return self.cluster.actor(role, i)
-
-    async def _attempt(self, req: GenerateRequest, queue: asyncio.Queue[TokenDelta],
-                       shared: _SharedPrefill | None = None, client_id: str = ""):
+    # -- one attempt, top-down: its stages are serve/attempt.py's
+    async def _attempt(self, req: GenerateRequest, queue: asyncio.Queue,
+                       shared: SharedPrefill | None = None, client_id: str = ""):
         """One pass of a request through the current cluster (see the module docstring).
 
         ``req.request_id`` is the attempt's id, ``client_id`` the request's. With
         ``shared``, the request is a choice whose prefill is the shared one.
         """
+        a = await self._place(req, queue, shared)  # WAITING
+        try:
+            pre = await self._prefill(a, req)  # PREFILLING: the first token
+            if pre.finish_reason is not None:
+                a.done()  # DONE (marked first: the consumer may close us at the yield)
+            yield TokenDelta(request_id=a.id, token_ids=pre.token_ids[-1:],
+                             logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
+                             finish_reason=pre.finish_reason,
+                             prompt_logprobs=pre.prompt_logprobs, prompt_ranks=pre.prompt_ranks)
+            if a.stage is Stage.DONE:
+                return
+            a.parked()  # PARKED: the KV waits in the prefill pool until there is room
+            await self._admit(a, req, client_id)  # DECODING_LOCAL or DECODING_OFFLOADED
+            await self._hand_off(a, req, pre)
+            while (item := await queue.get()) is not Control.ABORT:
+                if item is Control.RESTART:
+                    raise Restart()
+                if item.finish_reason is not None:
+                    a.done()  # DONE
+                yield item
+                if a.stage is Stage.DONE:
+                    return
+        finally:
+            self._attempts.pop(a.id, None)
+            a.close(self.supervisor.generation, self.supervisor.is_current)
+
+    async def _place(self, req: GenerateRequest, queue: asyncio.Queue,
+                     shared: SharedPrefill | None) -> Attempt:
+        """The policy places the request on a cluster whose prefill slot serves; its load
+        is counted from here (so placements made meanwhile see it)."""
         while True:
             load = self.load
             where = self.policy.place(req, load)
@@ -385,100 +317,102 @@ class Router:
             await self.supervisor.wait_slots([("prefill", where.prefill)])
             if self.load is load:  # else the whole cluster was replaced meanwhile: again
                 break
-        p, d = where.prefill, where.decode
-        gen, cluster = self.supervisor.generation, self.cluster
-        st = _AttemptState(req.request_id, gen, queue, p=p, d=d)
-        self._attempts[req.request_id] = st
+        n = len(req.prompt_token_ids)
+        a = Attempt(req.request_id, self.supervisor.generation, queue, where, load,
+                    self.admission, reserved=n + req.params.max_tokens, shared=shared,
+                    # prompt tokens the prefill instance is expected to compute
+                    uncached=n - load.cached_prefix_tokens(req)[where.prefill])
+        self._attempts[a.id] = a
         self._start_pollers()
-        reserved = len(req.prompt_token_ids) + req.params.max_tokens
-        # Prompt tokens prefill p is expected to compute (its cached prefix excluded).
-        uncached = len(req.prompt_token_ids) - load.cached_prefix_tokens(req)[p]
-        prefill = self._use(st, "prefill", p)
-        offload, admitted = False, False
-        on_executor = False  # an adopt was sent to the executor: free it there at the end
-        decode_actor = executor = None
         self.num_placed += 1
-        ordinal = self.num_placed
-        adm = self.admission
-        adm.placed(load, where, reserved, uncached)
+        a.ordinal = self.num_placed
+        a.placed()
+        return a
+
+    async def _prefill(self, a: Attempt, req: GenerateRequest):
+        a.prefilling()
+        prefill = a.use(self.cluster, "prefill", a.p)
         try:
-            try:
-                if shared is None:
-                    pre = (await self._call(st, ("prefill", p),
-                                            prefill.prefill.remote(req)))[0]
-                else:
-                    pre = (await self._call(st, ("prefill", p),
-                                            asyncio.shield(shared.task)))[shared.index]
-            finally:
-                adm.prefilled(load, where, uncached)
-            self._record_prefix(load, p, req, pre)
-            yield TokenDelta(request_id=req.request_id, token_ids=pre.token_ids[-1:],
-                             logprobs=pre.logprobs[-1:] if pre.logprobs is not None else None,
-                             finish_reason=pre.finish_reason,
-                             prompt_logprobs=pre.prompt_logprobs, prompt_ranks=pre.prompt_ranks)
-            if pre.finish_reason is not None:
-                st.stage = "done"
-                return
-            # Admission: the KV waits in the prefill instance's pool until there is room.
-            st.stage = "admission"
-            decision = await adm.wait(self.policy, req, where, load,
-                                      lambda: not st.lost.is_set())
-            self.admission_log.append((client_id or req.request_id, decision.prefill,
-                                       decision.decode, decision.offload, ordinal))
-            offload, admitted = decision.offload, True
-            adm.admitted(load, where, reserved, offload)
-            self.num_offloaded += int(offload)
-            needs = [("decode", d)] + ([("executor", p)] if offload else [])
-            await self._guard(st, self.supervisor.wait_slots(needs))
-            if self.supervisor.generation != gen:
-                raise Restart()
-            st.offload, st.stage = offload, "handoff"
-            decode_actor = self._use(st, "decode", d)
-            executor = self._use(st, "executor", p) if offload else None
-            on_executor = offload  # from here the executor may hold pages, whatever happens
-            # Detached and shielded: a handoff's calls pair up (a gloo send with its receive,
-            # an executor adopt with the decode side), so a cancellation must never stop one
-            # half; the cleanup frees whatever arrives (see actors' tombstones).
-            handoff = _detached(self._handoff(cluster, st, req, pre, prefill, decode_actor,
-                                              executor))
-            handoff.add_done_callback(_consume_error)  # its error matters only if awaited
-            await self._call(st, None, asyncio.shield(handoff))
-            st.stage = "decode"
-            while True:
-                delta = await queue.get()
-                if delta.finish_reason == RESTART:
-                    raise Restart()
-                if delta.finish_reason == "abort":
-                    break
-                yield delta
-                if delta.finish_reason is not None:
-                    st.stage = "done"
-                    break
-        finally:
-            self._attempts.pop(req.request_id, None)
-
-            def ended() -> None:
-                adm.ended(load, where, reserved, admitted, offload)
-
-            if shared is not None and st.stage == "prefill":
-                ended()  # the shared prefill is released as a whole (see _choices)
-            elif gen == self.supervisor.generation and (st.stage != "done" or on_executor):
-                # Cancelled, failed midway or restarted: free it wherever it is, on the
-                # actors still serving (a lost one holds nothing any more). Detached from
-                # this request's context, since Serve cancels a cancelled request's child
-                # calls. Only a request that reached its decode instance is aborted there
-                # (an unknown id would be remembered there as aborted-in-flight).
-                reached_decode = st.stage in ("handoff", "decode")
-                # An executor's pages count as taken until it freed them: the next request
-                # admitted there must find them free (its adopt does not wait for room).
-                _detached(self._cleanup(st, req.request_id, st.stage != "done",
-                                        prefill, decode_actor if reached_decode else None,
-                                        executor if on_executor else None,
-                                        then=ended if on_executor else None))
-                if not on_executor:
-                    ended()
+            if a.shared is None:
+                pre = (await self._call(a, ("prefill", a.p), prefill.prefill.remote(req)))[0]
             else:
-                ended()
+                pre = (await self._call(a, ("prefill", a.p),
+                                        asyncio.shield(a.shared.task)))[a.shared.index]
+        finally:
+            a.prefilled()
+        self._record_prefix(a.load, a.p, req, pre)
+        return pre
+
+    async def _admit(self, a: Attempt, req: GenerateRequest, client_id: str) -> None:
+        """Wait until the policy admits it (locally or offloaded), then for its slots."""
+        decision = await self.admission.wait(self.policy, req, a.where, a.load,
+                                             lambda: not a.lost.is_set())
+        self.admission_log.append((client_id or a.id, decision.prefill, decision.decode,
+                                   decision.offload, a.ordinal))
+        a.admitted(decision)
+        self.num_offloaded += int(a.offloaded)
+        needs = [("decode", a.d)] + ([("executor", a.p)] if a.offloaded else [])
+        await a.until_lost(self.supervisor.wait_slots(needs))
+        if self.supervisor.generation != a.gen:
+            raise Restart()
+
+    async def _hand_off(self, a: Attempt, req: GenerateRequest, pre) -> None:
+        """Move the KV to the decode instance (or to the executor beside the prefill one).
+
+        Detached and shielded: a handoff's calls pair up (a gloo send with its receive, an
+        executor adopt with the decode side), so a cancellation must never stop one half;
+        the cleanup frees whatever arrives (see actors' tombstones).
+        """
+        cluster = self.cluster
+        prefill, decode = a.use(cluster, "prefill", a.p), a.use(cluster, "decode", a.d)
+        executor = a.use(cluster, "executor", a.p) if a.offloaded else None
+        handoff = detached(self._move_kv(cluster, a, req, pre, prefill, decode, executor))
+        handoff.add_done_callback(consume_error)  # its error matters only if awaited
+        await self._call(a, None, asyncio.shield(handoff))
+        a.handed_off = True
+
+    async def _move_kv(self, cluster: Cluster, a: Attempt, req: GenerateRequest, pre,
+                       prefill, decode, executor) -> None:
+        """Each call names the epoch of the actor at its other end, so none reaches a
+        replacement that knows nothing of it."""
+        p, d = a.p, a.d
+        if executor is not None:
+            # The KV goes to the executor beside the prefill instance (same node: the
+            # object moves through shared memory), never to the decode instance.
+            handle = await executor.adopt.remote(
+                req.request_id, pre, prefill.take_kv.remote(req.request_id))
+            await decode.adopt_offloaded.remote(req, pre, p, handle, a.epochs[("executor", p)])
+        else:
+            tag = next(self._tags)
+            await asyncio.gather(
+                decode.adopt.remote(req, pre, cluster.prefill_rank(p), tag,
+                                    a.epochs[("prefill", p)]),
+                prefill.send_kv.remote(req.request_id, cluster.decode_rank(d), tag,
+                                       tuple(pre.kv_shape), pre.kv_dtype,
+                                       a.epochs[("decode", d)]))
+
+    async def _call(self, a: Attempt, slot: tuple[str, int] | None, aw):
+        """Await an actor call of the attempt; Restart if what it depends on was lost.
+
+        A call to a dead actor (``slot``) proves that actor lost (and is reported here).
+        Any other error may be a symptom of a peer's loss (a broken link) that the
+        watchers report a moment later, so wait a few seconds for them.
+        """
+        try:
+            return await a.until_lost(aw)
+        except (InvalidRequestError, Restart):
+            raise
+        except Exception as e:
+            if isinstance(e, ray.exceptions.RayActorError) and slot is not None:
+                self.supervisor.report_actor(a.gen, *slot, a.epochs.get(slot, 0),
+                                             f"{slot[0]} {slot[1]} died ({type(e).__name__})")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5.0
+            while not a.lost.is_set() and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            if a.lost.is_set():
+                raise Restart() from e
+            raise
 
     @staticmethod
     def _record_prefix(load, p: int, req: GenerateRequest, pre) -> None:
@@ -488,36 +422,15 @@ class Router:
             index.remove(pre.evicted_hashes)
             index.add(load.prompt_block_hashes(req))
 
-    async def _handoff(self, cluster: Cluster, st: _AttemptState, req: GenerateRequest, pre,
-                       prefill, decode, executor) -> None:
-        """Move the KV to decode (or to the executor); each call names the epoch of the
-        actor at its other end, so none reaches a replacement that knows nothing of it."""
-        p, d = st.p, st.d
-        if executor is not None:
-            # The KV goes to the executor beside the prefill instance (same node: the
-            # object moves through shared memory), never to the decode instance.
-            handle = await executor.adopt.remote(
-                req.request_id, pre, prefill.take_kv.remote(req.request_id))
-            await decode.adopt_offloaded.remote(req, pre, p, handle,
-                                                st.epochs[("executor", p)])
-        else:
-            tag = next(self._tags)
-            await asyncio.gather(
-                decode.adopt.remote(req, pre, cluster.prefill_rank(p), tag,
-                                    st.epochs[("prefill", p)]),
-                prefill.send_kv.remote(req.request_id, cluster.decode_rank(d), tag,
-                                       tuple(pre.kv_shape), pre.kv_dtype,
-                                       st.epochs[("decode", d)]))
-
     def _cluster_lost(self) -> None:
         """Supervisor: the cluster is gone. Stop its pollers, stop every attempt on it."""
         for t in self._pollers.values():
             t.cancel()  # first: no delta of the lost cluster may follow the sentinel
         self._pollers = {}
-        for st in self._attempts.values():
-            st.lost.set()
-        for rid, q in self._streams.items():
-            q.put_nowait(TokenDelta(request_id=rid, token_ids=[], finish_reason=RESTART))
+        for a in self._attempts.values():
+            a.lose()
+        for q in self._streams.values():  # also the requests between two attempts
+            q.put_nowait(Control.RESTART)
         self.admission.capacity_freed()  # admission waiters see the new generation and rerun
 
     def _cluster_ready(self, cluster: Cluster) -> None:
@@ -530,12 +443,9 @@ class Router:
             poller = self._pollers.pop(i, None)
             if poller is not None:
                 poller.cancel()
-        for st in self._attempts.values():
-            if st.depends_on(role, i) and not st.lost.is_set():
-                st.lost.set()
-                if st.stage == "decode":
-                    st.queue.put_nowait(TokenDelta(request_id=st.attempt_id, token_ids=[],
-                                                   finish_reason=RESTART))
+        for a in self._attempts.values():
+            if a.depends_on(role, i):
+                a.lose()
         self.admission.capacity_freed()  # lost admission waiters rerun
 
     def _actor_ready(self, role: str, i: int) -> None:
@@ -555,35 +465,6 @@ class Router:
 
         return profile_cluster(self.cluster, args)
 
-    async def _cleanup(self, st: _AttemptState, request_id: str, abort: bool, prefill, decode,
-                       executor, then=None) -> None:
-        try:
-            await self._free_everywhere(st, request_id, abort, prefill, decode, executor)
-        finally:
-            if then is not None:
-                then()
-
-    async def _free_everywhere(self, st: _AttemptState, request_id: str, abort: bool, prefill,
-                               decode, executor) -> None:
-        """Free the attempt on each actor it used that still serves (each free independent:
-        one failing must not skip the others)."""
-        def serving(role: str, i: int) -> bool:
-            return self.supervisor.is_current(role, i, st.epochs.get((role, i), -1))
-
-        calls = []
-        if abort:  # decode first: the executor's pages are freed only after its last step
-            if serving("prefill", st.p):
-                calls.append(prefill.release.remote(request_id))
-            if decode is not None and serving("decode", st.d):
-                calls.append(decode.abort.remote(request_id))
-        results = list(await asyncio.gather(*calls, return_exceptions=True))
-        if executor is not None and serving("executor", st.p):  # by id: also covers an
-            results += await asyncio.gather(  # adopt still in flight
-                executor.free_request.remote(request_id), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):  # e.g. the actor is gone: nothing to free there
-                log.warning("cleanup of %s: %s", request_id, r)
-
     def _start_pollers(self) -> None:
         # Detached from the request that happens to start them: a request's end or
         # cancellation must not cancel the pollers' calls.
@@ -592,7 +473,7 @@ class Router:
             running = self._pollers.get(j)
             if (running is None or running.done()) and self.supervisor.is_current(
                     "decode", j, self.cluster.epoch("decode", j)):
-                self._pollers[j] = _detached(self._poll(gen, j, self.cluster.epoch("decode", j),
+                self._pollers[j] = detached(self._poll(gen, j, self.cluster.epoch("decode", j),
                                                         self.cluster.decode[j]))
 
     async def _poll(self, gen: int, index: int, epoch: int, worker) -> None:
@@ -612,6 +493,6 @@ class Router:
                 await asyncio.sleep(1.0)
                 continue
             for delta in deltas:
-                st = self._attempts.get(delta.request_id)
-                if st is not None:
-                    st.queue.put_nowait(delta)
+                a = self._attempts.get(delta.request_id)
+                if a is not None:
+                    a.queue.put_nowait(delta)

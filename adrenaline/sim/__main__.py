@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from adrenaline.app_config import CONTROL_SLOTS, LimitsConfig
 from adrenaline.bench.report import print_table, result_header, write_result
 from adrenaline.bench.serving_metrics import Slo
 from adrenaline.sim.simulator import SimConfig
@@ -77,13 +78,25 @@ def _config(a) -> SimConfig:
                      executor_kv_tokens=int(ekv) if ekv else None,
                      executor_share=a.executor_share, max_num_seqs=a.max_num_seqs,
                      max_num_batched_tokens=a.max_num_batched_tokens, link_gbs=a.link_gbs,
-                     max_ongoing_requests=a.max_ongoing_requests,
-                     max_queued_requests=a.max_queued_requests,
+                     limits=_limits(a),
                      profile_batches=(tuple(int(b) for b in a.profile_batches.split(","))
                                       if a.profile_batches else None),
                      exchange_layer_s=(a.exchange_layer_us * 1e-6
                                        if a.exchange_layer_us is not None else None),
                      sample_interval_s=a.sample_interval)
+
+
+def _limits(a) -> LimitsConfig | None:
+    """The router's admission limits given on the command line (the other one at the
+    router's default); None: none."""
+    given = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing_requests),
+                               ("max_queued_requests", a.max_queued_requests)) if v}
+    if not given:
+        return None
+    default = LimitsConfig()
+    ongoing = given.get("max_ongoing_requests", default.max_ongoing_requests)
+    return LimitsConfig(**given, max_http_requests=max(default.max_http_requests,
+                                                       ongoing + CONTROL_SLOTS))
 
 
 def _workload(a) -> Workload:

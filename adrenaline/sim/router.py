@@ -1,11 +1,13 @@
 """The router's decisions in simulated time: the real policy, at the points the router asks it.
 
-Mirrors serve/router.py's ``_attempt``: place at arrival (load: placed), prefill,
-first token (load: prefilled), admission (re-asked in arrival order whenever
-capacity frees, as the router's waiters are), handoff (local: the prefill pool
-frees its blocks and the KV travels over the link; offloaded: to the executor
-beside the prefill instance), decode, release. ClusterLoad is built by the
-router's own builder and moved by policy/load.py's transitions.
+Mirrors serve/router.py's ``_attempt`` through the same stages (serve/attempt.py's
+``Stage``): WAITING at arrival (placed; load: placed), PREFILLING in its prefill step,
+PARKED at its first token (load: prefilled) until admitted (re-asked in arrival order
+whenever capacity frees, as the router's waiters are), DECODING_LOCAL (the prefill pool
+frees its blocks and the KV travels over the link) or DECODING_OFFLOADED (to the
+executor beside the prefill instance), DONE at release. No actor is lost here, so no
+request is ever LOST. ClusterLoad is built by the router's own builder and moved by
+policy/load.py's transitions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from adrenaline.engine.request import Request
 from adrenaline.policy import Placement, PlacementPolicy
 from adrenaline.policy.load import admitted, new_cluster_load, placed, prefilled, released
 from adrenaline.protocol import GenerateRequest
+from adrenaline.serve.attempt import Stage
 
 
 @dataclass(eq=False)
@@ -32,6 +35,11 @@ class SimRequest:
     end_s: float | None = None
     token_times: list[float] | None = None  # every token's time, for a sample of requests
     n_out: int = 0  # output tokens, set when it ends
+    stage: Stage = Stage.WAITING
+
+    @property
+    def offloaded(self) -> bool:
+        return self.stage is Stage.DECODING_OFFLOADED
 
 
 class SimRouter:
@@ -52,6 +60,7 @@ class SimRouter:
 
     def prefilled(self, r: SimRequest) -> None:
         prefilled(self.load, r.where)
+        r.stage = Stage.PARKED
 
     def try_admit(self, r: SimRequest) -> Placement | None:
         """The policy's admission; a refused request waits for freed capacity."""
@@ -61,6 +70,7 @@ class SimRouter:
             return None
         admitted(self.load, decision, r.reserved)
         r.decision = decision
+        r.stage = Stage.DECODING_OFFLOADED if decision.offload else Stage.DECODING_LOCAL
         self.num_offloaded += decision.offload
         self.admission_log.append((r.greq.request_id, decision.prefill, decision.decode,
                                    decision.offload))
@@ -69,6 +79,7 @@ class SimRouter:
     def release(self, r: SimRequest) -> list[SimRequest]:
         """It ended; returns the waiters admitted on the capacity it freed, in order."""
         released(self.load, r.where, r.decision, r.reserved)
+        r.stage = Stage.DONE
         if r.decision is None:
             return []
         return self.capacity_freed()

@@ -10,11 +10,15 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field, replace
 
+from adrenaline.app_config import LimitsConfig
 from adrenaline.engine.request import Request
+from adrenaline.errors import InvalidRequestError
 from adrenaline.policy import make_policy, needs_profile
 from adrenaline.policy.profile import ClusterProfile, profile_batches
 from adrenaline.protocol import GenerateRequest
+from adrenaline.request_length import check_request_length
 from adrenaline.sampling_params import SamplingParams
+from adrenaline.serve.attempt import Stage
 from adrenaline.sim.cost import CostModel
 from adrenaline.sim.engines import SimDecode, SimExecutor, SimPrefill
 from adrenaline.sim.hardware import HardwareProfile, get_profile
@@ -46,8 +50,7 @@ class SimConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     link_gbs: float | None = None
-    max_ongoing_requests: int | None = None  # the router's admission limits (None: none)
-    max_queued_requests: int | None = None
+    limits: LimitsConfig | None = None  # the router's admission limits (None: none)
     sample_interval_s: float = 1.0
     http: bool = False  # requests come over HTTP (the profile's frontend_cores then apply)
     # Decode batches the start-up profile times (None: policy/profile.py's, as the live router).
@@ -103,9 +106,9 @@ class Simulation:
                           if cfg.executor else [])
         dec_cap = [d.bm.num_blocks * bs for d in self.decode]
         exe_cap = [e.capacity_tokens for e in self.executors]
-        self.max_request_tokens = min(
-            [p.bm.num_blocks * bs for p in self.prefill] + dec_cap
-            + [self.model.config.max_position_embeddings])
+        self.max_model_len = self.model.config.max_position_embeddings
+        self.max_request_tokens = min([p.bm.num_blocks * bs for p in self.prefill] + dec_cap
+                                      + [self.max_model_len])
         profile = (startup_profile(self.cost, dec_cap, exe_cap,
                                    cfg.profile_batches or profile_batches(cfg.max_num_seqs))
                    if needs_profile(cfg.policy) else None)
@@ -165,12 +168,16 @@ class Simulation:
         self.requests.append(sr)
         if n % max(1, self._total // MAX_TIMELINES) == 0:
             sr.token_times = []
-        if a.prompt_len + a.output_len > self.max_request_tokens or a.prompt_len < 1:
+        try:
+            if a.prompt_len < 1:
+                raise InvalidRequestError("prompt is empty")
+            check_request_length(a.prompt_len, a.output_len, self.max_model_len,
+                                 self.max_request_tokens)
+        except InvalidRequestError:
             self.num_rejected += 1
             return self._ended(sr)
-        c = self.cfg
-        if ((c.max_ongoing_requests and self._ongoing >= c.max_ongoing_requests)
-                or (c.max_queued_requests and self._queued >= c.max_queued_requests)):
+        limits = self.cfg.limits
+        if limits is not None and limits.refusal(self._ongoing, self._queued) is not None:
             self.num_refused += 1
             return self._ended(sr)
         self._ongoing += 1
@@ -181,20 +188,16 @@ class Simulation:
 
     # -- prefill
     def _kick_prefill(self, p: int) -> None:
-        inst = self.prefill[p]
-        if inst.busy:
-            return
-        plan = inst.next_step()
-        if plan is None:
-            return
-        inst.busy = True
-        busy_exec = bool(self.executors) and self.executors[p].kv_tokens > 0
-        dur = self.cost.prefill_s(plan.query_lens, plan.context_lens, busy_exec)
-        dur *= self._sharing()
-        self._at(self.now + dur, self._prefill_done, (p, plan))
+        def duration(plan) -> float:
+            busy_exec = bool(self.executors) and self.executors[p].kv_tokens > 0
+            for req in plan.requests:
+                req.sim.stage = Stage.PREFILLING
+            return self.cost.prefill_s(plan.query_lens, plan.context_lens, busy_exec)
+
+        self._kick(self.prefill[p], duration, self._prefill_done, p)
 
     def _prefill_done(self, arg) -> None:
-        p, plan = arg
+        p, plan, _ = arg
         inst = self.prefill[p]
         inst.busy = False
         inst.finish_step(plan)
@@ -218,7 +221,7 @@ class Simulation:
         d = sr.decision
         req = sr.req
         self.prefill[d.prefill].release(req)  # export frees the prefill blocks at once
-        if d.offload:
+        if sr.offloaded:
             req.executor = d.prefill
             self.executors[d.prefill].adopt(req)
             dur = self.hw.handoff_latency_s  # same device: no link
@@ -234,15 +237,19 @@ class Simulation:
     # -- decode
     def _kick_decode(self, j: int) -> None:
         inst = self.decode[j]
+        self._kick(inst, lambda plan: inst.step_time(plan, self.cost), self._decode_done, j)
+
+    def _kick(self, inst, duration, done, index: int) -> None:
+        """Start instance ``inst``'s next step, unless it is busy or has nothing to run;
+        ``done((index, plan, seconds))`` runs when the step ends."""
         if inst.busy:
             return
         plan = inst.next_step()
         if plan is None:
             return
         inst.busy = True
-        dur = inst.step_time(plan, self.cost)
-        dur *= self._sharing()
-        self._at(self.now + dur, self._decode_done, (j, plan, dur))
+        dur = duration(plan) * self._sharing()
+        self._at(self.now + dur, done, (index, plan, dur))
 
     def _sharing(self) -> float:
         """Shared cores: how much longer a step starting now takes (1 on dedicated devices)."""

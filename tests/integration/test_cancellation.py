@@ -94,6 +94,9 @@ def test_abort_and_free_release_pages_before_the_next_step(client):
     params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
     async def run():
+        from ray import serve
+
+        router = serve.get_deployment_handle("Router", app_name=APP)
         decode = ray.get_actor(f"{APP}-decode-0")
         executors = [ray.get_actor(f"{APP}-executor-{i}") for i in range(2)]
         agens = [client.stream(list(range(10 + i, 40 + i)), params) for i in range(4)]
@@ -101,6 +104,7 @@ def test_abort_and_free_release_pages_before_the_next_step(client):
         for agen in agens:  # each one decoding
             rids.append((await agen.__anext__()).request_id)
             await agen.__anext__()
+        await router.hold_steps.remote("decode", 0, True)  # none finishes before the aborts
         before = [await e.check_kv.remote() for e in executors]
         for rid in rids:
             await decode.abort.remote(rid)
@@ -111,6 +115,7 @@ def test_abort_and_free_release_pages_before_the_next_step(client):
         for e in executors:
             rep = await e.check_kv.remote()
             assert rep.ok and rep.num_used == 0, rep
+        await router.hold_steps.remote("decode", 0, False)
         for agen in agens:
             await agen.aclose()
         await assert_kv_sound_async(client, idle=True)

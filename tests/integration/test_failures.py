@@ -87,12 +87,25 @@ async def _kill_mid_stream(client, role: str, prompts, sig: int = signal.SIGKILL
     pid = (await router.worker_pids.remote())[role][0]
     seen: list[int] = []
     # Staggered arrivals: at the kill some requests are decoding, some in prefill or handoff.
+    first = len(prompts) - 2
     tasks = [asyncio.create_task(_stream(client, p, params or _params(i), seen, 0.05 * i))
-             for i, p in enumerate(prompts)]
-    while len(seen) < 3 * len(prompts):  # well into the streams
+             for i, p in enumerate(prompts[:first])]
+    while len(seen) < 3 * first:  # well into the streams
+        await asyncio.sleep(0.01)
+    # The kill must find requests that depend on the actor (forced, not timed): the
+    # prefill worker's (or the decode worker's) steps are held, and the last two requests
+    # arrive now, so they wait there (queued; parked, one of them offloaded by ratio 0.5)
+    # and none of the others finishes before the kill.
+    held = "prefill" if role == "prefill" else "decode"
+    await router.hold_steps.remote(held, 0, True)
+    tasks += [asyncio.create_task(_stream(client, p, params or _params(first + i), seen, 0))
+              for i, p in enumerate(prompts[first:])]
+    while not _depends(role, await client.metrics()):
         await asyncio.sleep(0.01)
     os.kill(pid, sig)
     t_sig = time.monotonic()
+    if held != role:
+        await router.hold_steps.remote(held, 0, False)
     try:
         # Detected: the supervisor counts the loss as the replacement starts.
         while (await router.stats.remote())["num_losses"] == before["num_losses"]:
@@ -118,6 +131,13 @@ async def _kill_mid_stream(client, role: str, prompts, sig: int = signal.SIGKILL
     delta["detected_s"] = detected_s
     delta["hangs"] = after["hangs"][len(before["hangs"]):]
     return outs, delta
+
+
+def _depends(role: str, metrics) -> bool:
+    """Whether actor (role, 0) holds a request: one queued on the prefill worker, one
+    running or parked on the decode worker, one adopted by the executor."""
+    m = next(m for m in metrics if m.role == role and m.index == 0)
+    return (m.num_waiting if role == "prefill" else m.num_running + m.num_waiting) > 0
 
 
 @pytest.mark.parametrize("role", ["decode", "executor", "prefill"])
@@ -264,6 +284,7 @@ def test_no_replacement_ends_requests_with_error_then_recovers(ray_cluster, offl
         task = asyncio.create_task(_stream(client, [5, 6, 7], PARAMS, seen, 0))
         while len(seen) < 3:
             await asyncio.sleep(0.01)
+        await router.hold_steps.remote("decode", 0, True)  # it cannot finish before the kill
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(Exception, match="no replacement could be started"):

@@ -98,11 +98,35 @@ def test_seeded_sampling_matches_offline(client_2p1d, offline):
 
 
 def test_many_concurrent_requests_with_decode_preemption(client_2p1d, offline):
+    """Preemption is forced, not hoped for: the decode pool (10 blocks of 16) takes the
+    router's admission of 4 requests of 14 + 20 tokens (4 x 34 <= 160 tokens), whose KV
+    comes to 3 blocks each (33 slots); held until all 4 are parked, they decode in
+    lockstep and outgrow the pool (12 > 10 blocks) at their last steps."""
+    from ray import serve
+
     rng = random.Random(0)
-    prompts = [[rng.randrange(5, 4000) for _ in range(rng.randint(3, 30))] for _ in range(12)]
-    params = SamplingParams(max_tokens=20, temperature=0)
+    prompts = [[rng.randrange(5, 4000) for _ in range(14)] for _ in range(12)]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     expected = [o.token_ids for o in offline.generate(prompts, params)]
-    outs = asyncio.run(_generate_all(client_2p1d, prompts, params))
+    router = serve.get_deployment_handle("Router", app_name="h2p1d")
+
+    async def run():
+        await router.hold_steps.remote("decode", 0, True)
+        parked = False
+        try:
+            tasks = [asyncio.ensure_future(client_2p1d.generate(p, params)) for p in prompts]
+            for _ in range(600):  # the 4 admitted ones parked (the others wait for room)
+                metrics = await client_2p1d.metrics()
+                parked = any(m.role == "decode" and m.num_waiting == 4 for m in metrics)
+                if parked:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await router.hold_steps.remote("decode", 0, False)
+        return parked, await asyncio.gather(*tasks)
+
+    parked, outs = asyncio.run(run())
+    assert parked, "the decode instance never held the 4 admitted requests at once"
     assert [o.token_ids for o in outs] == expected
     metrics = asyncio.run(client_2p1d.metrics())
     assert any(m.role == "decode" and m.num_preemptions > 0 for m in metrics)

@@ -94,10 +94,13 @@ def test_offloaded_kv_never_allocated_on_decode(ray_cluster):
     async def run():
         params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
         seen = None
+        router = serve.get_deployment_handle("Router", app_name="offload-kv-placement")
         agen = client.stream(list(range(10, 60)), params)
         async for out in agen:
             if len(out.token_ids) == 20:
+                await router.hold_steps.remote("decode", 0, True)  # certainly mid-decode
                 seen = {m.role: m for m in await client.metrics()}
+                await router.hold_steps.remote("decode", 0, False)
                 break
         await agen.aclose()
         return seen

@@ -137,7 +137,7 @@ def test_burst_of_ten_times_the_limits_gets_only_200_or_429(http):
             return await asyncio.gather(*[one(client, i) for i in range(n)])
 
     from adrenaline.model.tokenizer import Tokenizer
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
     tok = Tokenizer(resolve_model_dir("tiny"))
     results = asyncio.run(burst())
     statuses = [r[0] for r in results]

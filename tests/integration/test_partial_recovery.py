@@ -75,7 +75,11 @@ def client(ray_cluster):
     serve.delete(APP)
 
 
-async def _kill_one(client, role: str, prompts) -> dict:
+async def _kill_one(client, role: str, prompts, ready) -> dict:
+    """Stream ``prompts``, kill ``role`` 0 once ``ready(decoding)`` (streams past their
+    handoff -> (prefill, decode, offloaded)) says the kill proves something, and collect
+    what the checks need. Every decode worker's steps are held from that check to the
+    kill, so the streams decoding at the kill are exactly those checked."""
     from ray import serve
 
     router = serve.get_deployment_handle("Router", app_name=APP)
@@ -101,14 +105,27 @@ async def _kill_one(client, role: str, prompts) -> dict:
         return out.token_ids
 
     tasks = [asyncio.create_task(stream(i)) for i in range(len(prompts))]
-    while sum(n >= 2 and not d for n, d in zip(tokens, done)) < len(prompts) // 2:
-        await asyncio.sleep(0.01)  # half the streams decoding
-    # At the kill: where each admitted request went, and how far each stream had got.
-    admitted = {rid: (p, d, off) for rid, p, d, off, _ in
-                (await router.admissions.remote())[logged_before:]}
-    at_kill = [(ids[i], tokens[i], done[i]) for i in range(len(prompts))]
+    num_decode = sum(m.role == "decode" for m in await client.metrics())
+    while True:
+        while sum(n >= 2 and not d for n, d in zip(tokens, done)) < len(prompts) // 2:
+            await asyncio.sleep(0.01)  # half the streams decoding
+        await asyncio.gather(*[router.hold_steps.remote("decode", j, True)
+                               for j in range(num_decode)])
+        await asyncio.sleep(0.05)  # deltas of the last steps reach the streams
+        # At the kill: where each admitted request went, and how far each stream had got.
+        admitted = {rid: (p, d, off) for rid, p, d, off, _ in
+                    (await router.admissions.remote())[logged_before:]}
+        at_kill = [(ids[i], tokens[i], done[i]) for i in range(len(prompts))]
+        if ready(_decoding_at_kill({"admitted_at_kill": admitted, "at_kill": at_kill})):
+            break
+        await asyncio.gather(*[router.hold_steps.remote("decode", j, False)
+                               for j in range(num_decode)])
+        assert not all(done), "the kill never found requests decoding where it proves something"
+        await asyncio.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     t_kill = time.monotonic()
+    await asyncio.gather(*[router.hold_steps.remote("decode", j, False)
+                           for j in range(num_decode) if (role, j) != ("decode", 0)])
     outs = await asyncio.wait_for(asyncio.gather(*tasks), 300)
     while (after := await router.stats.remote())["num_recoveries"] == before["num_recoveries"]:
         assert time.monotonic() - t_kill < 180, f"no replacement serves: {after}"
@@ -126,9 +143,7 @@ def _decoding_at_kill(r: dict) -> dict[str, tuple[int, int, bool]]:
 
 
 # A kill proves something only if, at that moment, requests were decoding both on the lost
-# actor and elsewhere; timing decides that, so a round that missed one kind is run again
-# (each round is a full check: exact outputs, reruns only where they depended).
-ROUNDS = 3
+# actor and elsewhere: the kill waits for that (``ready``), with the decode steps held.
 
 
 def _check_round(r: dict, prompts, expected, lost_of) -> tuple[set, dict]:
@@ -153,21 +168,20 @@ def _check_round(r: dict, prompts, expected, lost_of) -> tuple[set, dict]:
 
 def _rounds(client, role: str, seed: int, lost_of, need_lost: bool, n: int = NUM_STREAMS,
             offline=None, kept_of=lambda where: True) -> None:
-    """Kill rounds until one had a request decoding on a surviving actor (``kept_of`` says
+    """A kill round that has a request decoding on a surviving actor (``kept_of`` says
     which count) and, with ``need_lost``, one decoding on the lost actor."""
-    seen_lost = seen_kept = False
-    for k in range(ROUNDS):
-        prompts = _prompts(seed + 100 * k, n)
-        expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
-                                                                    range(len(prompts))])]
-        r = asyncio.run(_kill_one(client, role, prompts))
-        lost, kept = _check_round(r, prompts, expected, lost_of)
-        seen_lost |= bool(lost)
-        seen_kept |= any(kept_of(where) for where in kept.values())
-        if seen_kept and (seen_lost or not need_lost):
-            return
-    assert seen_kept, "no request was ever decoding on a surviving actor at a kill"
-    assert seen_lost or not need_lost, "no request ever depended on the killed actor"
+    def ready(decoding: dict) -> bool:
+        kept = [w for w in decoding.values() if not lost_of(w) and kept_of(w)]
+        return bool(kept) and (not need_lost or any(lost_of(w) for w in decoding.values()))
+
+    prompts = _prompts(seed, n)
+    expected = [o.token_ids for o in offline.generate(prompts, [_params(i) for i in
+                                                                range(len(prompts))])]
+    r = asyncio.run(_kill_one(client, role, prompts, ready))
+    lost, kept = _check_round(r, prompts, expected, lost_of)
+    assert any(kept_of(where) for where in kept.values()), \
+        "no request was decoding on a surviving actor at the kill"
+    assert lost or not need_lost, "no request depended on the killed actor"
 
 
 @pytest.mark.parametrize("role", ["decode", "executor", "prefill"])

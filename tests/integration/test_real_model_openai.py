@@ -27,7 +27,7 @@ APP = "real-model-openai"
 
 def _model_or_skip() -> None:
     from adrenaline.config import ConfigError
-    from adrenaline.engine.core import resolve_model_dir
+    from adrenaline.model.resolve import resolve_model_dir
 
     try:
         resolve_model_dir(MODEL)

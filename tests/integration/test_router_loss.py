@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from adrenaline import LLM, SamplingParams
-from adrenaline.engine.core import resolve_model_dir
+from adrenaline.model.resolve import resolve_model_dir
 from tests.integration.serve_helpers import running_app
 
 APP = "routerloss"

@@ -6,7 +6,7 @@ import torch
 
 from adrenaline.config import EngineConfig
 from adrenaline.engine.attention_service import AttentionService
-from adrenaline.engine.core import resolve_model_dir
+from adrenaline.model.resolve import resolve_model_dir
 from adrenaline.engine.kv_transfer import export_blocks
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.model.hf_config import load_model_config

@@ -11,7 +11,7 @@ import json
 import msgspec
 import pytest
 
-from adrenaline.engine.core import resolve_model_dir
+from adrenaline.model.resolve import resolve_model_dir
 from adrenaline.errors import InvalidRequestError
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import ModelInfo, TokenDelta, WorkerMetrics

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from adrenaline.engine.core import resolve_model_dir
+from adrenaline.model.resolve import resolve_model_dir
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import ModelInfo, TokenDelta
 from adrenaline.serve.openai_api.batch import BatchResponder

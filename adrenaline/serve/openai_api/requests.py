@@ -21,6 +21,7 @@ import msgspec
 from adrenaline.errors import InvalidRequestError
 from adrenaline.model.tokenizer import Tokenizer
 from adrenaline.protocol import GenerateRequest, ModelInfo
+from adrenaline.request_length import RequestTooLongError, check_request_length, room_left
 from adrenaline.sampling_params import SamplingParams
 from adrenaline.serve.openai_api.errors import APIError, bad_request
 from adrenaline.serve.openai_api.tools import (ToolMode, tool_call_text, tool_mode,
@@ -345,26 +346,13 @@ def _resolve_max_tokens(n_prompt: int, requested: int | None, param: str, info: 
         else:
             raise bad_request(f"`{param}` must be >= 1{' (0 only with `echo`)' if not echo else ''}"
                               f", got {requested}", param=param)
-    if n_prompt >= info.max_model_len:
-        raise bad_request(f"the prompt has {n_prompt} tokens; the model's context is "
-                          f"{info.max_model_len} tokens and at least one must be generated",
-                          param=prompt_param, code="context_length_exceeded")
-    if n_prompt >= info.max_request_tokens:
-        raise bad_request(f"the prompt has {n_prompt} tokens; a request may use at most "
-                          f"{info.max_request_tokens} tokens (prompt + max_tokens) of KV cache",
-                          param=prompt_param, code="context_length_exceeded")
     if requested is None:
-        return min(info.max_model_len, info.max_request_tokens) - n_prompt
-    if n_prompt + requested > info.max_model_len:
-        raise bad_request(f"this model's maximum context length is {info.max_model_len} tokens; "
-                          f"you requested {n_prompt + requested} ({n_prompt} in the prompt, "
-                          f"{requested} in `{param}`)", param=param,
-                          code="context_length_exceeded")
-    if n_prompt + requested > info.max_request_tokens:
-        raise bad_request(f"a request may use at most {info.max_request_tokens} tokens of KV "
-                          f"cache; you requested {n_prompt + requested} ({n_prompt} in the "
-                          f"prompt, {requested} in `{param}`)", param=param,
-                          code="context_length_exceeded")
+        requested = max(1, room_left(n_prompt, info.max_model_len, info.max_request_tokens))
+    try:
+        check_request_length(n_prompt, requested, info.max_model_len, info.max_request_tokens,
+                             param=param, prompt_param=prompt_param)
+    except RequestTooLongError as e:
+        raise bad_request(str(e), param=e.param, code="context_length_exceeded") from None
     return requested
 
 
