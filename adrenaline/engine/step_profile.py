@@ -9,7 +9,6 @@ found it (its requests aborted or freed).
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -19,13 +18,15 @@ from adrenaline.engine.synthetic_batch import adopt_local, adopt_offloaded, serv
 SHORT_CONTEXT = 16  # tokens: attention is negligible here, the step is its base
 
 
-def _median_step_s(engine, steps: int) -> float:
+def _fastest_step_s(engine, steps: int) -> float:
+    """The fastest of ``steps`` steps after a warm-up one: on a shared machine other work
+    only ever adds time, so the minimum is the step's own cost."""
     samples = []
     for _ in range(steps + 1):
         start = time.perf_counter()
         engine.step()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples[1:])  # the first step of a shape may warm caches
+    return min(samples[1:])
 
 
 def _abort_all(engine, reqs) -> None:
@@ -34,7 +35,7 @@ def _abort_all(engine, reqs) -> None:
 
 
 def time_decode_steps(engine, batch: int, context: int, steps: int = 3) -> float | None:
-    """Median step seconds of ``batch`` local requests at ``context`` tokens (None: no room)."""
+    """Step seconds of ``batch`` local requests at ``context`` tokens (None: no room)."""
     per_request = engine.block_manager.blocks_for(context + steps + 2)
     if batch * per_request > engine.block_manager.num_free_blocks or \
             batch > engine.config.max_num_seqs:
@@ -42,7 +43,7 @@ def time_decode_steps(engine, batch: int, context: int, steps: int = 3) -> float
     with torch.inference_mode():
         reqs = adopt_local(engine, batch, context, steps + 2, prefix=f"profile-{batch}-{context}")
         try:
-            return _median_step_s(engine, steps)
+            return _fastest_step_s(engine, steps)
         finally:
             _abort_all(engine, reqs)
 

@@ -21,7 +21,7 @@ def test_decode_profile_splits_base_and_attention_and_leaves_the_pool_empty():
     engine = EngineCore("tiny", dtype="float32", device="cpu",
                         config=EngineConfig(kv_cache_tokens=8192, max_num_seqs=16,
                                             num_threads=1))
-    base, per_token = profile_decode(engine, profile_batches(16), long_context=512)
+    base, per_token = profile_decode(engine, profile_batches(16), long_context=1024)
     assert sorted(base) == [1, 2, 4, 8, 16] and all(t > 0 for t in base.values())
     assert per_token > 0
     assert engine.block_manager.num_used_blocks == 0 and not engine.requests
