@@ -105,12 +105,19 @@ def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict
             row["links"] = stats.get("links")
             if expected is not None:
                 row["greedy_mismatches"] = sum(a != b for a, b in zip(tokens, expected))
+                # where each differing request first departs from the offline tokens
+                row["greedy_divergence"] = {i: _first_difference(a, b) for i, (a, b)
+                                            in enumerate(zip(tokens, expected)) if a != b}
             rows.append(row)
             print(f"{name} @ {rate:g} req/s: {row['output_tok_s']:.1f} tok/s, batch "
                   f"{row['mean_decode_batch']:.1f}, offload {row['offload_ratio']:.2f}", flush=True)
     finally:
         serve.delete(app)
     return rows
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def build_prompts(args, model_dir: str, vocab: int) -> list:
@@ -205,8 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8765})
-        rows = [row for name in args.systems.split(",")
-                for row in bench_system(name, args, prompts, params, rates, expected)]
+        rows = []
+        for name in args.systems.split(","):
+            rows += bench_system(name, args, prompts, params, rates, expected)
+            write_result({"partial": True, "rows": rows}, args.out)  # survives a later stop
     finally:
         serve.shutdown()
         ray.shutdown()
