@@ -39,7 +39,7 @@ from adrenaline.transport.futex import futex_wait
 from adrenaline.transport.shm_segment import ALIGN, Segment, new_segment_name
 
 DEFAULT_CAPACITY = 4 << 20  # bytes per direction
-SPIN_S = float(__import__("os").environ.get("ADR_SPIN", "50e-6"))  # busy-poll this long before sleeping on the doorbell
+SPIN_S = 50e-6  # busy-poll this long before sleeping on the doorbell
 _SLICE_S = 0.02  # longest sleep between checks of the peer process
 _SPACE_SLICE_S = 0.001  # a writer waiting for space re-checks this often
 
