@@ -8,25 +8,12 @@ import json
 
 import pytest
 
-from adrenaline.model.resolve import resolve_model_dir
-from adrenaline.model.tokenizer import Tokenizer
-from adrenaline.protocol import ModelInfo, TokenDelta
+from adrenaline.protocol import TokenDelta
 from adrenaline.serve.openai_api.batch import BatchResponder
 from adrenaline.serve.openai_api.requests import parse_chat_request, parse_completion_request
 from adrenaline.serve.openai_api.responses import make_responder
 from adrenaline.serve.openai_api.tools import ToolMode, parse_complete_tool_calls
 from adrenaline.serve.openai_api.utility import detokenize, tokenize
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(resolve_model_dir("tiny"))
-
-
-@pytest.fixture(scope="module")
-def info(tok) -> ModelInfo:
-    return ModelInfo(name="tiny", model_dir=str(resolve_model_dir("tiny")), max_model_len=512,
-                     vocab_size=tok.vocab_size, max_request_tokens=512, eos_token_ids=(1,))
 
 
 def _completion(info, tok, **fields):

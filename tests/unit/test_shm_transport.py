@@ -130,7 +130,12 @@ def test_peer_killed_mid_message_raises_peer_lost_and_leaves_no_segment():
         mesh.link(1, comm, 1)
         buf = torch.empty(1 << 22, dtype=torch.uint8)
         handle = mesh.irecv(buf, 1, 2)  # another tag: the 4 MiB message streams into a copy
-        time.sleep(0.3)  # the child is now blocked mid-message
+        # Kill only once the child has written part of its message into the ring (forced:
+        # the ring holds 4 KiB of the 4 MiB, so it is then blocked mid-message).
+        deadline = time.monotonic() + 60
+        while comm._seg.head(1) == 0:
+            assert time.monotonic() < deadline, "the child never started its message"
+            time.sleep(0.01)
         os.kill(child.pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(PeerLostError):
