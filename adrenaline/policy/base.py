@@ -16,7 +16,13 @@ class ClusterLoad:
     """The router's live view of its instances (updated as requests start and end).
 
     ``decode_reserved_tokens[i]`` sums prompt + max_tokens of requests placed on
-    decode instance i and not finished: the KV they may come to hold.
+    decode instance i and not finished, each rounded up to whole KV blocks
+    (``footprint``): the pool they may come to hold.
+    ``decode_mean_tokens[i]`` sums the same requests' KV averaged over their lives
+    (prompt + max_tokens / 2, ``life_mean_tokens``): in steady state, with requests at
+    every stage of their lives, the KV a decode step's attention reads. Capacity rules use
+    the reserved sums (KV must fit at its maximum); time rules use the mean sums (a
+    request's TPOT is the mean of the steps over its life). Likewise for executors.
     """
 
     prefill_inflight: list[int]
@@ -29,6 +35,11 @@ class ClusterLoad:
     executor_active: list[int] = field(default_factory=list)
     executor_reserved_tokens: list[int] = field(default_factory=list)
     executor_capacity_tokens: list[int] = field(default_factory=list)
+    decode_mean_tokens: list[int] = field(default_factory=list)  # empty: as reserved
+    executor_mean_tokens: list[int] = field(default_factory=list)
+    # KV is held in whole blocks of this many tokens: a request of n tokens takes
+    # ``footprint(n)`` of a pool, and the reserved sums count footprints.
+    block_size: int = 1
     # Prefix caching on the prefill instances (empty when it is off there): what each
     # holds (policy/prefix.py), and the uncached prompt tokens placed on each and not
     # yet prefilled (the work queued there).
@@ -52,12 +63,30 @@ class ClusterLoad:
         cap = len(req.prompt_token_ids) - 1
         return [min(idx.match(hashes) * bs, cap // bs * bs) for idx in self.prefill_prefix]
 
+    def footprint(self, tokens: int) -> int:
+        """Pool tokens a request of ``tokens`` KV tokens occupies: whole blocks."""
+        return -(-tokens // self.block_size) * self.block_size
+
     def executor_fits(self, i: int, tokens: int) -> bool:
         return (bool(self.executor_capacity_tokens)
-                and self.executor_reserved_tokens[i] + tokens <= self.executor_capacity_tokens[i])
+                and self.executor_reserved_tokens[i] + self.footprint(tokens)
+                <= self.executor_capacity_tokens[i])
 
     def decode_fits(self, d: int, tokens: int) -> bool:
-        return self.decode_reserved_tokens[d] + tokens <= self.decode_capacity_tokens[d]
+        return (self.decode_reserved_tokens[d] + self.footprint(tokens)
+                <= self.decode_capacity_tokens[d])
+
+    def decode_attention_tokens(self, d: int) -> int:
+        """The KV a step of decode instance ``d`` reads locally, on average (time rules)."""
+        return (self.decode_mean_tokens or self.decode_reserved_tokens)[d]
+
+    def executor_attention_tokens(self, p: int) -> int:
+        return (self.executor_mean_tokens or self.executor_reserved_tokens)[p]
+
+
+def life_mean_tokens(prompt_tokens: int, max_tokens: int) -> int:
+    """A request's KV averaged over its life: its prompt and half its maximum output."""
+    return prompt_tokens + max_tokens // 2
 
 
 @dataclass(frozen=True)
@@ -125,6 +154,11 @@ class PlacementPolicy(ABC):
     def request_tokens(req: GenerateRequest) -> int:
         """KV tokens the request may come to hold (its maximum length)."""
         return len(req.prompt_token_ids) + req.params.max_tokens
+
+    @staticmethod
+    def request_mean_tokens(req: GenerateRequest) -> int:
+        """KV tokens the request holds on average over its life (``life_mean_tokens``)."""
+        return life_mean_tokens(len(req.prompt_token_ids), req.params.max_tokens)
 
 
 def least_loaded(load: ClusterLoad) -> tuple[int, int]:

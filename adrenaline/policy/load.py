@@ -20,10 +20,11 @@ from adrenaline.policy.prefix import PrefixIndex
 
 def new_cluster_load(num_prefill: int, decode_capacity_tokens: list[int],
                      executor_capacity_tokens: list[int],
-                     prefill_prefix: list[PrefixIndex] | None = None) -> ClusterLoad:
+                     prefill_prefix: list[PrefixIndex] | None = None,
+                     block_size: int = 1) -> ClusterLoad:
     """All-idle load of a cluster (executor lists empty when offloading is off;
     ``prefill_prefix``: one empty record per prefill instance, None when prefix caching
-    is off there)."""
+    is off there; ``block_size``: the KV block of the decode and executor pools)."""
     n_d, n_e = len(decode_capacity_tokens), len(executor_capacity_tokens)
     prefixes = list(prefill_prefix or [])
     return ClusterLoad(prefill_inflight=[0] * num_prefill, decode_active=[0] * n_d,
@@ -32,7 +33,8 @@ def new_cluster_load(num_prefill: int, decode_capacity_tokens: list[int],
                        decode_pending_tokens=[0] * n_d,
                        executor_active=[0] * n_e, executor_reserved_tokens=[0] * n_e,
                        executor_capacity_tokens=list(executor_capacity_tokens),
-                       prefill_prefix=prefixes,
+                       decode_mean_tokens=[0] * n_d, executor_mean_tokens=[0] * n_e,
+                       prefill_prefix=prefixes, block_size=block_size,
                        prefill_queued_tokens=[0] * num_prefill if prefixes else [])
 
 
@@ -42,7 +44,7 @@ def placed(load: ClusterLoad, where: Placement, reserved: int, prefill_tokens: i
     load.prefill_inflight[where.prefill] += 1
     if load.prefill_queued_tokens:
         load.prefill_queued_tokens[where.prefill] += prefill_tokens
-    load.decode_pending_tokens[where.decode] += reserved
+    load.decode_pending_tokens[where.decode] += load.footprint(reserved)
 
 
 def prefilled(load: ClusterLoad, where: Placement, prefill_tokens: int = 0) -> None:
@@ -52,21 +54,26 @@ def prefilled(load: ClusterLoad, where: Placement, prefill_tokens: int = 0) -> N
         load.prefill_queued_tokens[where.prefill] -= prefill_tokens
 
 
-def admitted(load: ClusterLoad, decision: Placement, reserved: int) -> None:
-    """The policy admitted it (``decision.offload``: onto the executor beside its prefill)."""
+def admitted(load: ClusterLoad, decision: Placement, reserved: int, mean: int) -> None:
+    """The policy admitted it (``decision.offload``: onto the executor beside its prefill);
+    ``mean``: its KV averaged over its life (policy/base.py's ``life_mean_tokens``)."""
     d, p = decision.decode, decision.prefill
+    reserved = load.footprint(reserved)
     load.decode_pending_tokens[d] -= reserved
     load.decode_active[d] += 1
     if decision.offload:
         load.executor_active[p] += 1
         load.executor_reserved_tokens[p] += reserved
+        load.executor_mean_tokens[p] += mean
     else:
         load.decode_reserved_tokens[d] += reserved
+        load.decode_mean_tokens[d] += mean
 
 
 def released(load: ClusterLoad, where: Placement, decision: Placement | None,
-             reserved: int) -> None:
+             reserved: int, mean: int) -> None:
     """It ended: finished, failed or cancelled; ``decision`` None if never admitted."""
+    reserved = load.footprint(reserved)
     if decision is None:
         load.decode_pending_tokens[where.decode] -= reserved
         return
@@ -75,5 +82,7 @@ def released(load: ClusterLoad, where: Placement, decision: Placement | None,
     if decision.offload:
         load.executor_active[p] -= 1
         load.executor_reserved_tokens[p] -= reserved
+        load.executor_mean_tokens[p] -= mean
     else:
         load.decode_reserved_tokens[d] -= reserved
+        load.decode_mean_tokens[d] -= mean

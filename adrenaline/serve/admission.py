@@ -35,7 +35,7 @@ def new_load(cluster: Cluster) -> ClusterLoad:
         len(cluster.prefill), [i.num_kv_blocks * i.block_size for i in cluster.decode_info],
         cluster.executor_capacity_tokens,
         [PrefixIndex(i.num_kv_blocks, i.block_size) for i in cluster.prefill_info]
-        if caching else None)
+        if caching else None, block_size=cluster.decode_info[0].block_size)
 
 
 class Admission:
@@ -81,20 +81,21 @@ class Admission:
                 raise Restart()
         return decision
 
-    def admitted(self, load: ClusterLoad, where: Placement, reserved: int,
+    def admitted(self, load: ClusterLoad, where: Placement, reserved: int, mean: int,
                  offload: bool) -> None:
         self.num_queued -= 1
-        load_moves.admitted(load, Placement(where.prefill, where.decode, offload), reserved)
+        load_moves.admitted(load, Placement(where.prefill, where.decode, offload), reserved,
+                            mean)
 
-    def ended(self, load: ClusterLoad, where: Placement, reserved: int, admitted: bool,
-              offload: bool) -> None:
+    def ended(self, load: ClusterLoad, where: Placement, reserved: int, mean: int,
+              admitted: bool, offload: bool) -> None:
         """Take back what the attempt counted; capacity freed wakes the waiters."""
         if not admitted:
             self.num_queued -= 1
-            load_moves.released(load, where, None, reserved)
+            load_moves.released(load, where, None, reserved, mean)
         else:
             load_moves.released(load, where, Placement(where.prefill, where.decode, offload),
-                                reserved)
+                                reserved, mean)
             self.capacity_freed()
 
     def capacity_freed(self) -> None:

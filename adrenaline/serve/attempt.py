@@ -70,8 +70,9 @@ class Attempt:
 
     ``epochs``/``actors``: the epoch and handle of each slot (role, index) it has used,
     captured when it first used it; ``lost`` is set once one of them (or the whole
-    cluster) is lost. ``reserved``/``uncached``: what it counts in ``load`` (the ledger
-    of serve/admission.py), taken back exactly once by ``end``.
+    cluster) is lost. ``reserved``/``mean_kv``/``uncached``: what it counts in ``load`` (the
+    ledger of serve/admission.py: its KV at most and over its life, its prompt tokens to
+    compute), taken back exactly once by ``end``.
     """
 
     id: str
@@ -81,6 +82,7 @@ class Attempt:
     load: ClusterLoad
     admission: object  # serve/admission.Admission
     reserved: int
+    mean_kv: int
     uncached: int = 0
     shared: SharedPrefill | None = None
     ordinal: int = 0  # the router's placement count at its placement
@@ -127,7 +129,8 @@ class Attempt:
         self._to(Stage.PARKED)
 
     def admitted(self, decision: Placement) -> None:
-        self.admission.admitted(self.load, self.where, self.reserved, decision.offload)
+        self.admission.admitted(self.load, self.where, self.reserved, self.mean_kv,
+                                decision.offload)
         self._to(Stage.DECODING_OFFLOADED if decision.offload else Stage.DECODING_LOCAL)
 
     def done(self) -> None:
@@ -148,7 +151,7 @@ class Attempt:
         if not self._ended:
             self._ended = True
             self.prefilled()  # (ended before its prefill was asked)
-            self.admission.ended(self.load, self.where, self.reserved,
+            self.admission.ended(self.load, self.where, self.reserved, self.mean_kv,
                                  self.reached.decoding, self.offloaded)
 
     # -- what it depends on

@@ -319,7 +319,8 @@ class Router:
                 break
         n = len(req.prompt_token_ids)
         a = Attempt(req.request_id, self.supervisor.generation, queue, where, load,
-                    self.admission, reserved=n + req.params.max_tokens, shared=shared,
+                    self.admission, reserved=self.policy.request_tokens(req),
+                    mean_kv=self.policy.request_mean_tokens(req), shared=shared,
                     # prompt tokens the prefill instance is expected to compute
                     uncached=n - load.cached_prefix_tokens(req)[where.prefill])
         self._attempts[a.id] = a

@@ -28,7 +28,8 @@ class SimRequest:
     greq: GenerateRequest
     req: Request
     arrival_s: float
-    reserved: int
+    reserved: int  # KV at its maximum length
+    mean_kv: int  # KV averaged over its life (policy/base.py's life_mean_tokens)
     where: Placement | None = None
     decision: Placement | None = None
     first_token_s: float | None = None
@@ -44,9 +45,10 @@ class SimRequest:
 
 class SimRouter:
     def __init__(self, policy: PlacementPolicy, num_prefill: int, decode_capacity: list[int],
-                 executor_capacity: list[int]):
+                 executor_capacity: list[int], block_size: int = 1):
         self.policy = policy
-        self.load = new_cluster_load(num_prefill, decode_capacity, executor_capacity)
+        self.load = new_cluster_load(num_prefill, decode_capacity, executor_capacity,
+                                     block_size=block_size)
         self.waiters: list[SimRequest] = []  # waiting for admission, in arrival order
         self.admission_log: list[tuple[str, int, int, bool]] = []
         self.num_placed = 0
@@ -68,7 +70,7 @@ class SimRouter:
         if decision is None:
             self.waiters.append(r)
             return None
-        admitted(self.load, decision, r.reserved)
+        admitted(self.load, decision, r.reserved, r.mean_kv)
         r.decision = decision
         r.stage = Stage.DECODING_OFFLOADED if decision.offload else Stage.DECODING_LOCAL
         self.num_offloaded += decision.offload
@@ -78,7 +80,7 @@ class SimRouter:
 
     def release(self, r: SimRequest) -> list[SimRequest]:
         """It ended; returns the waiters admitted on the capacity it freed, in order."""
-        released(self.load, r.where, r.decision, r.reserved)
+        released(self.load, r.where, r.decision, r.reserved, r.mean_kv)
         r.stage = Stage.DONE
         if r.decision is None:
             return []

@@ -14,6 +14,7 @@ from adrenaline.app_config import LimitsConfig
 from adrenaline.engine.request import Request
 from adrenaline.errors import InvalidRequestError
 from adrenaline.policy import make_policy, needs_profile
+from adrenaline.policy.base import life_mean_tokens
 from adrenaline.policy.profile import ClusterProfile, profile_batches
 from adrenaline.protocol import GenerateRequest
 from adrenaline.request_length import check_request_length
@@ -113,7 +114,7 @@ class Simulation:
                                    cfg.profile_batches or profile_batches(cfg.max_num_seqs))
                    if needs_profile(cfg.policy) else None)
         self.policy = make_policy(cfg.policy, cfg.policy_options, profile)
-        self.router = SimRouter(self.policy, cfg.num_prefill, dec_cap, exe_cap)
+        self.router = SimRouter(self.policy, cfg.num_prefill, dec_cap, exe_cap, cfg.block_size)
         self.now = 0.0
         self._heap: list = []
         self._seq = 0
@@ -162,7 +163,8 @@ class Simulation:
         params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
         sr = SimRequest(GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params),
                         Request(rid, prompt, params, arrival=n), a.arrival_s if not self._cap
-                        else self.now, a.prompt_len + a.output_len)
+                        else self.now, a.prompt_len + a.output_len,
+                        life_mean_tokens(a.prompt_len, a.output_len))
         sr.req.end_len = a.prompt_len + a.output_len  # see engines.run_plan
         sr.req.sim = sr
         self.requests.append(sr)

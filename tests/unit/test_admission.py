@@ -20,13 +20,15 @@ def _load() -> ClusterLoad:
     return ClusterLoad(prefill_inflight=[0], decode_active=[0], decode_reserved_tokens=[0],
                        decode_capacity_tokens=[100], decode_pending_tokens=[0],
                        executor_active=[0], executor_reserved_tokens=[0],
-                       executor_capacity_tokens=[100])
+                       executor_capacity_tokens=[100], decode_mean_tokens=[0],
+                       executor_mean_tokens=[0])
 
 
 def _zero(load: ClusterLoad) -> bool:
     return all(not any(getattr(load, f)) for f in
                ("prefill_inflight", "decode_active", "decode_reserved_tokens",
-                "decode_pending_tokens", "executor_active", "executor_reserved_tokens"))
+                "decode_pending_tokens", "executor_active", "executor_reserved_tokens",
+                "decode_mean_tokens", "executor_mean_tokens"))
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -35,14 +37,14 @@ def test_ledger_returns_to_zero_admitted_or_not(offload):
     adm.placed(load, where, 30)
     assert load.prefill_inflight == [1] and load.decode_pending_tokens == [30]
     adm.prefilled(load, where)
-    adm.admitted(load, where, 30, offload)
+    adm.admitted(load, where, 30, 20, offload)
     assert adm.num_queued == 0 and load.decode_pending_tokens == [0]
     assert (load.executor_reserved_tokens if offload else load.decode_reserved_tokens) == [30]
-    adm.ended(load, where, 30, admitted=True, offload=offload)
+    adm.ended(load, where, 30, 20, admitted=True, offload=offload)
     assert _zero(load) and adm.num_queued == 0
     adm.placed(load, where, 30)  # cancelled before admission
     adm.prefilled(load, where)
-    adm.ended(load, where, 30, admitted=False, offload=False)
+    adm.ended(load, where, 30, 20, admitted=False, offload=False)
     assert _zero(load) and adm.num_queued == 0
 
 
@@ -80,3 +82,21 @@ def test_waiter_wakes_when_capacity_frees_and_restarts_on_a_lost_cluster():
             await waiting
 
     asyncio.run(run())
+
+
+def test_capacity_counts_whole_kv_blocks():
+    # A decode pool of 4 blocks of 16 tokens. Requests of 17 tokens take 2 blocks each, so
+    # the pool holds two of them although three (51 tokens) are fewer than its 64 tokens:
+    # counting raw tokens would admit a third, and the engine would then preempt one.
+    from adrenaline.policy.load import admitted, new_cluster_load, placed, released
+
+    load, where = new_cluster_load(1, [64], [64], block_size=16), Placement(0, 0)
+    for _ in range(2):
+        assert load.decode_fits(0, 17)
+        placed(load, where, 17)
+        admitted(load, where, 17, 9)
+    assert load.decode_reserved_tokens == [64] and load.decode_pending_tokens == [0]
+    assert not load.decode_fits(0, 17) and not load.decode_fits(0, 1)
+    released(load, where, where, 17, 9)
+    assert load.decode_reserved_tokens == [32] and load.decode_mean_tokens == [9]
+    assert load.decode_fits(0, 17) and load.executor_fits(0, 64) and not load.executor_fits(0, 65)

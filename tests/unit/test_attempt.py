@@ -50,7 +50,7 @@ class _Cluster:
 def _attempt(shared: bool = False) -> tuple[Attempt, Admission, list]:
     adm = Admission(LimitsConfig())
     load = new_cluster_load(1, [1000], [1000])
-    a = Attempt("r", 0, asyncio.Queue(), Placement(0, 0), load, adm, reserved=100,
+    a = Attempt("r", 0, asyncio.Queue(), Placement(0, 0), load, adm, reserved=100, mean_kv=60,
                 shared=SharedPrefill(0, None, 0) if shared else None)
     a.placed()
     return a, adm, []

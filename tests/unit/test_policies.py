@@ -16,13 +16,17 @@ def _req(prompt_len: int = 100, max_tokens: int = 100) -> GenerateRequest:
 
 
 def _load(decode_reserved=0, decode_active=0, exec_reserved=(0,), exec_cap=(10_000,),
-          decode_cap=1000) -> ClusterLoad:
+          decode_cap=1000, decode_mean=None, exec_mean=None) -> ClusterLoad:
+    """Without ``decode_mean``/``exec_mean`` (the life-mean sums) the time rules read the
+    reserved sums."""
     n = len(exec_cap)
     return ClusterLoad(prefill_inflight=[0] * n, decode_active=[decode_active],
                        decode_reserved_tokens=[decode_reserved], decode_capacity_tokens=[decode_cap],
                        decode_pending_tokens=[0],
                        executor_active=[0] * n, executor_reserved_tokens=list(exec_reserved),
-                       executor_capacity_tokens=list(exec_cap))
+                       executor_capacity_tokens=list(exec_cap),
+                       decode_mean_tokens=[] if decode_mean is None else [decode_mean],
+                       executor_mean_tokens=[] if exec_mean is None else list(exec_mean))
 
 
 def _profile(base_ms=None, exec_cap=(10_000,), decode_cap=1000, exec_us=(10.0,), dec_us=10.0,
@@ -87,11 +91,11 @@ def test_profile_splits_the_step_into_base_and_attention():
 
 
 def test_load_aware_bound_and_admission():
-    # 100 ms SLO with the decode pool full (1000 tokens = 10 ms): B_max = 64 (80 + 10 ms).
+    # 100 ms SLO; requests of 100 + 100 tokens: 200 at most, 150 over their lives.
+    # B_tpot = 1000 // 200 = 5, whose attention reads 5 x 150 = 750 tokens (7.5 ms):
+    # B_max = 64 (80 + 7.5 ms); OB_comp = (64-5)/5; OB_mem = min(10000/1000, 1) = 1.
     policy = make_policy("load_aware", {"tpot_slo_ms": 100}, _profile())
-    assert policy.b_max == 64
-    # OB_mem = min(10000/1000, 1) = 1; B_tpot = 1000 // 200 = 5; OB_comp = (64-5)/5.
-    assert policy.offload_bound(200, 1000) == pytest.approx(1.0)
+    assert policy.offload_bound(200, 150, 1000) == pytest.approx(1.0)
     # Local KV has room: stay local.
     assert not _decide(policy, _req(), _load(decode_reserved=700)).offload
     # Local KV full: offload while the offloaded load stays within OB x 1000 tokens and the
@@ -107,26 +111,52 @@ def test_load_aware_keeps_remote_attention_hidden():
     # A generous bound (fast executor KV, big OB); only rule (d) decides.
     policy = make_policy("load_aware", {"tpot_slo_ms": 1000},
                          _profile(exec_us=(20.0,), exchange_ms=1.0))
-    # Local attention: 900 tokens x 10 us = 9 ms. Remote: 1 ms + (tokens) x 20 us.
-    # 200 more tokens: 1 + 4 = 5 ms <= 9 ms: offload.
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5)).offload
-    # 200 already offloaded + 200: 1 + 8 = 9 ms: still hidden.
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
-                                         exec_reserved=(200,))).offload
-    # 250 + 200: 1 + 9 = 10 ms > 9 ms: the step would wait on the executor: wait instead.
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=5,
-                                         exec_reserved=(250,))) is None
+    # Local attention: 900 tokens x 10 us = 9 ms. Remote: 1 ms + (tokens) x 20 us, this
+    # request adding its life mean (150 tokens).
+    def load(exec_mean):
+        return _load(decode_reserved=900, decode_active=5, exec_reserved=(exec_mean,),
+                     decode_mean=900, exec_mean=(exec_mean,))
+    assert _decide(policy, _req(), load(0)).offload  # 1 + 3 = 4 ms <= 9 ms
+    assert _decide(policy, _req(), load(250)).offload  # 1 + 8 = 9 ms: still hidden
+    # 300 + 150: 1 + 9 = 10 ms > 9 ms: the step would wait on the executor: wait instead.
+    assert _decide(policy, _req(), load(300)) is None
 
 
 def test_load_aware_compute_bound_limits_offload():
-    # A slow decode base: at a 30 ms SLO with 1000 local tokens (10 ms), B_max = 16;
-    # B_tpot = 5 -> OB_comp = 11/5 = 2.2 > OB_mem = min(10, 10/5 = 2) = 2 -> OB = 2.
-    policy = make_policy("load_aware", {"tpot_slo_ms": 30}, _profile(exec_us=(5.0,)))
-    assert policy.b_max == 16
-    assert policy.offload_bound(200, 1000) == pytest.approx(2.0)
+    # A slow decode base: at a 28 ms SLO with 5 x 150 = 750 local tokens read (7.5 ms),
+    # B_max = 16 (20 ms; 17 would be 21.25); OB_comp = (16-5)/5 = 2.2 > OB_mem =
+    # min(10, 10/5 = 2) = 2 -> OB = 2.
+    policy = make_policy("load_aware", {"tpot_slo_ms": 28}, _profile(exec_us=(5.0,)))
+    assert policy.offload_bound(200, 150, 1000) == pytest.approx(2.0)
     # The batch at 16 stops it whatever the KV says.
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=16)) is None
-    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=15)).offload
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=16,
+                                         decode_mean=750, exec_mean=(0,))) is None
+    assert policy.b_max == 16  # the bound of that decision, as /metrics shows it
+    assert _decide(policy, _req(), _load(decode_reserved=900, decode_active=15,
+                                         decode_mean=750, exec_mean=(0,))).offload
+
+
+def test_load_aware_times_steps_at_life_means():
+    # A step's attention is counted at the KV requests hold over their lives, not at
+    # their maximum: 16 local requests of 100 + 1,900 tokens reserve 32,000 tokens
+    # (320 ms of attention at 10 us/token) but read 16 x 1,050 = 16,800 on average (168 ms).
+    policy = make_policy("load_aware", {"tpot_slo_ms": 250},
+                         _profile(exec_cap=(32_000,), decode_cap=32_000))
+    req = _req(100, 1900)
+    assert policy.request_mean_tokens(req) == 1050
+    load = _load(decode_reserved=32_000, decode_active=16, exec_cap=(32_000,),
+                 decode_cap=32_000)
+    # At maximum lengths (no mean sums) no batch fits a 250 ms step: B_max = 1, it waits.
+    assert _decide(policy, req, load) is None and policy.b_max == 1
+    # At the life means 168 ms of attention leave 82 ms for the base: B_max = 64.
+    load.decode_mean_tokens, load.executor_mean_tokens = [16_800], [0]
+    assert _decide(policy, req, load).offload and policy.b_max == 64
+    # The executor's attention over 15 x 1,050 already + 1,050 = 168 ms: still hidden; one
+    # more (178.5 ms) would make the step wait on it.
+    load.executor_mean_tokens, load.executor_reserved_tokens = [15 * 1050], [15 * 2000]
+    assert _decide(policy, req, load).offload
+    load.executor_mean_tokens, load.executor_reserved_tokens = [16 * 1050], [16 * 2000]
+    assert _decide(policy, req, load) is None
 
 
 def test_a_policy_declares_it_needs_the_profile():
