@@ -103,6 +103,7 @@ def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict
             row["offload_ratio"] = (stats["num_offloaded"] - stats0["num_offloaded"]) / max(placed, 1)
             row["b_max"], row["ob_mem"] = stats["b_max"], stats["ob_mem"]
             row["links"] = stats.get("links")
+            row["profile"] = stats.get("profile")  # the start-up profile (load_aware's)
             if expected is not None:
                 row["greedy_mismatches"] = sum(a != b for a, b in zip(tokens, expected))
                 # where each differing request first departs from the offline tokens
