@@ -179,7 +179,7 @@ def cmd_plan(a) -> dict:
 def cmd_fit(a) -> dict:
     from adrenaline.sim.fit import fit_all
 
-    profiles = fit_all(iters=a.iters)
+    profiles = fit_all(iters=a.iters, only=a.only)
     for name, p in profiles.items():
         print(name, json.dumps(p["fitted_on"], indent=1))
     return profiles
@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
         p.set_defaults(fn=fn)
         if name == "plan":
             p.add_argument("--num-gpus", type=int, required=True)
-    p = sub.add_parser("fit", help="refit the cpu and h200 profiles (writes sim/profiles.json)")
+    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned and h200 profiles "
+                                   "(writes sim/profiles.json)")
     p.add_argument("--iters", type=int, default=150)
+    p.add_argument("--only", default=None, choices=["cpu", "cpu-pinned", "h200"],
+                   help="refit this profile alone (the others stay as stored)")
     p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("validate", help="simulated vs live, on data the fit did not use")
     p.add_argument("--out", default=None)

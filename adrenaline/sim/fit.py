@@ -29,6 +29,7 @@ import numpy as np
 
 from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.sim.cost import CostModel
+from adrenaline.sim.fit_pinned import check_cpu_pinned, fit_cpu_pinned
 from adrenaline.sim.hardware import PROFILES_PATH, SPEC_SHEETS, HardwareProfile
 from adrenaline.sim.models import load_model
 from adrenaline.sim.results import summarize
@@ -42,6 +43,9 @@ SWEEP_KEYS = ("output_throughput", "ttft_p50_ms", "tpot_p50_ms")
 CPU_PARAMS = ("eff_mem", "eff_attn", "eff_flops_decode", "eff_flops_prefill", "step_overhead_s",
               "seq_overhead_s", "exchange_layer_s", "frontend_cores")
 SWEEP_FIT_RATE = 1.0  # the serving sweep's rows at this rate are fitting data; the rest check
+# cpu-pinned (sim/fit_pinned.py): fitted on one pinned run, checked on the decode-heavy one.
+PINNED_FIT_FILE = "bench-offload-pinned-fit.json"
+PINNED_CHECK_FILE = "bench-offload-long-decode.json"
 
 
 def nelder_mead(f, x0: np.ndarray, step: float = 0.5, iters: int = 200, tol: float = 1e-4):
@@ -281,13 +285,22 @@ def _fit_h200_offload(hw: HardwareProfile, tput: dict) -> HardwareProfile:
     return replace(hw, exchange_layer_s=(lo + hi) / 2)
 
 
-def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150) -> dict:
-    cpu = fit_cpu(docs / "bench-offload-decode768.json", docs / "bench-roofline.json",
-                  docs / "bench-serving-sweep.json", iters)
-    h200 = fit_h200(docs / "gpu-check.json")
-    profiles = {"cpu": cpu.to_json(), "h200": h200.to_json()}
+def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150,
+            only: str | None = None) -> dict:
+    """Refit every profile (or ``only`` that one, keeping the others as stored)."""
+    fits = {"cpu": lambda: fit_cpu(docs / "bench-offload-decode768.json",
+                                   docs / "bench-roofline.json",
+                                   docs / "bench-serving-sweep.json", iters),
+            "cpu-pinned": lambda: fit_cpu_pinned(docs / PINNED_FIT_FILE,
+                                                 docs / "bench-roofline.json"),
+            "h200": lambda: fit_h200(docs / "gpu-check.json")}
+    profiles = json.loads(out.read_text()) if only and out.is_file() else {}
+    for name, fit in fits.items():
+        if only in (None, name):
+            profiles[name] = fit().to_json()
+    profiles = {k: profiles[k] for k in fits if k in profiles}
     out.write_text(json.dumps(profiles, indent=2) + "\n")
-    return profiles
+    return {k: v for k, v in profiles.items() if only in (None, k)}
 
 
 def validate_all(docs: Path = DOCS) -> dict:
@@ -307,9 +320,17 @@ def validate_all(docs: Path = DOCS) -> dict:
             f"  {k} {v['live']:.0f} vs {v['sim']:.0f} ({v['err']:+.0%}"
             + (f"; spread {v['live_spread']:.0%})" if v["live_spread"] is not None else ")")
             for k, v in row.items() if k not in ("system", "request_rate")))
+    pinned = check_cpu_pinned(profiles["cpu-pinned"], docs / PINNED_CHECK_FILE)
+    print(f"CPU pinned, {PINNED_CHECK_FILE} (live vs simulated; error):")
+    for row in pinned:
+        print(f"  {row['system']:11}" + "".join(
+            f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
+            for k, v in row.items() if k != "system"))
     h200 = profiles["h200"].fitted_on
     print(f"H200 decode step: fitted on batches {h200['decode_fit_batches']}, error on the "
           f"others: " + ", ".join(f"{b}: {e:+.1%}" for b, e in h200["check_error"].items()))
     return {"cpu": cpu, "h200": {"check_error": h200["check_error"],
                                  "fit_error": h200["fit_error"]},
-            "cpu_fit_error": profiles["cpu"].fitted_on["fit_error"]}
+            "cpu_fit_error": profiles["cpu"].fitted_on["fit_error"],
+            "cpu_pinned": {"file": PINNED_CHECK_FILE, "rows": pinned,
+                           "fit_error": profiles["cpu-pinned"].fitted_on["fit_error"]}}

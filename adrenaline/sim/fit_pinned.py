@@ -1,0 +1,134 @@
+"""The ``cpu-pinned`` profile: this CPU with each role on a core of its own.
+
+Fitted on a pinned `bench offload` run's start-up profile (the cluster measures
+it for load_aware: decode step without attention by batch, attention seconds
+per KV token on the decode core and on the executor, the exchange) and on that
+run's TTFT for the prefill speed; then checked on a different run (the
+decode-heavy live run of docs/BENCHMARKS.md). Nothing is fitted to the checked
+run's throughput, TPOT or batch.
+
+The cost model's terms are solved, not searched:
+  base(b) = intercept + slope x b            (least squares over the profiled batches)
+  intercept -> weights streaming (eff_mem);  slope -> per-request cost beyond the linear
+  layers' FLOPs at the measured matmul ceiling (seq_overhead_s);
+  decode attention per KV token -> eff_attn; the executor's -> its bandwidth share;
+  exchange per step / layers -> exchange_layer_s;
+  prefill FLOP efficiency: bisection on the fitting run's `none` TTFT p50.
+Pinned roles run on dedicated cores (``cores = 0``), as devices of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from adrenaline.sim.cost import CostModel
+from adrenaline.sim.hardware import HardwareProfile
+from adrenaline.sim.models import load_model
+from adrenaline.sim.results import summarize
+from adrenaline.sim.simulator import SimConfig, Simulation
+from adrenaline.sim.workload import Workload, arrivals
+
+CHECK_KEYS = ("output_tok_s", "tpot_p50_ms", "mean_decode_batch")
+SYSTEMS = {"none": ("none", {}), "load_aware": ("load_aware", None)}
+
+
+def smollm2_config() -> str:
+    from adrenaline.model.resolve import resolve_model_dir
+
+    return str(resolve_model_dir("smollm2-135m-instruct") / "config.json")
+
+
+def _profile_row(run: dict) -> dict:
+    row = next((r for r in run["rows"] if r.get("profile")), None)
+    if row is None:
+        raise ValueError("fit: the run has no row with a start-up profile (run load_aware)")
+    return row["profile"]
+
+
+def solve_profile(run: dict, roofline: dict, model_path: str) -> HardwareProfile:
+    """The cost model's rates from the run's start-up profile (all but the prefill speed)."""
+    prof = _profile_row(run)
+    model = load_model(model_path, run.get("dtype", "bfloat16"))
+    bw = roofline["copy_bandwidth_gbs"]
+    peak = roofline["matmul_peak_gflops"]["bfloat16"] / 1e3
+    batches = np.array(sorted(int(b) for b in prof["base_step_ms"]), dtype=float)
+    times = np.array([prof["base_step_ms"][str(int(b))] if str(int(b)) in prof["base_step_ms"]
+                      else prof["base_step_ms"][int(b)] for b in batches]) / 1e3
+    slope, intercept = np.polyfit(batches, times, 1)
+    decode_tok = model.linear_flops_per_token / (peak * 1e12)
+    attn = prof["decode_attn_us_per_token"][0] / 1e6
+    exec_attn = prof["executor_attn_us_per_token"][0] / 1e6
+    eff_attn = model.kv_bytes_per_token / (bw * 1e9 * attn)
+    return HardwareProfile(
+        name="cpu-pinned", mem_gib=24.0, mem_bw_gbs=bw, flops_tflops=peak,
+        eff_mem=min(model.step_weight_bytes / (bw * 1e9 * max(intercept, 1e-6)), 1.0),
+        eff_attn=min(eff_attn, 1.0), eff_flops_decode=1.0,
+        seq_overhead_s=max(slope - decode_tok, 0.0),
+        exchange_layer_s=prof["exchange_ms"] / 1e3 / model.layers,
+        link_gbs=2.0, handoff_latency_s=1e-3,
+        executor_bw_curve=((0.0, 0.0), (1.0, attn / exec_attn)),
+        executor_steals_compute=False, default_executor_share=1.0, cores=0.0)
+
+
+def sim_row(hw: HardwareProfile, run: dict, system: str, model_path: str) -> dict:
+    """The run's layout and requests (bench offload: 1 prefill + executor, 1 decode)."""
+    w = run["workload"]
+    policy, options = SYSTEMS[system]
+    if options is None:
+        options = {"tpot_slo_ms": w["tpot_slo_ms"]}
+    rate = next(r["rate"] for r in run["rows"] if r["system"] == system)
+    cfg = SimConfig(model=model_path, dtype=run.get("dtype", "bfloat16"), hardware="cpu-pinned",
+                    policy=policy, policy_options=options, executor=system != "none",
+                    prefill_kv_tokens=w["prefill_kv_tokens"],
+                    decode_kv_tokens=w["decode_kv_tokens"],
+                    executor_kv_tokens=w["executor_kv_tokens"],
+                    max_num_seqs=w.get("max_num_seqs", 64), sample_interval_s=0.5)
+    dataset = "random" if w["dataset"] == "fixed" else w["dataset"]  # fixed: exact lengths
+    wl = Workload(dataset=dataset, num_prompts=w["num_requests"], input_len=w["input_len"],
+                  output_len=w["output_len"], seed=w["seed"],
+                  request_rate=float("inf") if rate in ("inf", float("inf")) else float(rate))
+    r = summarize(Simulation(cfg, hw=hw).run(arrivals(wl)))
+    m = r["metrics"]
+    return {"output_tok_s": m["output_throughput"], "tpot_p50_ms": m["tpot_p50_ms"],
+            "ttft_p50_ms": m["ttft_p50_ms"], "mean_decode_batch": r["mean_decode_batch"],
+            "offload_ratio": r["offload_ratio"]}
+
+
+def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None = None
+                   ) -> HardwareProfile:
+    run = json.loads(Path(fit_file).read_text())
+    model_path = model_path or smollm2_config()
+    hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path)
+    live = next(r for r in run["rows"] if r["system"] == "none")
+    lo, hi = 0.01, 1.0  # TTFT falls as the prefill efficiency rises
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        ttft = sim_row(replace(hw, eff_flops_prefill=mid), run, "none", model_path)["ttft_p50_ms"]
+        lo, hi = (mid, hi) if ttft > live["ttft_p50_ms"] else (lo, mid)
+    hw = replace(hw, eff_flops_prefill=(lo + hi) / 2)
+    fitted = sim_row(hw, run, "none", model_path)
+    return replace(hw, fitted_on={
+        "files": [Path(fit_file).name, Path(roofline_file).name],
+        "dates": [run["date"]], "from": "start-up profile; prefill from none's TTFT p50",
+        "fit_error": {"none": {k: fitted[k] / live[k] - 1
+                               for k in CHECK_KEYS + ("ttft_p50_ms",) if live.get(k)}}})
+
+
+def check_cpu_pinned(hw: HardwareProfile, check_file: Path, model_path: str | None = None
+                     ) -> list[dict]:
+    """Simulated against live on a run the fit did not use, per system."""
+    run = json.loads(Path(check_file).read_text())
+    model_path = model_path or smollm2_config()
+    rows = []
+    for live in run["rows"]:
+        if live["system"] not in SYSTEMS:
+            continue
+        sim = sim_row(hw, run, live["system"], model_path)
+        rows.append({"system": live["system"], **{
+            k: {"live": live[k], "sim": sim[k], "err": sim[k] / live[k] - 1}
+            for k in CHECK_KEYS + ("offload_ratio",) if live.get(k)}})
+    return rows
