@@ -25,7 +25,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("deployment")
     g.add_argument("--model", default="small", help="built-in config name or HF config.json path")
     g.add_argument("--dtype", default=None)
-    g.add_argument("--hardware", default="cpu", help="cpu, h200, h100, a100-80gb")
+    g.add_argument("--hardware", default="cpu", help="cpu, cpu-pinned, h200, h100, a100-80gb")
     g.add_argument("--layout", default="1P1D", help="xPyD (sweep: comma list)")
     g.add_argument("--systems", default="none",
                    help="comma list: none, static@ratio=0.5, load_aware@tpot_slo_ms=100, "
