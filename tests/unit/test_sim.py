@@ -66,7 +66,8 @@ def test_every_block_and_counter_is_released_at_the_end():
         assert inst.bm.num_used_blocks == 0
     load = sim.router.load
     assert not any(load.prefill_inflight + load.decode_active + load.decode_reserved_tokens
-                   + load.decode_pending_tokens + load.executor_reserved_tokens)
+                   + load.decode_pending_tokens + load.executor_reserved_tokens
+                   + load.decode_mean_tokens + load.executor_mean_tokens)
 
 
 def test_decode_preempts_with_the_real_scheduler():
