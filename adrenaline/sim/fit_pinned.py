@@ -55,10 +55,8 @@ def solve_profile(run: dict, roofline: dict, model_path: str) -> HardwareProfile
     model = load_model(model_path, run.get("dtype", "bfloat16"))
     bw = roofline["copy_bandwidth_gbs"]
     peak = roofline["matmul_peak_gflops"]["bfloat16"] / 1e3
-    batches = np.array(sorted(int(b) for b in prof["base_step_ms"]), dtype=float)
-    times = np.array([prof["base_step_ms"][str(int(b))] if str(int(b)) in prof["base_step_ms"]
-                      else prof["base_step_ms"][int(b)] for b in batches]) / 1e3
-    slope, intercept = np.polyfit(batches, times, 1)
+    base = sorted((int(b), ms / 1e3) for b, ms in prof["base_step_ms"].items())
+    slope, intercept = np.polyfit([b for b, _ in base], [t for _, t in base], 1)
     decode_tok = model.linear_flops_per_token / (peak * 1e12)
     attn = prof["decode_attn_us_per_token"][0] / 1e6
     exec_attn = prof["executor_attn_us_per_token"][0] / 1e6
