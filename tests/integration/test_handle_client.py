@@ -102,7 +102,8 @@ def test_many_concurrent_requests_fill_the_decode_pool_without_preemption(client
     take 3 requests of 14 + 20 tokens (3 blocks each), never a 4th, although 4 x 34 = 136
     tokens are fewer than the pool's 160 (counting tokens admitted 4, which outgrew the
     pool at their last steps and were preempted). Forced, not hoped for: the decode
-    steps are held until the admitted requests are parked, so all 12 compete at once."""
+    steps are held until every prompt is prefilled, 3 are parked and 9 wait at the router
+    for room, so all 12 compete at once."""
     from ray import serve
 
     rng = random.Random(0)
@@ -119,12 +120,15 @@ def test_many_concurrent_requests_fill_the_decode_pool_without_preemption(client
         most = 0
         try:
             tasks = [asyncio.ensure_future(client_2p1d.generate(p, params)) for p in prompts]
-            for _ in range(600):  # until the admitted ones are parked (the rest wait)
-                most = held(await client_2p1d.metrics())
-                if most >= 3:
+            for _ in range(600):  # until every prompt is prefilled and 9 wait for room:
+                metrics = await client_2p1d.metrics()  # each was asked and refused by then
+                idle = all(m.num_waiting == 0 and m.num_running == 0
+                           for m in metrics if m.role == "prefill")
+                queued = (await router.stats.remote())["num_queued"]
+                most = max(most, held(metrics))
+                if most >= 3 and idle and queued == 9:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)  # a 4th would be parked by now
             most = max(most, held(await client_2p1d.metrics()))
         finally:
             await router.hold_steps.remote("decode", 0, False)
