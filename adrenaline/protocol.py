@@ -69,6 +69,9 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     num_preemptions: int = 0
     num_offloaded: int = 0  # decode: running requests whose attention is on an executor
     step_time_s: float = 0.0  # decode and prefill: total time in steps
+    # decode: the engine thread's own CPU time in those steps (step_time_s minus this:
+    # time the step waited, on executors or for its core)
+    step_cpu_s: float = 0.0
     batch_size_sum: int = 0  # decode: sum of step batch sizes
     remote_wait_s: float = 0.0  # decode: time waiting on executors' outputs (not overlapped)
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on

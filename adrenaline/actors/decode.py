@@ -58,6 +58,7 @@ class DecodeWorker(EngineWorker):
         self._loop_task: asyncio.Task | None = None
         self._num_steps = 0
         self._step_time_s = 0.0  # time inside engine steps, for metrics
+        self._step_cpu_s = 0.0  # the engine thread's CPU time in them
         self._batch_sum = 0  # sum of step batch sizes (mean batch = sum / steps)
         self._executor_ranks: list[int] = []
         self._relinked: asyncio.Event | None = None  # set when an executor link is made
@@ -215,7 +216,8 @@ class DecodeWorker(EngineWorker):
                     num_offloaded=sum(r.is_offloaded for r in e.scheduler.running),
                     remote_wait_s=remote.round_trip_s if remote else 0.0,
                     num_remote_waits=remote.num_round_trips if remote else 0,
-                    step_time_s=self._step_time_s, batch_size_sum=self._batch_sum,
+                    step_time_s=self._step_time_s, step_cpu_s=self._step_cpu_s,
+                    batch_size_sum=self._batch_sum,
                     num_waiting=len(e.scheduler.waiting) + len(self._parked),
                     kv_blocks_used=e.block_manager.num_used_blocks,
                     kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
@@ -254,11 +256,12 @@ class DecodeWorker(EngineWorker):
             mesh = self.comm.mesh
             before = {e: mesh.epoch(r) for e, r in enumerate(self._executor_ranks)}
             try:
-                stepped = await self.engine_thread.run(engine.step)
+                stepped, cpu_s = await self.engine_thread.run(_timed_step, engine)
             except ExecutorsLostError as e:
                 await self._await_replacements(e.executors, before)
                 continue
             self._step_time_s += time.perf_counter() - start
+            self._step_cpu_s += cpu_s
             self._batch_sum += len(stepped)
             self._num_steps += 1
             for r in stepped:
@@ -296,3 +299,10 @@ class DecodeWorker(EngineWorker):
         self._reported[r.request_id] = r.num_output_tokens
         if r.finish_reason is not None:
             del self._reported[r.request_id]
+
+
+def _timed_step(engine):
+    """Engine thread: one step, and the CPU time this thread spent in it."""
+    start = time.thread_time()
+    stepped = engine.step()
+    return stepped, time.thread_time() - start

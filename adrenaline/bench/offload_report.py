@@ -17,7 +17,10 @@ def worker_stats(before, after, samples, elapsed: float, profile: dict | None = 
     steps = _delta(before, after, "decode", "num_steps")
     step_s = _delta(before, after, "decode", "step_time_s")
     batch = _delta(before, after, "decode", "batch_size_sum") / max(steps, 1)
-    out = {"mean_decode_batch": batch, "decode_step_ms": 1e3 * step_s / max(steps, 1)}
+    out = {"mean_decode_batch": batch, "decode_step_ms": 1e3 * step_s / max(steps, 1),
+           # the decode engine thread's own CPU time per step (the rest: waiting)
+           "decode_step_cpu_ms": 1e3 * _delta(before, after, "decode", "step_cpu_s")
+           / max(steps, 1)}
     waits = _delta(before, after, "decode", "num_remote_waits")
     if waits:
         wait_s = _delta(before, after, "decode", "remote_wait_s")
@@ -58,6 +61,7 @@ def print_rows(result: dict) -> None:
             ("tpot_p99_ms", "TPOT99", 7, 1), ("ttft_p50_ms", "TTFT50", 7, 0),
             ("ttft_p90_ms", "TTFT90", 7, 0), ("mean_decode_batch", "batch", 6, 1),
             ("offload_ratio", "offl", 5, 2), ("decode_step_ms", "step", 6, 1),
+            ("decode_step_cpu_ms", "cpu", 6, 1),
             ("remote_wait_per_layer_ms", "rt/lyr", 7, 3),
             ("remote_wait_share_of_step", "rt%step", 8, 2),
             ("attention_share_of_step", "attn%", 6, 2), ("prefill_core_util", "p-core", 7, 2), ("executor_attention_gbs", "exGB/s", 7, 2),
