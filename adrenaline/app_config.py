@@ -22,9 +22,17 @@ class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The cores this role's processes run on (os.sched_setaffinity; torch threads default to
     # one per core). An executor runs on its prefill instance's set. None: unpinned.
     cpus: list[int] | None = None
+    # The scheduling niceness of this role's processes (-20..19, lower runs first; an
+    # executor takes its prefill instance's). On CPU, a negative value keeps the roles that
+    # stand for devices ahead of the serving processes (router, proxy, Ray's own) on their
+    # cores. Below 0 needs CAP_SYS_NICE; without it, a warning and the niceness unchanged.
+    # None: unchanged.
+    nice: int | None = None
     engine: EngineConfig = EngineConfig()
 
     def __post_init__(self) -> None:
+        if self.nice is not None and not -20 <= self.nice <= 19:
+            raise ConfigError(f"nice: must be in -20..19, got {self.nice}")
         if self.cpus is not None and (not self.cpus or min(self.cpus) < 0
                                       or len(set(self.cpus)) != len(self.cpus)):
             raise ConfigError(f"cpus: must be a non-empty list of distinct core ids >= 0, "

@@ -81,6 +81,7 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     waiting_s: float = 0.0
     kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
     busy_s: float = 0.0  # executor: time computing attention
+    busy_cpu_s: float = 0.0  # executor: its own CPU time in busy_s (the rest: preempted)
     # Prefix cache (prefill workers; the token counts are cumulative since it started):
     # tokens prefilled, tokens of those whose KV came from the cache, and pages now
     # holding a cached prefix block.

@@ -40,7 +40,7 @@ class AttentionExecutor(Worker):
     def __init__(self, args: AppArgs, index: int):
         super().__init__(index)
         # The executor stands on its prefill instance's device: it runs on that one's cores.
-        pin_process(args.prefill.cpus, "prefill.cpus")
+        pin_process(args.prefill.cpus, "prefill.cpus", args.prefill.nice)
         self.num_threads = args.executor.engine.num_threads or 1
         torch.set_num_threads(self.num_threads)
         model = load_model_config(resolve_model_dir(args.model))
@@ -137,7 +137,8 @@ class AttentionExecutor(Worker):
         return dict(num_running=len(s.ids), num_waiting=0,
                     kv_blocks_used=s.block_manager.num_used_blocks,
                     kv_blocks_total=s.num_kv_blocks, num_steps=s.num_steps,
-                    kv_bytes_read=s.kv_bytes_read, busy_s=s.busy_s)
+                    kv_bytes_read=s.kv_bytes_read, busy_s=s.busy_s,
+                    busy_cpu_s=s.busy_cpu_s)
 
 
 def _green_stream(device: torch.device, sm_count: int):

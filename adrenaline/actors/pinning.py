@@ -7,20 +7,27 @@ core and the executor competes with the decode worker it is meant to relieve.
 
 Linux affinity is per thread, so every thread the process has when it pins
 is moved; threads started later (the engine thread, torch's pool) inherit it.
+Niceness is per thread on Linux too, and inherited the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from adrenaline.config import ConfigError
 
+log = logging.getLogger(__name__)
 
-def pin_process(cpus: list[int] | None, field: str) -> None:
-    """Run this process (all its threads) on ``cpus`` only; None leaves it unpinned.
+
+def pin_process(cpus: list[int] | None, field: str, nice: int | None = None) -> None:
+    """Run this process (all its threads) on ``cpus`` only, at niceness ``nice``; None
+    leaves either unchanged.
 
     A core this node does not offer is a ConfigError naming ``field``.
     """
+    if nice is not None:
+        _renice(nice)
     if cpus is None:
         return
     allowed = os.sched_getaffinity(0)
@@ -38,3 +45,16 @@ def pin_process(cpus: list[int] | None, field: str) -> None:
 def thread_budget(num_threads: int | None, cpus: list[int] | None) -> int:
     """Torch threads for a role: its engine's ``num_threads``, else one per pinned core, else 1."""
     return num_threads or (len(cpus) if cpus else 1)
+
+
+def _renice(nice: int) -> None:
+    """Every thread of this process at niceness ``nice`` (a warning where not permitted)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:  # a thread that just ended
+            pass
+        except PermissionError:
+            log.warning("nice %d: not permitted here (needs CAP_SYS_NICE); left at %d",
+                        nice, os.getpriority(os.PRIO_PROCESS, 0))
+            return

@@ -88,7 +88,7 @@ class EngineWorker(Worker):
 
     def __init__(self, args: AppArgs, role: RoleConfig, index: int):
         super().__init__(index)
-        pin_process(role.cpus, f"{self.role}.cpus")
+        pin_process(role.cpus, f"{self.role}.cpus", role.nice)
         self.engine_thread = EngineThread(args, role.engine, role.cpus)
         self.engine = self.engine_thread.core
         self._steps_allowed = asyncio.Event()  # the worker's loop waits on it between steps

@@ -34,6 +34,7 @@ def worker_stats(before, after, samples, elapsed: float, profile: dict | None = 
     out["prefill_side_kv_use_max"] = max(used, default=0.0)
     out["executor_attention_gbs"] = _delta(before, after, "executor", "kv_bytes_read") / elapsed / 1e9
     out["executor_busy_share"] = _delta(before, after, "executor", "busy_s") / elapsed
+    out["executor_cpu_share"] = _delta(before, after, "executor", "busy_cpu_s") / elapsed
     # The prefill instance's core: its prefill steps plus its executor's attention.
     out["prefill_core_util"] = (_delta(before, after, "prefill", "step_time_s")
                                 + _delta(before, after, "executor", "busy_s")) / elapsed

@@ -54,6 +54,7 @@ class AttentionService:
         self.num_requests_served = 0  # request-steps, for metrics
         self.kv_bytes_read = 0  # KV bytes attention read (all layers): bandwidth use
         self.busy_s = 0.0  # time spent computing (not waiting for messages)
+        self.busy_cpu_s = 0.0  # the computing thread's own CPU time in it (the rest: preempted)
 
     @property
     def capacity_tokens(self) -> int:
@@ -121,7 +122,7 @@ class AttentionService:
 
     def begin_step(self, handles: list[int], lens: list[int]) -> "ExecutorStep":
         """Room for this step's token of each request (``lens``: tokens incl. the new one)."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         with self.lock:
             for h, length in zip(handles, lens):
                 self.block_manager.append(str(h), length)
@@ -132,14 +133,16 @@ class AttentionService:
                                        device=self.device)
         self.backend.prepare(meta)
         self.busy_s += time.perf_counter() - start
+        self.busy_cpu_s += time.thread_time() - cpu
         return ExecutorStep(meta, list(lens))
 
     def attend(self, step: "ExecutorStep", layer: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """Append this layer's k, v for the step's requests and return their attention."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         out = self.backend.forward(q, k, v, self.pool.k[layer], self.pool.v[layer], step.meta)
         self.busy_s += time.perf_counter() - start
+        self.busy_cpu_s += time.thread_time() - cpu
         return out
 
     def end_step(self, step: "ExecutorStep") -> None:

@@ -57,3 +57,25 @@ def test_local_yaml_pins_prefill_and_decode_apart():
     doc = yaml.safe_load((Path(__file__).parents[2] / "serve_configs" / "local.yaml").read_text())
     args = parse_app_args(doc["applications"][0]["args"])
     assert args.prefill.cpus == [0] and args.decode.cpus == [1] and args.transport == "auto"
+
+
+def test_nice_applies_to_every_thread_and_is_validated():
+    code = """
+import os, threading
+from adrenaline.actors.pinning import pin_process
+ev = threading.Event()
+t = threading.Thread(target=ev.wait)   # a thread that exists before
+t.start()
+pin_process(None, "decode.cpus", nice=7)
+after = threading.Thread(target=ev.wait)  # and one started after
+after.start()
+nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+ev.set()
+print(sorted(nices), len(os.listdir("/proc/self/task")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split(" ")
+    assert out[0] == "[7]" and int(out[1]) >= 3
+    with pytest.raises(ConfigError, match=r"nice.*-21"):
+        parse_app_args({"decode": {"nice": -21}})
+    assert parse_app_args({"prefill": {"nice": -5}}).prefill.nice == -5
