@@ -80,6 +80,15 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefill or waiting for admission), so every queue in the system is bounded.
     Serve's own ``max_ongoing_requests`` on the deployments is set from these
     (plus room for control calls), and its handle queue is bounded the same way.
+
+    ``prefill_when_admissible`` (default false): prefill only what decode can take. A
+    request then waits before its prefill (still WAITING, in arrival order, so the wait
+    counts in its TTFT) until the policy would admit it to decode right after prefill,
+    the requests gated through and not yet admitted counted as admitted
+    (policy/prefill_gate.py). Off, it is prefilled at once and waits PARKED after its
+    first token, which at a saturating rate puts the wait into its TPOT. Either way a
+    prefilled request the policy refuses parks (the fallback). Choices of an n-choice
+    request share one prefill and skip the gate.
     """
 
     max_ongoing_requests: int = 512
@@ -93,6 +102,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Prompts in one /v1/completions request (a list of strings or of token-id lists);
     # more: 400 naming this limit. Each prompt counts as one request against the limits above.
     max_prompts_per_request: int = 64
+    prefill_when_admissible: bool = False  # wait before prefill for decode room (above)
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 1:

@@ -13,6 +13,8 @@ decode step at the run's mean batch and context.
 Datasets: ``fixed`` (``--input-len`` -> ``--output-len`` each), ``long-decode`` and
 ``sharegpt-synthetic`` (bench/serving_workloads.py). ``--pin``: the prefill instance
 and its executor on core 0, decode on core 1 (serve_configs/local.yaml's layout).
+``--prefill-when-admissible``: the router's prefill gate (``limits.prefill_when_admissible``:
+a request waits before prefill until decode could take it); each row records it.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def app_args(args, name: str) -> dict:
                                         "num_threads": args.decode_threads}},
         "executor": {"enabled": name != "none",
                      "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
+        "limits": {"prefill_when_admissible": args.prefill_when_admissible},
     }
 
 
@@ -97,7 +100,9 @@ def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict
             before, stats0 = asyncio.run(client.metrics()), router.stats.remote().result()
             timings, tokens, elapsed, samples = asyncio.run(_run(client, prompts, params, offsets))
             after, stats = asyncio.run(client.metrics()), router.stats.remote().result()
-            row = {"system": name, "rate": rate, **summarize(timings, elapsed)}
+            row = {"system": name, "rate": rate,
+                   "prefill_when_admissible": args.prefill_when_admissible,
+                   **summarize(timings, elapsed)}
             row.update(worker_stats(before, after, samples, elapsed, stats.get("profile")))
             placed = stats["num_placed"] - stats0["num_placed"]
             row["offload_ratio"] = (stats["num_offloaded"] - stats0["num_offloaded"]) / max(placed, 1)
@@ -185,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pin", action="store_true",
                     help="prefill + executor on core 0, decode on core 1")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--prefill-when-admissible", action="store_true",
+                    help="the router's prefill gate: a request waits before prefill (in "
+                         "TTFT) until decode could take it, instead of parking after its "
+                         "first token (in TPOT)")
     ap.add_argument("--static-ratio", type=float, default=0.75)
     ap.add_argument("--tpot-slo-ms", type=float, default=250.0)
     ap.add_argument("--check-greedy", action="store_true",
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in (
         "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
-        "tpot_slo_ms", "seed")}
+        "tpot_slo_ms", "prefill_when_admissible", "seed")}
     workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),
                     mean_output_len=sum(p.max_tokens for p in params) / len(params))
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,

@@ -9,6 +9,11 @@ path:
     placed ──prefilled──> (admission) ──admitted──> decoding ──released
        └─────────────── released before admission ─┘
 
+With the prefill gate (policy/prefill_gate.py) a request passes the gate before its
+prefill: ``gated`` counts it as admitted at the gate's decision (its decode or executor
+capacity held while it prefills) and ``ungated``, its exact inverse, takes that back
+just before the real admission (or when it ends first).
+
 Invariant: after ``released`` every counter the request touched is back where it was.
 """
 
@@ -78,6 +83,28 @@ def released(load: ClusterLoad, where: Placement, decision: Placement | None,
         load.decode_pending_tokens[where.decode] -= reserved
         return
     d, p = decision.decode, decision.prefill
+    load.decode_active[d] -= 1
+    if decision.offload:
+        load.executor_active[p] -= 1
+        load.executor_reserved_tokens[p] -= reserved
+        load.executor_mean_tokens[p] -= mean
+    else:
+        load.decode_reserved_tokens[d] -= reserved
+        load.decode_mean_tokens[d] -= mean
+
+
+def gated(load: ClusterLoad, decision: Placement, reserved: int, mean: int) -> None:
+    """It passed the prefill gate at ``decision``: counted as admitted there (moved from
+    pending), so the gate and the policy see its capacity taken while it prefills."""
+    admitted(load, decision, reserved, mean)
+
+
+def ungated(load: ClusterLoad, decision: Placement, reserved: int, mean: int) -> None:
+    """The exact inverse of ``gated``: back to pending (before its real admission, or
+    before ``released`` when it ends never admitted)."""
+    d, p = decision.decode, decision.prefill
+    reserved = load.footprint(reserved)
+    load.decode_pending_tokens[d] += reserved
     load.decode_active[d] -= 1
     if decision.offload:
         load.executor_active[p] -= 1

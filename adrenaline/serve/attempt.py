@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class Stage(enum.Enum):
-    WAITING = "waiting"  # placed; its prefill not asked yet
+    WAITING = "waiting"  # placed (and at the prefill gate, if on); its prefill not asked yet
     PREFILLING = "prefilling"  # its prefill instance queues or computes the prompt
     PARKED = "parked"  # prefilled: its KV waits in the prefill pool for admission
     DECODING_LOCAL = "decoding local"  # admitted locally: KV to the decode instance
@@ -68,6 +68,8 @@ class SharedPrefill:
 class Attempt:
     """One try of request ``id`` on cluster generation ``gen``, placed at ``where``.
 
+    ``gate``: with ``limits.prefill_when_admissible``, its entry at the prefill gate
+    (passed before PREFILLING; its reservation taken back at admission or at ``end``).
     ``epochs``/``actors``: the epoch and handle of each slot (role, index) it has used,
     captured when it first used it; ``lost`` is set once one of them (or the whole
     cluster) is lost. ``reserved``/``mean_kv``/``uncached``: what it counts in ``load`` (the
@@ -86,6 +88,7 @@ class Attempt:
     uncached: int = 0
     shared: SharedPrefill | None = None
     ordinal: int = 0  # the router's placement count at its placement
+    gate: object = None  # its prefill gate entry (policy/prefill_gate.py), gate on only
     stage: Stage = Stage.WAITING
     reached: Stage = Stage.WAITING  # the last live stage (kept when DONE or LOST)
     handed_off: bool = False  # its KV has left the prefill instance
@@ -152,7 +155,7 @@ class Attempt:
             self._ended = True
             self.prefilled()  # (ended before its prefill was asked)
             self.admission.ended(self.load, self.where, self.reserved, self.mean_kv,
-                                 self.reached.decoding, self.offloaded)
+                                 self.reached.decoding, self.offloaded, self.gate)
 
     # -- what it depends on
     def use(self, cluster, role: str, i: int):

@@ -5,6 +5,8 @@ limits (refused at once beyond them), is one *attempt* (serve/attempt.py) or, af
 actor loss, several; ``_attempt`` reads top-down through its stages:
 
 * WAITING: the policy places it (prefill i, decode j); its load is counted from here.
+  With ``limits.prefill_when_admissible`` it then waits at the prefill gate, in arrival
+  order, until the policy would admit it to decode (policy/prefill_gate.py).
 * PREFILLING: prefill i samples the first token (yielded at once: TTFT).
 * PARKED: its KV is held in prefill i's pool until the policy admits it, locally or
   offloaded (admission waits in arrival order, serve/admission.py).
@@ -93,7 +95,7 @@ class Router:
         self._groups: dict[str, list[str]] = {}  # n-choice request id -> its choices' ids
         self._tags = itertools.count(1000)  # apart from the decode<->executor channel tags
         self._pollers: dict[int, asyncio.Task] = {}  # decode index -> its poller
-        self.admission = Admission(args.limits)  # limits, waiters, load ledger
+        self.admission = Admission(args.limits, self.policy)  # limits, waiters, gate, ledger
         self.num_placed = 0  # requests placed since start (attempts, reruns included)
         self.num_offloaded = 0  # of which offloaded
         self.num_reruns = 0  # attempts that lost an actor and reran (either way of recovery)
@@ -112,6 +114,10 @@ class Router:
         return {"num_placed": self.num_placed, "num_offloaded": self.num_offloaded,
                 "num_ongoing": adm.num_ongoing, "num_queued": adm.num_queued,
                 "num_refused": adm.num_refused, "num_reruns": self.num_reruns,
+                # prefill gate (limits.prefill_when_admissible): waiting at it / passed it
+                # and not yet admitted (both 0 when off)
+                "num_gate_waiting": adm.gate.num_queued if adm.gate else 0,
+                "num_gate_passed": adm.gate.num_passed if adm.gate else 0,
                 "num_recoveries": self.supervisor.num_recoveries,
                 "num_cluster_replacements": self.supervisor.num_cluster_replacements,
                 "num_losses": self.supervisor.num_losses,
@@ -279,6 +285,7 @@ class Router:
         """
         a = await self._place(req, queue, shared)  # WAITING
         try:
+            await self._gate(a, req)  # WAITING, until decode could take it (gate on)
             pre = await self._prefill(a, req)  # PREFILLING: the first token
             if pre.finish_reason is not None:
                 a.done()  # DONE (marked first: the consumer may close us at the yield)
@@ -330,6 +337,16 @@ class Router:
         a.placed()
         return a
 
+    async def _gate(self, a: Attempt, req: GenerateRequest) -> None:
+        """With the prefill gate on, wait until the policy would admit the request to
+        decode, those gated through before it counted (serve/admission.py). A choice of an
+        n-choice request skips it: its shared prefill is already asked."""
+        if a.shared is not None:
+            return
+        a.gate = self.admission.enter_gate(req, a.where, a.load, a.reserved, a.mean_kv)
+        if a.gate is not None and not a.gate.waiter.done():
+            await a.until_lost(a.gate.waiter)
+
     async def _prefill(self, a: Attempt, req: GenerateRequest):
         a.prefilling()
         prefill = a.use(self.cluster, "prefill", a.p)
@@ -347,7 +364,7 @@ class Router:
     async def _admit(self, a: Attempt, req: GenerateRequest, client_id: str) -> None:
         """Wait until the policy admits it (locally or offloaded), then for its slots."""
         decision = await self.admission.wait(self.policy, req, a.where, a.load,
-                                             lambda: not a.lost.is_set())
+                                             lambda: not a.lost.is_set(), a.gate)
         self.admission_log.append((client_id or a.id, decision.prefill, decision.decode,
                                    decision.offload, a.ordinal))
         a.admitted(decision)

@@ -42,6 +42,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="the router's limits (app args `limits`); default: none")
     g.add_argument("--max-queued-requests", type=int, default=None)
+    g.add_argument("--prefill-when-admissible", action="store_true",
+                   help="the router's limits.prefill_when_admissible: wait before prefill "
+                        "until decode could take the request")
     g.add_argument("--profile-batches", default=None,
                    help="what-if: decode batches load_aware's start-up profile times, e.g. "
                         "1,8,64,256 (default: as the live router, powers of 2 up to max-num-seqs)")
@@ -78,7 +81,7 @@ def _config(a) -> SimConfig:
                      executor_kv_tokens=int(ekv) if ekv else None,
                      executor_share=a.executor_share, max_num_seqs=a.max_num_seqs,
                      max_num_batched_tokens=a.max_num_batched_tokens, link_gbs=a.link_gbs,
-                     limits=_limits(a),
+                     limits=_limits(a), prefill_when_admissible=a.prefill_when_admissible,
                      profile_batches=(tuple(int(b) for b in a.profile_batches.split(","))
                                       if a.profile_batches else None),
                      exchange_layer_s=(a.exchange_layer_us * 1e-6

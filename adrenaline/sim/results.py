@@ -38,6 +38,9 @@ def summarize(sim: Simulation, slo: Slo | None = None) -> dict:
             / max(sum(1 for k in s["kv_use"] if not k.startswith("decode")), 1)
             for s in sim.samples]
     unfinished = sum(1 for r in sim.requests if r.end_s is None)
+    # PARKED: from the first token to admission (what the prefill gate keeps out of TPOT)
+    parked = [r.admitted_s - r.first_token_s for r in sim.requests
+              if r.admitted_s is not None and r.first_token_s is not None]
     return {
         "metrics": m.flat(),
         "offload_ratio": sim.router.num_offloaded / placed if placed else 0.0,
@@ -46,6 +49,8 @@ def summarize(sim: Simulation, slo: Slo | None = None) -> dict:
         "num_preemptions": sum(d.scheduler.num_preemptions for d in sim.decode),
         "num_refused": sim.num_refused, "num_rejected": sim.num_rejected,
         "num_unfinished": unfinished,
+        "parked_s_mean": sum(parked) / len(parked) if parked else 0.0,
+        "parked_s_max": max(parked, default=0.0),
         "executor_overflows": sum(e.overflows for e in sim.executors),
         "b_max": getattr(sim.policy, "b_max", None), "ob_mem": getattr(sim.policy, "ob_mem", None),
         "prefill_side_kv_use_mean": sum(side) / max(len(side), 1),

@@ -52,6 +52,9 @@ class SimConfig:
     max_num_batched_tokens: int = 8192
     link_gbs: float | None = None
     limits: LimitsConfig | None = None  # the router's admission limits (None: none)
+    # The router's limits.prefill_when_admissible (also on when ``limits`` has it): wait
+    # before prefill until the policy would admit to decode (policy/prefill_gate.py).
+    prefill_when_admissible: bool = False
     sample_interval_s: float = 1.0
     http: bool = False  # requests come over HTTP (the profile's frontend_cores then apply)
     # Decode batches the start-up profile times (None: policy/profile.py's, as the live router).
@@ -114,7 +117,10 @@ class Simulation:
                                    cfg.profile_batches or profile_batches(cfg.max_num_seqs))
                    if needs_profile(cfg.policy) else None)
         self.policy = make_policy(cfg.policy, cfg.policy_options, profile)
-        self.router = SimRouter(self.policy, cfg.num_prefill, dec_cap, exe_cap, cfg.block_size)
+        gate = cfg.prefill_when_admissible or bool(cfg.limits
+                                                    and cfg.limits.prefill_when_admissible)
+        self.router = SimRouter(self.policy, cfg.num_prefill, dec_cap, exe_cap, cfg.block_size,
+                                prefill_when_admissible=gate)
         self.now = 0.0
         self._heap: list = []
         self._seq = 0
@@ -184,9 +190,20 @@ class Simulation:
             return self._ended(sr)
         self._ongoing += 1
         self._queued += 1
-        where = self.router.place(sr)
-        self.prefill[where.prefill].scheduler.add(sr.req)
-        self._kick_prefill(where.prefill)
+        self.router.place(sr)
+        if self.router.enter_gate(sr):  # else it waits at the prefill gate (WAITING)
+            self._start_prefill(sr)
+
+    def _start_prefill(self, sr: SimRequest) -> None:
+        p = sr.where.prefill
+        self.prefill[p].scheduler.add(sr.req)
+        self._kick_prefill(p)
+
+    def _start_gated(self) -> None:
+        """Start the prefills of the requests that passed the gate meanwhile, in order."""
+        passed, self.router.gate_passed = self.router.gate_passed, []
+        for sr in passed:
+            self._start_prefill(sr)
 
     # -- prefill
     def _kick_prefill(self, p: int) -> None:
@@ -210,16 +227,20 @@ class Simulation:
                 sr.token_times.append(self.now)
             self.router.prefilled(sr)
             if req.finish_reason is not None:  # one token: done at prefill
-                self.router.release(sr)
+                admitted = self.router.release(sr)  # (a gate reservation frees capacity)
                 self._queued -= 1
                 self._finish(sr)
-            elif self.router.try_admit(sr) is not None:
-                self._handoff(sr)
+            else:
+                admitted = self.router.admit_prefilled(sr)
+            for w in admitted:
+                self._handoff(w)
         self._kick_prefill(p)
+        self._start_gated()
 
     # -- admission and handoff
     def _handoff(self, sr: SimRequest) -> None:
         self._queued -= 1
+        sr.admitted_s = self.now
         d = sr.decision
         req = sr.req
         self.prefill[d.prefill].release(req)  # export frees the prefill blocks at once
@@ -278,6 +299,7 @@ class Simulation:
             self._finish(sr)
         for w in admitted:
             self._handoff(w)
+        self._start_gated()
         self._kick_decode(j)
 
     def _finish(self, sr: SimRequest) -> None:

@@ -116,3 +116,20 @@ def test_make_run_serves_the_real_model_with_offloading():
     assert args.model == "smollm2-135m-instruct" and args.policy == "load_aware"
     assert args.executor.enabled
     assert args.prefill.num_instances == 1 and args.decode.num_instances == 1
+
+
+def test_prefill_gate_is_off_by_default_on_in_local_yaml_and_in_the_offload_bench_flag():
+    import argparse
+
+    from adrenaline.bench.offload_bench import app_args
+
+    assert not parse_app_args({}).limits.prefill_when_admissible
+    local = next(p for p in CONFIGS if p.name == "local.yaml")
+    (app,) = yaml.safe_load(local.read_text())["applications"]
+    assert parse_app_args(app["args"]).limits.prefill_when_admissible
+    for on in (False, True):
+        ns = argparse.Namespace(model="tiny", dtype="float32", static_ratio=0.75,
+                                tpot_slo_ms=250.0, max_num_seqs=8, pin=False,
+                                prefill_kv_tokens=1024, decode_kv_tokens=512, decode_threads=1,
+                                executor_kv_tokens=1024, prefill_when_admissible=on)
+        assert parse_app_args(app_args(ns, "load_aware")).limits.prefill_when_admissible is on

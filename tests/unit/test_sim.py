@@ -227,3 +227,41 @@ def test_pinned_cpu_profile_is_the_fit_of_its_run_and_checks_on_another():
     for row in rows.values():
         assert abs(row["mean_decode_batch"]["err"]) <= 0.10, row
     assert rows["load_aware"]["offload_ratio"]["sim"] > 0
+
+
+@pytest.mark.parametrize("policy", [dict(policy="none"),
+                                    dict(policy="load_aware", executor=True,
+                                         policy_options={"tpot_slo_ms": 250},
+                                         exchange_layer_s=0.0)])
+def test_prefill_gate_moves_the_wait_from_tpot_into_ttft(policy):
+    """At a saturating rate (the decode pool holds 8 of these requests at a time), without
+    the gate requests park after their first token and that wait lands in their TPOT;
+    with ``prefill_when_admissible`` they wait before prefill instead: none parks, TPOT is
+    the decode pacing alone, and TTFT absorbs the wait."""
+    w = Workload(num_prompts=96, input_len=128, output_len=64, request_rate=16.0)
+
+    def run(on: bool):
+        sim = Simulation(SimConfig(**{**BOUND, **policy}, prefill_when_admissible=on))
+        sim.run(arrivals(w))
+        rs = sim.requests
+        assert len(rs) == 96 and all(r.end_s is not None and r.n_out == 64 for r in rs)
+        park = [r.admitted_s - r.first_token_s for r in rs]
+        tpot = [(r.end_s - r.first_token_s) / (r.n_out - 1) for r in rs]
+        pace = [(r.end_s - r.admitted_s) / (r.n_out - 1) for r in rs]  # decode alone
+        ttft = [r.first_token_s - r.arrival_s for r in rs]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        load = sim.router.load
+        assert not any(load.decode_active + load.decode_reserved_tokens
+                       + load.decode_pending_tokens + load.executor_reserved_tokens)
+        return (max(park), mean(park), mean(tpot), max(tpot), max(pace), mean(ttft),
+                summarize(sim)["metrics"]["output_throughput"])
+
+    off, on = run(False), run(True)
+    # Off: requests park after their first token, and it shows in TPOT.
+    assert off[1] > 2.0 and off[2] > 1.5 * off[4]
+    # On: nothing parks (the gate counted the gated-through ones, so no burst got past it),
+    # TPOT is the decode pacing, and it is well below the gateless TPOT.
+    assert on[0] == 0.0 and on[3] == pytest.approx(on[4])
+    assert on[2] < 0.6 * off[2]
+    assert on[5] > off[5]  # the wait moved into TTFT
+    assert on[6] == pytest.approx(off[6], rel=0.15)  # the same work, at about the same rate
