@@ -13,6 +13,7 @@ decode step at the run's mean batch and context.
 Datasets: ``fixed`` (``--input-len`` -> ``--output-len`` each), ``long-decode`` and
 ``sharegpt-synthetic`` (bench/serving_workloads.py). ``--pin``: the prefill instance
 and its executor on core 0, decode on core 1 (serve_configs/local.yaml's layout).
+``--nice N``: those workers at niceness N.
 ``--prefill-when-admissible``: the router's prefill gate (``limits.prefill_when_admissible``:
 a request waits before prefill until decode could take it); each row records it.
 """
@@ -69,10 +70,11 @@ def app_args(args, name: str) -> dict:
                "load_aware": {"tpot_slo_ms": args.tpot_slo_ms}}[name]
     engine = {"num_threads": 1, "max_num_seqs": args.max_num_seqs}
     pin = (lambda core: {"cpus": [core]}) if args.pin else (lambda core: {})
+    nice = {} if args.nice is None else {"nice": args.nice}
     return {
         "model": args.model, "dtype": args.dtype, "policy": name, "policy_options": options,
-        "prefill": {**pin(0), "engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
-        "decode": {**pin(1), "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
+        "prefill": {**pin(0), **nice, "engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
+        "decode": {**pin(1), **nice, "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
                                         "num_threads": args.decode_threads}},
         "executor": {"enabled": name != "none",
                      "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads of the decode worker (prefill and executor get 1)")
     ap.add_argument("--pin", action="store_true",
                     help="prefill + executor on core 0, decode on core 1")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="niceness of the prefill, executor and decode workers (e.g. -5: "
+                         "ahead of the serving processes on their cores)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--prefill-when-admissible", action="store_true",
                     help="the router's prefill gate: a request waits before prefill (in "
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in (
         "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
-        "tpot_slo_ms", "prefill_when_admissible", "seed")}
+        "tpot_slo_ms", "prefill_when_admissible", "nice", "seed")}
     workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),
                     mean_output_len=sum(p.max_tokens for p in params) / len(params))
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,
