@@ -69,9 +69,10 @@ t.start()
 pin_process(None, "decode.cpus", nice=7)
 after = threading.Thread(target=ev.wait)  # and one started after
 after.start()
-nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+tids = os.listdir("/proc/self/task")
+nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in tids}
 ev.set()
-print(sorted(nices), len(os.listdir("/proc/self/task")))
+print(sorted(nices), len(tids))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split(" ")
