@@ -84,7 +84,8 @@ def sim_row(hw: HardwareProfile, run: dict, system: str, model_path: str) -> dic
                     prefill_kv_tokens=w["prefill_kv_tokens"],
                     decode_kv_tokens=w["decode_kv_tokens"],
                     executor_kv_tokens=w["executor_kv_tokens"],
-                    max_num_seqs=w.get("max_num_seqs", 64), sample_interval_s=0.5)
+                    max_num_seqs=w.get("max_num_seqs", 64), sample_interval_s=0.5,
+                    prefill_when_admissible=w.get("prefill_when_admissible", False))
     dataset = "random" if w["dataset"] == "fixed" else w["dataset"]  # fixed: exact lengths
     wl = Workload(dataset=dataset, num_prompts=w["num_requests"], input_len=w["input_len"],
                   output_len=w["output_len"], seed=w["seed"],
