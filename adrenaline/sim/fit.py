@@ -45,7 +45,8 @@ CPU_PARAMS = ("eff_mem", "eff_attn", "eff_flops_decode", "eff_flops_prefill", "s
 SWEEP_FIT_RATE = 1.0  # the serving sweep's rows at this rate are fitting data; the rest check
 # cpu-pinned (sim/fit_pinned.py): fitted on one pinned run, checked on the decode-heavy one.
 PINNED_FIT_FILE = "bench-offload-pinned-fit.json"
-PINNED_CHECK_FILE = "bench-offload-long-decode.json"
+PINNED_ATTENTION_FILE = "bench-offload-long-decode.json"  # 32 requests, no prefill gate
+PINNED_CHECK_FILE = "bench-offload-long-decode-64.json"  # 64 requests, gate, niceness -5
 
 
 def nelder_mead(f, x0: np.ndarray, step: float = 0.5, iters: int = 200, tol: float = 1e-4):
@@ -292,7 +293,8 @@ def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150,
                                    docs / "bench-roofline.json",
                                    docs / "bench-serving-sweep.json", iters),
             "cpu-pinned": lambda: fit_cpu_pinned(docs / PINNED_FIT_FILE,
-                                                 docs / "bench-roofline.json"),
+                                                 docs / "bench-roofline.json",
+                                                 attention_file=docs / PINNED_ATTENTION_FILE),
             "h200": lambda: fit_h200(docs / "gpu-check.json")}
     profiles = json.loads(out.read_text()) if only and out.is_file() else {}
     for name, fit in fits.items():

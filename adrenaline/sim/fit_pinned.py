@@ -3,7 +3,9 @@
 Fitted on a pinned `bench offload` run's start-up profile (the cluster measures
 it for load_aware: decode step without attention by batch, attention seconds
 per KV token on the decode core and on the executor, the exchange) and on that
-run's TTFT for the prefill speed; then checked on a different run (the
+run's TTFT for the prefill speed, with the decode attention per KV token taken
+from a second live run (a decode-heavy one: its none step beyond the profile's
+base, over the KV its steps read); then checked on a third run (the latest
 decode-heavy live run of docs/BENCHMARKS.md). Nothing is fitted to the checked
 run's throughput, TPOT or batch.
 
@@ -49,8 +51,39 @@ def _profile_row(run: dict) -> dict:
     return row["profile"]
 
 
-def solve_profile(run: dict, roofline: dict, model_path: str) -> HardwareProfile:
-    """The cost model's rates from the run's start-up profile (all but the prefill speed)."""
+def _base_at(prof: dict, batch: float) -> float:
+    """The start-up profile's base step (seconds) at ``batch``, linear between its points."""
+    pts = sorted((int(b), ms / 1e3) for b, ms in prof["base_step_ms"].items())
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if b0 <= batch <= b1:
+            return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+    return pts[-1][1] if batch > pts[-1][0] else pts[0][1]
+
+
+def live_attention_s_per_token(run: dict) -> float:
+    """Seconds of decode attention per KV token in a live long-decode run's ``none`` row:
+    its step beyond the start-up profile's base at its mean batch, over the KV a step
+    reads on average (every request's prompt + the tokens decoded so far, summed over its
+    steps, from the run's own seeded lengths, over the run's steps)."""
+    from adrenaline.bench.serving_workloads import long_decode_lengths
+
+    w = run["workload"]
+    if w["dataset"] != "long-decode":
+        raise ValueError("live attention: a long-decode run is needed")
+    none = next(r for r in run["rows"] if r["system"] == "none")
+    lengths = long_decode_lengths(w["num_requests"], w["seed"])
+    kv = sum(i * o + o * (o - 1) / 2 for i, o in lengths)
+    steps = sum(o for _, o in lengths) / none["mean_decode_batch"]
+    base = _base_at(_profile_row(run), none["mean_decode_batch"])
+    return (none["decode_step_ms"] / 1e3 - base) / (kv / steps)
+
+
+def solve_profile(run: dict, roofline: dict, model_path: str,
+                  attention_run: dict | None = None) -> HardwareProfile:
+    """The cost model's rates from the run's start-up profile (all but the prefill speed);
+    with ``attention_run``, the decode attention per KV token from that live run instead
+    (the start-up profile times equal contexts in a fresh pool; served steps read varied
+    contexts, grouped and padded, about 2x slower per token on this machine)."""
     prof = _profile_row(run)
     model = load_model(model_path, run.get("dtype", "bfloat16"))
     bw = roofline["copy_bandwidth_gbs"]
@@ -60,6 +93,12 @@ def solve_profile(run: dict, roofline: dict, model_path: str) -> HardwareProfile
     decode_tok = model.linear_flops_per_token / (peak * 1e12)
     attn = prof["decode_attn_us_per_token"][0] / 1e6
     exec_attn = prof["executor_attn_us_per_token"][0] / 1e6
+    seen = 1.0
+    if attention_run is not None:  # the executor keeps its measured speed relative to decode
+        live = live_attention_s_per_token(attention_run)
+        seen = attn / live  # the policy still reads the start-up profile's rate
+        exec_attn *= live / attn
+        attn = live
     eff_attn = model.kv_bytes_per_token / (bw * 1e9 * attn)
     return HardwareProfile(
         name="cpu-pinned", mem_gib=24.0, mem_bw_gbs=bw, flops_tflops=peak,
@@ -69,7 +108,8 @@ def solve_profile(run: dict, roofline: dict, model_path: str) -> HardwareProfile
         exchange_layer_s=prof["exchange_ms"] / 1e3 / model.layers,
         link_gbs=2.0, handoff_latency_s=1e-3,
         executor_bw_curve=((0.0, 0.0), (1.0, attn / exec_attn)),
-        executor_steals_compute=False, default_executor_share=1.0, cores=0.0)
+        executor_steals_compute=False, default_executor_share=1.0, cores=0.0,
+        profiled_attention_ratio=seen)
 
 
 def sim_row(hw: HardwareProfile, run: dict, system: str, model_path: str) -> dict:
@@ -97,11 +137,15 @@ def sim_row(hw: HardwareProfile, run: dict, system: str, model_path: str) -> dic
             "offload_ratio": r["offload_ratio"]}
 
 
-def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None = None
-                   ) -> HardwareProfile:
+def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None = None,
+                   attention_file: Path | None = None) -> HardwareProfile:
+    """``attention_file``: a live long-decode run the decode attention rate is taken from
+    (``live_attention_s_per_token``); without it, the start-up profile's."""
     run = json.loads(Path(fit_file).read_text())
     model_path = model_path or smollm2_config()
-    hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path)
+    attention_run = json.loads(Path(attention_file).read_text()) if attention_file else None
+    hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path,
+                       attention_run)
     live = next(r for r in run["rows"] if r["system"] == "none")
     lo, hi = 0.01, 1.0  # TTFT falls as the prefill efficiency rises
     for _ in range(20):
@@ -111,8 +155,12 @@ def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None =
     hw = replace(hw, eff_flops_prefill=(lo + hi) / 2)
     fitted = sim_row(hw, run, "none", model_path)
     return replace(hw, fitted_on={
-        "files": [Path(fit_file).name, Path(roofline_file).name],
-        "dates": [run["date"]], "from": "start-up profile; prefill from none's TTFT p50",
+        "files": [Path(fit_file).name, Path(roofline_file).name]
+        + ([Path(attention_file).name] if attention_file else []),
+        "dates": [run["date"]] + ([attention_run["date"]] if attention_run else []),
+        "from": "start-up profile; prefill from none's TTFT p50"
+        + ("; decode attention per KV token from the attention file's none step"
+           if attention_file else ""),
         "fit_error": {"none": {k: fitted[k] / live[k] - 1
                                for k in CHECK_KEYS + ("ttft_p50_ms",) if live.get(k)}}})
 

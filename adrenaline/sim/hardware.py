@@ -56,6 +56,9 @@ class HardwareProfile:
     # client) keeps busy on the same cores while requests are in flight.
     cores: float = 0.0
     frontend_cores: float = 0.0
+    # The start-up profile's attention per KV token over the served one's (the policy reads
+    # the profile; steps run at the served speed). 1: the profile times what serving does.
+    profiled_attention_ratio: float = 1.0
     fitted_on: dict = field(default_factory=dict)
 
     def executor_bw_gbs(self, share: float) -> float:

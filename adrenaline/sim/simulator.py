@@ -80,9 +80,11 @@ def startup_profile(cost: CostModel, decode_tokens: list[int], executor_tokens: 
     """What actors/cluster_profile.py measures at start-up, from the cost model: the decode
     step without attention at the profiled batches, the attention seconds per KV token of
     decode and executor, the exchange, and the KV capacities."""
+    seen = cost.hw.profiled_attention_ratio  # what the start-up profile's timing sees
     return ClusterProfile(base_step_s={b: cost.decode_s(b, 0) for b in batches},
-                          decode_attn_s_per_token=[cost.kv_tok_s] * len(decode_tokens),
-                          executor_attn_s_per_token=[cost.exec_kv_tok_s] * len(executor_tokens),
+                          decode_attn_s_per_token=[cost.kv_tok_s * seen] * len(decode_tokens),
+                          executor_attn_s_per_token=[cost.exec_kv_tok_s * seen]
+                          * len(executor_tokens),
                           exchange_s=cost.exchange_s,
                           decode_capacity_tokens=list(decode_tokens),
                           executor_capacity_tokens=list(executor_tokens),
