@@ -73,9 +73,11 @@ def app_args(args, name: str) -> dict:
     nice = {} if args.nice is None else {"nice": args.nice}
     return {
         "model": args.model, "dtype": args.dtype, "policy": name, "policy_options": options,
-        "prefill": {**pin(0), **nice, "engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
-        "decode": {**pin(1), **nice, "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
-                                        "num_threads": args.decode_threads}},
+        "prefill": {**pin(0), **nice,
+                    "engine": {**engine, "kv_cache_tokens": args.prefill_kv_tokens}},
+        "decode": {**pin(1), **nice,
+                   "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
+                              "num_threads": args.decode_threads}},
         "executor": {"enabled": name != "none",
                      "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
         "limits": {"prefill_when_admissible": args.prefill_when_admissible},

@@ -51,8 +51,9 @@ class _DecodeState:
     groups: list[_DecodeGroup]
 
 
-# Keys per chunk of decode attention (or one block, where blocks are larger). Measured on SmolLM2
-# (13 sequences of 300-2,300 tokens): 128 costs 4% over padding alone; 64 and 256 cost more.
+# Keys per chunk of decode attention (or one block, where blocks are larger). Measured on
+# SmolLM2 (13 sequences of 300-2,300 tokens): 128 costs 4% over padding alone; 64 and 256
+# cost more.
 CHUNK_TOKENS = 128
 
 # A group's fixed cost per step (its gathers, GEMMs and softmax over all layers), in KV
