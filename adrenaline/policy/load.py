@@ -102,14 +102,5 @@ def gated(load: ClusterLoad, decision: Placement, reserved: int, mean: int) -> N
 def ungated(load: ClusterLoad, decision: Placement, reserved: int, mean: int) -> None:
     """The exact inverse of ``gated``: back to pending (before its real admission, or
     before ``released`` when it ends never admitted)."""
-    d, p = decision.decode, decision.prefill
-    reserved = load.footprint(reserved)
-    load.decode_pending_tokens[d] += reserved
-    load.decode_active[d] -= 1
-    if decision.offload:
-        load.executor_active[p] -= 1
-        load.executor_reserved_tokens[p] -= reserved
-        load.executor_mean_tokens[p] -= mean
-    else:
-        load.decode_reserved_tokens[d] -= reserved
-        load.decode_mean_tokens[d] -= mean
+    released(load, decision, decision, reserved, mean)
+    load.decode_pending_tokens[decision.decode] += load.footprint(reserved)
