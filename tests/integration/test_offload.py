@@ -81,7 +81,9 @@ def test_offloaded_greedy_matches_offline(ray_cluster, expected, name, num_prefi
         executors = [m for m in metrics if m.role == "executor"]
         assert len(executors) == num_prefill
         assert sum(m.num_steps for m in executors) > 0  # attention really ran remotely
-        assert all(0 < m.busy_cpu_s <= m.busy_s for m in executors)
+        # an executor's CPU time while busy is within its busy time (5 ms of clock slack
+        # over the run), for every executor that served a step
+        assert all(0 < m.busy_cpu_s <= m.busy_s + 0.005 for m in executors if m.num_steps)
         # the decode step's own CPU time is part of its wall time, never more
         decode = [m for m in metrics if m.role == "decode"]
         assert all(0 < m.step_cpu_s <= m.step_time_s for m in decode)
