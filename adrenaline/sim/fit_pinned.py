@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adrenaline.policy.profile import ClusterProfile
 from adrenaline.sim.cost import CostModel
 from adrenaline.sim.hardware import HardwareProfile
 from adrenaline.sim.models import load_model
@@ -52,12 +53,9 @@ def _profile_row(run: dict) -> dict:
 
 
 def _base_at(prof: dict, batch: float) -> float:
-    """The start-up profile's base step (seconds) at ``batch``, linear between its points."""
-    pts = sorted((int(b), ms / 1e3) for b, ms in prof["base_step_ms"].items())
-    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
-        if b0 <= batch <= b1:
-            return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
-    return pts[-1][1] if batch > pts[-1][0] else pts[0][1]
+    """The start-up profile's base step (seconds) at ``batch`` (as the policy reads it)."""
+    base = {int(b): ms / 1e3 for b, ms in prof["base_step_ms"].items()}
+    return ClusterProfile(base, [], [], 0.0, [], []).base_s(batch)
 
 
 def live_attention_s_per_token(run: dict) -> float:
