@@ -68,7 +68,7 @@ async def _run(client, prompts, params, offsets):
 def app_args(args, name: str) -> dict:
     options = {"none": {}, "static": {"ratio": args.static_ratio},
                "load_aware": {"tpot_slo_ms": args.tpot_slo_ms}}[name]
-    engine = {"num_threads": 1, "max_num_seqs": args.max_num_seqs}
+    engine = {"num_threads": 1, "max_num_seqs": args.max_num_seqs, "block_size": args.block_size}
     pin = (lambda core: {"cpus": [core]}) if args.pin else (lambda core: {})
     nice = {} if args.nice is None else {"nice": args.nice}
     return {
@@ -79,7 +79,8 @@ def app_args(args, name: str) -> dict:
                    "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
                               "num_threads": args.decode_threads}},
         "executor": {"enabled": name != "none",
-                     "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens}},
+                     "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens,
+                                "block_size": args.block_size}},
         "limits": {"prefill_when_admissible": args.prefill_when_admissible},
     }
 
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill-kv-tokens", type=int, default=8192)
     ap.add_argument("--executor-kv-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=16,
+                    help="KV block tokens of every role (CPU attention gathers larger blocks "
+                         "faster: 64 cut it by about 15%% here)")
     ap.add_argument("--decode-threads", type=int, default=1,
                     help="torch threads of the decode worker (prefill and executor get 1)")
     ap.add_argument("--pin", action="store_true",
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                      if b["system"] == "none" and b["rate"] == r["rate"]), None)
         r["vs_none"] = r["output_tok_s"] / base if base else None
     workload = {k: getattr(args, k) for k in (
-        "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens",
+        "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens", "block_size",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
         "tpot_slo_ms", "prefill_when_admissible", "nice", "seed")}
     workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),

@@ -3,8 +3,16 @@
 Used at start-up (actors/cluster_profile.py) for policy/profile.py's split of a
 decode step into a non-attention part by batch and an attention part per KV
 token. Synthetic requests (engine/synthetic_batch.py) carry random KV, so long
-contexts cost no prefill; every function leaves the engine or service as it
-found it (its requests aborted or freed).
+contexts cost no prefill; every function leaves the engine or service holding
+what it held (its requests aborted or freed).
+
+Attention is timed on a batch laid out as served: contexts spread evenly up to
+the long one (``served_contexts``) over a pool whose free blocks are scattered
+(``scatter_free_blocks``), so the rate is what served steps pay per KV token, not
+that of equal contexts in consecutive blocks (measured here: 16 requests of
+2,048 tokens over scattered blocks cost 1.6-1.8x per token what 8 in consecutive
+blocks do; a CPU gather reads scattered blocks slower, and the batch's gathered
+keys no longer fit the cache).
 """
 
 from __future__ import annotations
@@ -13,7 +21,13 @@ import time
 
 import torch
 
-from adrenaline.engine.synthetic_batch import adopt_local, adopt_offloaded, service_adopt
+from adrenaline.engine.synthetic_batch import (
+    adopt_local,
+    adopt_offloaded,
+    scatter_free_blocks,
+    served_contexts,
+    service_adopt,
+)
 
 SHORT_CONTEXT = 16  # tokens: attention is negligible here, the step is its base
 
@@ -34,27 +48,46 @@ def _abort_all(engine, reqs) -> None:
         engine.abort(r.request_id)
 
 
-def time_decode_steps(engine, batch: int, context: int, steps: int = 3) -> float | None:
-    """Step seconds of ``batch`` local requests at ``context`` tokens (None: no room)."""
-    per_request = engine.block_manager.blocks_for(context + steps + 2)
-    if batch * per_request > engine.block_manager.num_free_blocks or \
+def time_decode_steps(engine, batch: int, context: int | list[int], steps: int = 3
+                      ) -> float | None:
+    """Step seconds of ``batch`` local requests at ``context`` tokens (one for all, or one
+    each; None: no room)."""
+    contexts = context if isinstance(context, list) else [context] * batch
+    bm = engine.block_manager
+    if sum(bm.blocks_for(c + steps + 2) for c in contexts) > bm.num_free_blocks or \
             batch > engine.config.max_num_seqs:
         return None
     with torch.inference_mode():
-        reqs = adopt_local(engine, batch, context, steps + 2, prefix=f"profile-{batch}-{context}")
+        reqs = adopt_local(engine, batch, contexts, steps + 2,
+                           prefix=f"profile-{batch}-{max(contexts)}")
         try:
             return _fastest_step_s(engine, steps)
         finally:
             _abort_all(engine, reqs)
 
 
-def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_batch: int = 8,
+def _served_batch(free_tokens: int, num_requests: int, longest: int, block_size: int,
+                  reserve: int) -> list[int]:
+    """``served_contexts`` of up to ``num_requests`` requests up to ``longest`` tokens that
+    a pool of ``free_tokens`` holds (``reserve`` tokens and a block of rounding each):
+    fewer requests first, then shorter contexts; [] when too small to time attention."""
+    n = num_requests
+    while n > 1 and free_tokens // n - reserve - block_size < 4 * SHORT_CONTEXT:
+        n //= 2
+    # evenly spread contexts sum to about (n + 1) / 2 x the longest
+    longest = min(longest, 2 * (free_tokens - n * (reserve + block_size)) // (n + 1))
+    if longest < 4 * SHORT_CONTEXT:
+        return []
+    return served_contexts(n, longest)
+
+
+def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_batch: int = 16,
                    steps: int = 3) -> tuple[dict[int, float], float]:
     """(base step seconds by batch, attention seconds per KV token) of a decode engine.
 
     The base is a step at SHORT_CONTEXT tokens per request; the attention rate is the
-    growth of a step of ``attn_batch`` requests from SHORT_CONTEXT to the longest context
-    (up to ``long_context``) the pool holds for them.
+    growth of a step of up to ``attn_batch`` requests from SHORT_CONTEXT to contexts laid
+    out as served (module docstring), up to ``long_context``, that the pool holds.
     """
     base: dict[int, float] = {}
     for b in batches:
@@ -62,20 +95,21 @@ def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_ba
         if t is None:
             break
         base[b] = t
-    # The largest batch (up to attn_batch) that can hold a context well past the short one.
-    bs = engine.config.block_size
-    free_tokens = engine.block_manager.num_free_blocks * bs
-    attn_batch = min(attn_batch, engine.config.max_num_seqs)
-    while attn_batch > 1 and free_tokens // attn_batch - steps - 2 * bs < 4 * SHORT_CONTEXT:
-        attn_batch //= 2
-    context = min(long_context, free_tokens // attn_batch - steps - 2 * bs)
-    short = time_decode_steps(engine, attn_batch, SHORT_CONTEXT, steps)
-    long = (time_decode_steps(engine, attn_batch, context, steps)
-            if context >= 2 * SHORT_CONTEXT else None)
+    bm = engine.block_manager
+    contexts = _served_batch(bm.num_free_blocks * bm.block_size,
+                             min(attn_batch, engine.config.max_num_seqs), long_context,
+                             bm.block_size, steps + 2)
+    if not contexts:
+        raise RuntimeError(f"profile: the decode pool ({bm.num_free_blocks * bm.block_size} "
+                           f"tokens) is too small to time attention")
+    n = len(contexts)
+    scatter_free_blocks(bm)
+    short = time_decode_steps(engine, n, SHORT_CONTEXT, steps)
+    long = time_decode_steps(engine, n, contexts, steps)
     if short is None or long is None:
-        raise RuntimeError(f"profile: the decode pool ({free_tokens} tokens) is too small to "
-                           f"time attention")
-    per_token = max(long - short, 0.0) / (attn_batch * (context - SHORT_CONTEXT))
+        raise RuntimeError(f"profile: the decode pool does not hold {n} requests of "
+                           f"{contexts} tokens")
+    per_token = max(long - short, 0.0) / (sum(contexts) - n * SHORT_CONTEXT)
     return base, per_token
 
 
@@ -96,29 +130,27 @@ def profile_exchange(engine, executor: int, handle: int, context: int, steps: in
             _abort_all(engine, reqs)
 
 
-def profile_executor_attention(service, num_requests: int = 8, context: int = 2048,
+def profile_executor_attention(service, num_requests: int = 16, context: int = 2048,
                                repeats: int = 3) -> float:
-    """Seconds of attention per KV token (all layers) on an AttentionService, by running it.
-
-    Uses the largest context up to ``context`` its free pool holds for ``num_requests``.
-    """
+    """Seconds of attention per KV token (all layers) on an AttentionService, by running it
+    on up to ``num_requests`` requests laid out as served (module docstring), up to
+    ``context`` tokens, that its free pool holds."""
     mc = service.model
-    bs = service.config.block_size
-    free = service.block_manager.num_free_blocks * bs
-    while num_requests > 1 and free // num_requests - 2 * bs < 4 * SHORT_CONTEXT:
-        num_requests //= 2
-    context = min(context, free // num_requests - 2 * bs)
-    if context < 2 * SHORT_CONTEXT:
+    bm = service.block_manager
+    free = bm.num_free_blocks * bm.block_size
+    contexts = _served_batch(free, num_requests, context, bm.block_size, repeats + 2)
+    if not contexts:
         raise RuntimeError(f"profile: the executor pool ({free} tokens) is too small")
-    handles = service_adopt(service, num_requests, context)
-    n, hq, hkv, d = num_requests, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+    scatter_free_blocks(bm)
+    handles = service_adopt(service, len(contexts), contexts)
+    n, hq, hkv, d = len(contexts), mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
     q = torch.randn(n, hq, d).to(service.dtype)
     k, v = torch.randn(n, hkv, d).to(service.dtype), torch.randn(n, hkv, d).to(service.dtype)
     best = float("inf")
     try:
         with torch.inference_mode():
             for r in range(repeats + 1):
-                step = service.begin_step(handles, [context + 1 + r] * n)
+                step = service.begin_step(handles, [c + 1 + r for c in contexts])
                 start = time.perf_counter()
                 for layer in range(mc.num_hidden_layers):
                     service.attend(step, layer, q, k, v)
@@ -128,7 +160,7 @@ def profile_executor_attention(service, num_requests: int = 8, context: int = 20
     finally:
         for h in handles:
             service.free(h)
-    return best / (n * context)
+    return best / sum(contexts)
 
 
 # ---- whole-engine timings for the benchmarks (roofline, GPU check) ----

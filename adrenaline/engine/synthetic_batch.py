@@ -9,6 +9,8 @@ timings taken on these batches are those of real ones.
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from adrenaline.engine.kv_transfer import kv_export_shape
@@ -36,11 +38,36 @@ def synthetic_request(engine, request_id: str, context_len: int, max_tokens: int
     return r
 
 
-def adopt_local(engine, n: int, context_len: int, max_tokens: int, prefix: str = "synthetic"
-                ) -> list[Request]:
-    """Adopt ``n`` synthetic requests whose KV lives in ``engine``'s own pool."""
+def served_contexts(n: int, longest: int) -> list[int]:
+    """Contexts of a steady-state decode batch of ``n`` requests: evenly spread up to
+    ``longest`` (a served batch holds requests at every stage of their lives)."""
+    return [max(longest * (i + 1) // n, 1) for i in range(n)]
+
+
+def scatter_free_blocks(block_manager, seed: int = 0) -> None:
+    """Put the free list in a seeded random order, the order a served pool's churn leaves it.
+
+    A served sequence's blocks are scattered over the pool (decode growth takes a block
+    at a time, interleaved with every other sequence's), and reading scattered blocks is
+    slower than reading a fresh pool's consecutive ones. Uses only the public API: every
+    free block is taken as a one-block sequence, then all are freed in shuffled order.
+    """
+    bs = block_manager.block_size
+    ids = [f"scatter-{i}" for i in range(block_manager.num_free_blocks)]
+    for sid in ids:
+        block_manager.allocate(sid, bs)
+    random.Random(seed).shuffle(ids)
+    for sid in ids:
+        block_manager.free(sid)
+
+
+def adopt_local(engine, n: int, context_len: int | list[int], max_tokens: int,
+                prefix: str = "synthetic") -> list[Request]:
+    """Adopt ``n`` synthetic requests whose KV lives in ``engine``'s own pool (contexts:
+    one for all, or one each)."""
+    contexts = context_len if isinstance(context_len, list) else [context_len] * n
     reqs = []
-    for i in range(n):
+    for i, context_len in enumerate(contexts):
         r = synthetic_request(engine, f"{prefix}-{i}", context_len, max_tokens, seed=i)
         kv = synthetic_kv(engine.pool, engine.backend.block_dim,
                           engine.block_manager.blocks_for(context_len), seed=i)
@@ -61,9 +88,12 @@ def adopt_offloaded(engine, handles: list[int], context_len: int, max_tokens: in
     return reqs
 
 
-def service_adopt(service, n: int, context_len: int) -> list[int]:
-    """Give an AttentionService ``n`` synthetic requests of ``context_len``; their handles."""
-    blocks = service.block_manager.blocks_for(context_len)
-    return [service.adopt(f"synthetic-off-{i}", context_len + 1, context_len,
-                          synthetic_kv(service.pool, service.backend.block_dim, blocks, 1000 + i))
-            for i in range(n)]
+def service_adopt(service, n: int, context_len: int | list[int]) -> list[int]:
+    """Give an AttentionService ``n`` synthetic requests (contexts: one for all, or one
+    each); their handles."""
+    contexts = context_len if isinstance(context_len, list) else [context_len] * n
+    bm = service.block_manager
+    return [service.adopt(f"synthetic-off-{i}", c + 1, c,
+                          synthetic_kv(service.pool, service.backend.block_dim, bm.blocks_for(c),
+                                       1000 + i))
+            for i, c in enumerate(contexts)]

@@ -41,3 +41,17 @@ def test_executor_attention_profile_runs_attention_and_frees():
     assert s > 0 and service.block_manager.num_used_blocks == 0 and not service.ids
     prof = ClusterProfile({1: 0.01}, [s], [s], 0.0, [1000], [1000], kv_bytes_per_token=100)
     assert prof.executor_bandwidth_gbs[0] == prof.decode_bandwidth_gbs[0] > 0
+
+
+def test_scattered_free_blocks_are_the_same_blocks_in_another_order():
+    from adrenaline.engine.block_manager import BlockManager
+    from adrenaline.engine.synthetic_batch import scatter_free_blocks, served_contexts
+
+    bm = BlockManager(64, 16)
+    bm.allocate("kept", 100)  # 7 blocks in use stay in use
+    scatter_free_blocks(bm, seed=1)
+    assert bm.num_free_blocks == 57 and bm.block_table("kept") == list(range(7))
+    bm.check_invariants()
+    table = bm.allocate("next", 16 * 8)
+    assert sorted(table) != table and set(table) <= set(range(7, 64))  # scattered blocks
+    assert served_contexts(4, 2048) == [512, 1024, 1536, 2048]
