@@ -3,12 +3,13 @@
 Used at start-up (actors/cluster_profile.py) for policy/profile.py's split of a
 decode step into a non-attention part by batch and an attention part per KV
 token. Synthetic requests (engine/synthetic_batch.py) carry random KV, so long
-contexts cost no prefill; every function leaves the engine or service holding
-what it held (its requests aborted or freed).
+contexts cost no prefill; every function leaves the engine or service as it
+found it (its requests aborted or freed; the free blocks back in runs, not
+scattered).
 
 Attention is timed on a batch laid out as served: contexts spread evenly up to
 the long one (``served_contexts``) over a pool whose free blocks are scattered
-(``scatter_free_blocks``), so the rate is what served steps pay per KV token, not
+(``scattered_free_blocks``), so the rate is what served steps pay per KV token, not
 that of equal contexts in consecutive blocks (measured here: 16 requests of
 2,048 tokens over scattered blocks cost 1.6-1.8x per token what 8 in consecutive
 blocks do; a CPU gather reads scattered blocks slower, and the batch's gathered
@@ -24,7 +25,7 @@ import torch
 from adrenaline.engine.synthetic_batch import (
     adopt_local,
     adopt_offloaded,
-    scatter_free_blocks,
+    scattered_free_blocks,
     served_contexts,
     service_adopt,
 )
@@ -103,9 +104,9 @@ def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_ba
         raise RuntimeError(f"profile: the decode pool ({bm.num_free_blocks * bm.block_size} "
                            f"tokens) is too small to time attention")
     n = len(contexts)
-    scatter_free_blocks(bm)
-    short = time_decode_steps(engine, n, SHORT_CONTEXT, steps)
-    long = time_decode_steps(engine, n, contexts, steps)
+    with scattered_free_blocks(bm):
+        short = time_decode_steps(engine, n, SHORT_CONTEXT, steps)
+        long = time_decode_steps(engine, n, contexts, steps)
     if short is None or long is None:
         raise RuntimeError(f"profile: the decode pool does not hold {n} requests of "
                            f"{contexts} tokens")
@@ -141,14 +142,13 @@ def profile_executor_attention(service, num_requests: int = 16, context: int = 2
     contexts = _served_batch(free, num_requests, context, bm.block_size, repeats + 2)
     if not contexts:
         raise RuntimeError(f"profile: the executor pool ({free} tokens) is too small")
-    scatter_free_blocks(bm)
-    handles = service_adopt(service, len(contexts), contexts)
     n, hq, hkv, d = len(contexts), mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
     q = torch.randn(n, hq, d).to(service.dtype)
     k, v = torch.randn(n, hkv, d).to(service.dtype), torch.randn(n, hkv, d).to(service.dtype)
     best = float("inf")
-    try:
-        with torch.inference_mode():
+    with scattered_free_blocks(bm), torch.inference_mode():
+        handles = service_adopt(service, n, contexts)
+        try:
             for r in range(repeats + 1):
                 step = service.begin_step(handles, [c + 1 + r for c in contexts])
                 start = time.perf_counter()
@@ -157,9 +157,9 @@ def profile_executor_attention(service, num_requests: int = 16, context: int = 2
                 elapsed = time.perf_counter() - start
                 if r:  # the first pass warms up
                     best = min(best, elapsed)
-    finally:
-        for h in handles:
-            service.free(h)
+        finally:
+            for h in handles:
+                service.free(h)
     return best / sum(contexts)
 
 

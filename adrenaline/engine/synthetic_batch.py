@@ -10,6 +10,7 @@ timings taken on these batches are those of real ones.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import torch
 
@@ -44,21 +45,34 @@ def served_contexts(n: int, longest: int) -> list[int]:
     return [max(longest * (i + 1) // n, 1) for i in range(n)]
 
 
-def scatter_free_blocks(block_manager, seed: int = 0) -> None:
-    """Put the free list in a seeded random order, the order a served pool's churn leaves it.
+@contextmanager
+def scattered_free_blocks(block_manager, seed: int = 0):
+    """Within: the free list in a seeded random order, the order a served pool's churn
+    leaves it; on exit: back in its order before. Start-up profiles only (a pool with no
+    cached blocks).
 
     A served sequence's blocks are scattered over the pool (decode growth takes a block
     at a time, interleaved with every other sequence's), and reading scattered blocks is
-    slower than reading a fresh pool's consecutive ones. Uses only the public API: every
-    free block is taken as a one-block sequence, then all are freed in shuffled order.
+    slower than reading a fresh pool's consecutive ones.
     """
-    bs = block_manager.block_size
-    ids = [f"scatter-{i}" for i in range(block_manager.num_free_blocks)]
-    for sid in ids:
-        block_manager.allocate(sid, bs)
-    random.Random(seed).shuffle(ids)
-    for sid in ids:
-        block_manager.free(sid)
+    before = _refree(block_manager, lambda blocks: random.Random(seed).sample(blocks, len(blocks)))
+    try:
+        yield
+    finally:
+        rank = {b: i for i, b in enumerate(before)}
+        _refree(block_manager, lambda blocks: sorted(blocks, key=lambda b: rank.get(b, len(rank))))
+
+
+def _refree(block_manager, order) -> list[int]:
+    """Take every free block (as one-block sequences), then free them in
+    ``order(blocks)``; returns the blocks in the free list's order before. Public API only."""
+    seq_of = {}
+    for i in range(block_manager.num_free_blocks):
+        seq_of[block_manager.allocate(f"scatter-{i}", 1)[0]] = f"scatter-{i}"
+    before = list(seq_of)
+    for b in order(list(before)):
+        block_manager.free(seq_of[b])
+    return before
 
 
 def adopt_local(engine, n: int, context_len: int | list[int], max_tokens: int,
