@@ -242,10 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
         p.set_defaults(fn=fn)
         if name == "plan":
             p.add_argument("--num-gpus", type=int, required=True)
-    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned and h200 profiles "
+    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served) and h200 profiles "
                                    "(writes sim/profiles.json)")
     p.add_argument("--iters", type=int, default=150)
-    p.add_argument("--only", default=None, choices=["cpu", "cpu-pinned", "h200"],
+    p.add_argument("--only", default=None,
+                   choices=["cpu", "cpu-pinned", "cpu-pinned-served", "h200"],
                    help="refit this profile alone (the others stay as stored)")
     p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("validate", help="simulated vs live, on data the fit did not use")

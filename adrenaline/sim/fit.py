@@ -29,7 +29,7 @@ import numpy as np
 
 from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.sim.cost import CostModel
-from adrenaline.sim.fit_pinned import check_cpu_pinned, fit_cpu_pinned
+from adrenaline.sim.fit_pinned import check_cpu_pinned, fit_cpu_pinned, fit_cpu_pinned_served
 from adrenaline.sim.hardware import PROFILES_PATH, SPEC_SHEETS, HardwareProfile
 from adrenaline.sim.models import load_model
 from adrenaline.sim.results import summarize
@@ -47,6 +47,10 @@ SWEEP_FIT_RATE = 1.0  # the serving sweep's rows at this rate are fitting data; 
 PINNED_FIT_FILE = "bench-offload-pinned-fit.json"
 PINNED_ATTENTION_FILE = "bench-offload-long-decode.json"  # 32 requests, no prefill gate
 PINNED_CHECK_FILE = "bench-offload-long-decode-64.json"  # 64 requests, gate, niceness -5
+# Attention timed as served in the start-up profile, 64-token blocks: decode KV for 16
+# requests (the profile's run) and for 8 (the checked run)
+SERVED_PROFILE_FILE = "bench-offload-long-decode-served.json"
+SERVED_CHECK_FILE = "bench-offload-long-decode-served-kv8.json"
 
 
 def nelder_mead(f, x0: np.ndarray, step: float = 0.5, iters: int = 200, tol: float = 1e-4):
@@ -295,6 +299,9 @@ def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150,
             "cpu-pinned": lambda: fit_cpu_pinned(docs / PINNED_FIT_FILE,
                                                  docs / "bench-roofline.json",
                                                  attention_file=docs / PINNED_ATTENTION_FILE),
+            "cpu-pinned-served": lambda: fit_cpu_pinned_served(docs / SERVED_PROFILE_FILE,
+                                                               docs / PINNED_FIT_FILE,
+                                                               docs / "bench-roofline.json"),
             "h200": lambda: fit_h200(docs / "gpu-check.json")}
     profiles = json.loads(out.read_text()) if only and out.is_file() else {}
     for name, fit in fits.items():
@@ -328,6 +335,12 @@ def validate_all(docs: Path = DOCS) -> dict:
         print(f"  {row['system']:11}" + "".join(
             f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
             for k, v in row.items() if k != "system"))
+    served = check_cpu_pinned(profiles["cpu-pinned-served"], docs / SERVED_CHECK_FILE)
+    print(f"CPU pinned, attention profiled as served, {SERVED_CHECK_FILE}:")
+    for row in served:
+        print(f"  {row['system']:11}" + "".join(
+            f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
+            for k, v in row.items() if k != "system"))
     h200 = profiles["h200"].fitted_on
     print(f"H200 decode step: fitted on batches {h200['decode_fit_batches']}, error on the "
           f"others: " + ", ".join(f"{b}: {e:+.1%}" for b, e in h200["check_error"].items()))
@@ -335,4 +348,5 @@ def validate_all(docs: Path = DOCS) -> dict:
                                  "fit_error": h200["fit_error"]},
             "cpu_fit_error": profiles["cpu"].fitted_on["fit_error"],
             "cpu_pinned": {"file": PINNED_CHECK_FILE, "rows": pinned,
-                           "fit_error": profiles["cpu-pinned"].fitted_on["fit_error"]}}
+                           "fit_error": profiles["cpu-pinned"].fitted_on["fit_error"]},
+            "cpu_pinned_served": {"file": SERVED_CHECK_FILE, "rows": served}}

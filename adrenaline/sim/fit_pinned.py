@@ -77,7 +77,8 @@ def live_attention_s_per_token(run: dict) -> float:
 
 
 def solve_profile(run: dict, roofline: dict, model_path: str,
-                  attention_run: dict | None = None) -> HardwareProfile:
+                  attention_run: dict | None = None, name: str = "cpu-pinned"
+                  ) -> HardwareProfile:
     """The cost model's rates from the run's start-up profile (all but the prefill speed);
     with ``attention_run``, the decode attention per KV token from that live run instead
     (the start-up profile times equal contexts in a fresh pool; served steps read varied
@@ -99,7 +100,7 @@ def solve_profile(run: dict, roofline: dict, model_path: str,
         attn = live
     eff_attn = model.kv_bytes_per_token / (bw * 1e9 * attn)
     return HardwareProfile(
-        name="cpu-pinned", mem_gib=24.0, mem_bw_gbs=bw, flops_tflops=peak,
+        name=name, mem_gib=24.0, mem_bw_gbs=bw, flops_tflops=peak,
         eff_mem=min(model.step_weight_bytes / (bw * 1e9 * max(intercept, 1e-6)), 1.0),
         eff_attn=min(eff_attn, 1.0), eff_flops_decode=1.0,
         seq_overhead_s=max(slope - decode_tok, 0.0),
@@ -144,13 +145,8 @@ def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None =
     attention_run = json.loads(Path(attention_file).read_text()) if attention_file else None
     hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path,
                        attention_run)
+    hw = fit_prefill(hw, run, model_path)
     live = next(r for r in run["rows"] if r["system"] == "none")
-    lo, hi = 0.01, 1.0  # TTFT falls as the prefill efficiency rises
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        ttft = sim_row(replace(hw, eff_flops_prefill=mid), run, "none", model_path)["ttft_p50_ms"]
-        lo, hi = (mid, hi) if ttft > live["ttft_p50_ms"] else (lo, mid)
-    hw = replace(hw, eff_flops_prefill=(lo + hi) / 2)
     fitted = sim_row(hw, run, "none", model_path)
     return replace(hw, fitted_on={
         "files": [Path(fit_file).name, Path(roofline_file).name]
@@ -161,6 +157,37 @@ def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None =
            if attention_file else ""),
         "fit_error": {"none": {k: fitted[k] / live[k] - 1
                                for k in CHECK_KEYS + ("ttft_p50_ms",) if live.get(k)}}})
+
+
+def fit_prefill(hw: HardwareProfile, run: dict, model_path: str) -> HardwareProfile:
+    """``hw`` with the prefill FLOP efficiency at which the run's ``none`` TTFT p50 comes
+    out as live (bisection: TTFT falls as the efficiency rises)."""
+    live = next(r for r in run["rows"] if r["system"] == "none")
+    lo, hi = 0.01, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        ttft = sim_row(replace(hw, eff_flops_prefill=mid), run, "none", model_path)["ttft_p50_ms"]
+        lo, hi = (mid, hi) if ttft > live["ttft_p50_ms"] else (lo, mid)
+    return replace(hw, eff_flops_prefill=(lo + hi) / 2)
+
+
+def fit_cpu_pinned_served(profile_file: Path, fit_file: Path, roofline_file: Path,
+                          model_path: str | None = None) -> HardwareProfile:
+    """``cpu-pinned-served``: every rate from ``profile_file``'s start-up profile, one that
+    times attention on a batch laid out as served (engine/step_profile.py), so the
+    policy reads the rates the steps pay (no ``profiled_attention_ratio``); the prefill
+    speed from ``fit_file``'s ``none`` TTFT p50, as ``cpu-pinned``."""
+    model_path = model_path or smollm2_config()
+    run = json.loads(Path(profile_file).read_text())
+    fit_run = json.loads(Path(fit_file).read_text())
+    hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path,
+                       name="cpu-pinned-served")
+    hw = fit_prefill(hw, fit_run, model_path)
+    return replace(hw, fitted_on={
+        "files": [Path(profile_file).name, Path(fit_file).name, Path(roofline_file).name],
+        "dates": [run["date"], fit_run["date"]],
+        "from": "the first file's start-up profile (attention timed as served); prefill "
+                "from the second file's none TTFT p50"})
 
 
 def check_cpu_pinned(hw: HardwareProfile, check_file: Path, model_path: str | None = None

@@ -232,6 +232,27 @@ def test_pinned_cpu_profile_is_the_fit_of_its_run_and_checks_on_another():
     assert rows["load_aware"]["offload_ratio"]["sim"] > 0
 
 
+def test_pinned_served_profile_is_the_fit_of_its_files_and_holds_its_run():
+    """cpu-pinned-served takes every rate from one run's start-up profile (attention timed
+    as served) and the prefill speed from another run's TTFT; it predicts that profile's
+    own run within 15% (a run whose throughput, TPOT and batch no fit used)."""
+    from adrenaline.sim.fit import PINNED_FIT_FILE, SERVED_PROFILE_FILE
+    from adrenaline.sim.fit_pinned import check_cpu_pinned, fit_cpu_pinned_served
+
+    hw = fit_cpu_pinned_served(DOCS / SERVED_PROFILE_FILE, DOCS / PINNED_FIT_FILE,
+                               DOCS / "bench-roofline.json")
+    stored = get_profile("cpu-pinned-served")
+    assert stored.fitted_on["files"][:2] == [SERVED_PROFILE_FILE, PINNED_FIT_FILE]
+    assert stored.eff_attn == pytest.approx(hw.eff_attn)
+    assert stored.eff_flops_prefill == pytest.approx(hw.eff_flops_prefill)
+    assert hw.profiled_attention_ratio == 1.0  # the policy reads the rates steps pay
+    rows = {r["system"]: r for r in check_cpu_pinned(hw, DOCS / SERVED_PROFILE_FILE)}
+    assert set(rows) == {"none", "load_aware"}
+    for row in rows.values():
+        for key in ("output_tok_s", "tpot_p50_ms", "mean_decode_batch"):
+            assert abs(row[key]["err"]) <= 0.15, (key, row)
+
+
 @pytest.mark.parametrize("policy", [dict(policy="none"),
                                     dict(policy="load_aware", executor=True,
                                          policy_options={"tpot_slo_ms": 250},
