@@ -81,8 +81,8 @@ def solve_profile(run: dict, roofline: dict, model_path: str,
                   ) -> HardwareProfile:
     """The cost model's rates from the run's start-up profile (all but the prefill speed);
     with ``attention_run``, the decode attention per KV token from that live run instead
-    (the start-up profile times equal contexts in a fresh pool; served steps read varied
-    contexts, grouped and padded, about 2x slower per token on this machine)."""
+    (for runs whose start-up profile timed equal contexts in a fresh pool, about half the
+    served rate on this machine; profiles since 065474d time attention as served)."""
     prof = _profile_row(run)
     model = load_model(model_path, run.get("dtype", "bfloat16"))
     bw = roofline["copy_bandwidth_gbs"]
