@@ -329,18 +329,15 @@ def validate_all(docs: Path = DOCS) -> dict:
             f"  {k} {v['live']:.0f} vs {v['sim']:.0f} ({v['err']:+.0%}"
             + (f"; spread {v['live_spread']:.0%})" if v["live_spread"] is not None else ")")
             for k, v in row.items() if k not in ("system", "request_rate")))
-    pinned = check_cpu_pinned(profiles["cpu-pinned"], docs / PINNED_CHECK_FILE)
-    print(f"CPU pinned, {PINNED_CHECK_FILE} (live vs simulated; error):")
-    for row in pinned:
-        print(f"  {row['system']:11}" + "".join(
-            f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
-            for k, v in row.items() if k != "system"))
-    served = check_cpu_pinned(profiles["cpu-pinned-served"], docs / SERVED_CHECK_FILE)
-    print(f"CPU pinned, attention profiled as served, {SERVED_CHECK_FILE}:")
-    for row in served:
-        print(f"  {row['system']:11}" + "".join(
-            f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
-            for k, v in row.items() if k != "system"))
+    checks = {}
+    for name, file in (("cpu-pinned", PINNED_CHECK_FILE), ("cpu-pinned-served", SERVED_CHECK_FILE)):
+        checks[name] = check_cpu_pinned(profiles[name], docs / file)
+        print(f"{name}, {file} (live vs simulated; error):")
+        for row in checks[name]:
+            print(f"  {row['system']:11}" + "".join(
+                f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
+                for k, v in row.items() if k != "system"))
+    pinned, served = checks["cpu-pinned"], checks["cpu-pinned-served"]
     h200 = profiles["h200"].fitted_on
     print(f"H200 decode step: fitted on batches {h200['decode_fit_batches']}, error on the "
           f"others: " + ", ".join(f"{b}: {e:+.1%}" for b, e in h200["check_error"].items()))
