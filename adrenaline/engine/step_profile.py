@@ -25,6 +25,7 @@ import torch
 from adrenaline.engine.synthetic_batch import (
     adopt_local,
     adopt_offloaded,
+    each_context,
     scattered_free_blocks,
     served_contexts,
     service_adopt,
@@ -53,7 +54,7 @@ def time_decode_steps(engine, batch: int, context: int | list[int], steps: int =
                       ) -> float | None:
     """Step seconds of ``batch`` local requests at ``context`` tokens (one for all, or one
     each; None: no room)."""
-    contexts = context if isinstance(context, list) else [context] * batch
+    contexts = each_context(context, batch)
     bm = engine.block_manager
     if sum(bm.blocks_for(c + steps + 2) for c in contexts) > bm.num_free_blocks or \
             batch > engine.config.max_num_seqs:

@@ -39,6 +39,11 @@ def synthetic_request(engine, request_id: str, context_len: int, max_tokens: int
     return r
 
 
+def each_context(context_len: int | list[int], n: int) -> list[int]:
+    """Per-request contexts: ``context_len`` itself (one each), or it ``n`` times."""
+    return context_len if isinstance(context_len, list) else [context_len] * n
+
+
 def served_contexts(n: int, longest: int) -> list[int]:
     """Contexts of a steady-state decode batch of ``n`` requests: evenly spread up to
     ``longest`` (a served batch holds requests at every stage of their lives)."""
@@ -79,7 +84,7 @@ def adopt_local(engine, n: int, context_len: int | list[int], max_tokens: int,
                 prefix: str = "synthetic") -> list[Request]:
     """Adopt ``n`` synthetic requests whose KV lives in ``engine``'s own pool (contexts:
     one for all, or one each)."""
-    contexts = context_len if isinstance(context_len, list) else [context_len] * n
+    contexts = each_context(context_len, n)
     reqs = []
     for i, context_len in enumerate(contexts):
         r = synthetic_request(engine, f"{prefix}-{i}", context_len, max_tokens, seed=i)
@@ -105,7 +110,7 @@ def adopt_offloaded(engine, handles: list[int], context_len: int, max_tokens: in
 def service_adopt(service, n: int, context_len: int | list[int]) -> list[int]:
     """Give an AttentionService ``n`` synthetic requests (contexts: one for all, or one
     each); their handles."""
-    contexts = context_len if isinstance(context_len, list) else [context_len] * n
+    contexts = each_context(context_len, n)
     bm = service.block_manager
     return [service.adopt(f"synthetic-off-{i}", c + 1, c,
                           synthetic_kv(service.pool, service.backend.block_dim, bm.blocks_for(c),
