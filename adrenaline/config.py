@@ -83,7 +83,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_model_len: int | None = None  # defaults to the model's context
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's
     seed: int = 0  # seeds sampling of requests without their own seed
-    attention_backend: str = "auto"  # "auto" | "torch" | "flashinfer"
+    attention_backend: str = "auto"  # "auto" | "cpu" | "torch" | "flashinfer"
     # Decode steps of up to this many requests replay captured CUDA graphs (CUDA with a
     # backend that supports them, i.e. flashinfer); 0 runs every step eagerly.
     cuda_graph_max_batch: int = 256
@@ -110,8 +110,8 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                  "must be > 1")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads", "must be > 0")
         _require(self.cuda_graph_max_batch >= 0, "cuda_graph_max_batch", "must be >= 0")
-        _require(self.attention_backend in ("auto", "torch", "flashinfer"), "attention_backend",
-                 f"unknown backend {self.attention_backend!r} (auto, torch, flashinfer)")
+        _require(self.attention_backend in ("auto", "cpu", "torch", "flashinfer"), "attention_backend",
+                 f"unknown backend {self.attention_backend!r} (auto, cpu, torch, flashinfer)")
 
 
 def engine_config_from_options(options: dict) -> EngineConfig:
