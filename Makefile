@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[gpu,test]'
+	$(VENV)/bin/python -m adrenaline.kernels.cpu_extension
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -151,8 +151,8 @@ def offline_tokens(args, prompts, params) -> list[list[int]]:
     import json
     import os
 
-    key = {"model": args.model, "dtype": args.dtype, "prompts": prompts,
-           "max_tokens": [sp.max_tokens for sp in params]}
+    key = {"model": args.model, "dtype": args.dtype, "attention": _attention_backend(args),
+           "prompts": prompts, "max_tokens": [sp.max_tokens for sp in params]}
     if args.reference and os.path.exists(args.reference):
         with open(args.reference) as f:
             saved = json.load(f)
@@ -163,6 +163,21 @@ def offline_tokens(args, prompts, params) -> list[list[int]]:
         with open(args.reference, "w") as f:
             json.dump({"key": key, "tokens": tokens}, f)
     return tokens
+
+
+def _attention_backend(args) -> str:
+    """The CPU attention backend every role and the offline engine run (tokens depend on it)."""
+    import torch
+
+    from adrenaline.kernels import resolve_attention_backend
+    from adrenaline.model.hf_config import load_model_config
+    from adrenaline.model.loader import resolve_dtype
+    from adrenaline.model.resolve import resolve_model_dir
+
+    mc = load_model_config(resolve_model_dir(args.model))
+    cpu = torch.device("cpu")
+    return resolve_attention_backend("auto", cpu, mc.num_attention_heads, mc.num_key_value_heads,
+                                     mc.head_dim, resolve_dtype(args.dtype, mc, cpu))
 
 
 def _offline_run(args, prompts, params) -> list[list[int]]:

@@ -12,16 +12,23 @@ from adrenaline.kernels.metadata import AttentionMetadata
 log = logging.getLogger(__name__)
 
 
+def resolve_attention_backend(name: str, device: torch.device, num_heads: int,
+                              num_kv_heads: int, head_dim: int,
+                              dtype: torch.dtype | None = None) -> str:
+    """The backend a name stands for here: "auto" is flashinfer on CUDA; on the CPU, the
+    compiled kernel (cpu) where it builds and has these heads, else torch (logged, with
+    the reason). Other names stand for themselves."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "flashinfer"
+    return _cpu_choice(num_heads, num_kv_heads, head_dim, dtype)
+
+
 def make_attention_backend(name: str, device: torch.device, num_heads: int, num_kv_heads: int,
                            head_dim: int, dtype: torch.dtype | None = None) -> AttentionBackend:
-    """Pick a backend by name.
-
-    "auto" is flashinfer on CUDA; on the CPU, the compiled kernel (cpu) where it builds
-    and has these heads, else torch (logged, with the reason).
-    """
-    if name == "auto":
-        name = "flashinfer" if device.type == "cuda" else _cpu_choice(num_heads, num_kv_heads,
-                                                                       head_dim, dtype)
+    """The backend by name (``resolve_attention_backend``)."""
+    name = resolve_attention_backend(name, device, num_heads, num_kv_heads, head_dim, dtype)
     if name == "cpu":
         if device.type != "cpu":
             raise ValueError(f"attention_backend: cpu needs the CPU, not {device.type}")
@@ -48,4 +55,5 @@ def _cpu_choice(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     return "torch"
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "make_attention_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "make_attention_backend",
+           "resolve_attention_backend"]
