@@ -10,10 +10,10 @@ scattered).
 Attention is timed on a batch laid out as served: contexts spread evenly up to
 the long one (``served_contexts``) over a pool whose free blocks are scattered
 (``scattered_free_blocks``), so the rate is what served steps pay per KV token, not
-that of equal contexts in consecutive blocks (measured here: 16 requests of
-2,048 tokens over scattered blocks cost 1.6-1.8x per token what 8 in consecutive
-blocks do; a CPU gather reads scattered blocks slower, and the batch's gathered
-keys no longer fit the cache).
+that of equal contexts in consecutive blocks (measured here with the torch
+backend's decode, which gathers each sequence's blocks: 16 requests of 2,048
+tokens over scattered blocks cost 1.6-1.8x per token what 8 in consecutive blocks
+do).
 """
 
 from __future__ import annotations
