@@ -153,3 +153,36 @@ def test_unsupported_heads_and_dtypes_are_refused_by_name_and_auto_falls_back():
     for shape, dtype in (((8, 8, 80), torch.float32), ((8, 8, 64), torch.float16)):
         backend = make_attention_backend("auto", cpu, *shape, dtype)
         assert type(backend) is TorchAttention
+
+
+def test_the_kernel_runs_without_the_gil():
+    # Two threads call it, each timing its calls from Python. Holding the GIL, a call
+    # would keep the other thread from even reading the clock until it returned, so no
+    # two calls' intervals could overlap; released, they run at the same time.
+    import threading
+    import time
+
+    rng = random.Random(3)
+    backend = CpuAttention(9, 3, 64)
+    k_cache, v_cache = _pages(backend, 2000, 16, torch.bfloat16, seed=8)
+    lens = [1000] * 16
+    tables = _batch(rng, 2000, 16, lens)
+    q = torch.randn(len(lens), 9, 64).to(torch.bfloat16)
+    meta = AttentionMetadata.build(is_prefill=False, query_lens=[1] * 16,
+                                   context_lens=[n - 1 for n in lens], block_tables=tables,
+                                   block_size=16)
+    backend.prepare(meta)
+    spans: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
+
+    def attend(i):
+        for _ in range(10):
+            start = time.perf_counter()
+            backend._decode(q, k_cache, v_cache, meta)
+            spans[i].append((start, time.perf_counter()))
+
+    threads = [threading.Thread(target=attend, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in spans[0] for b0, b1 in spans[1])

@@ -211,6 +211,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, 
   return out;
 }
 
+// Runs without the GIL: an executor serves several decode workers from threads of one
+// process, and a worker's other threads (RPCs, the KV handoff) keep running meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over KV pages, read in place");
+  m.def("paged_decode", &paged_decode, "decode attention over KV pages, read in place",
+        py::call_guard<py::gil_scoped_release>());
 }
