@@ -50,6 +50,19 @@ def _batch(rng, num_blocks, bs, lens):
     return [[free.pop() for _ in range(-(-n // bs))] for n in lens]
 
 
+def _bf16_batch(seed: int, num_blocks: int, lens: list[int] | None = None, num_seqs: int = 0,
+                longest: int = 0):
+    """SmolLM2's heads over random bfloat16 pages of 16-token blocks: (backend, k_cache,
+    v_cache, lens, tables, q); ``lens`` given, or ``num_seqs`` drawn up to ``longest``."""
+    rng = random.Random(seed)
+    backend = CpuAttention(9, 3, 64)
+    k_cache, v_cache = _pages(backend, num_blocks, 16, torch.bfloat16, seed=seed)
+    lens = lens or [rng.randint(20, longest) for _ in range(num_seqs)]
+    tables = _batch(rng, num_blocks, 16, lens)
+    q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    return backend, k_cache, v_cache, lens, tables, q
+
+
 def _reference(q, k_cache, v_cache, table, n, hkv):
     """float64 softmax(q k^T / sqrt(d)) v over the sequence's first n keys."""
     hq, d = q.shape
@@ -77,12 +90,7 @@ def test_matches_attention_written_out_in_float32(hq, hkv, d, bs):
 
 
 def test_bfloat16_matches_the_torch_backend_within_rounding():
-    rng = random.Random(0)
-    backend = CpuAttention(9, 3, 64)
-    k_cache, v_cache = _pages(backend, 3600, 16, torch.bfloat16, seed=0)
-    lens = [rng.randint(20, 2300) for _ in range(24)]
-    tables = _batch(rng, 3600, 16, lens)
-    q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    backend, k_cache, v_cache, lens, tables, q = _bf16_batch(0, 3600, num_seqs=24, longest=2300)
     out = _decode(backend, k_cache, v_cache, lens, tables, q, 16)
     torch_out = _decode(TorchAttention(9, 3, 64), k_cache, v_cache, lens, tables, q, 16)
     for i, n in enumerate(lens):
@@ -125,12 +133,7 @@ def test_each_sequence_gets_the_same_bits_alone_in_any_batch_and_at_any_block_si
 
 
 def test_a_thread_count_changes_no_bit():
-    rng = random.Random(2)
-    backend = CpuAttention(9, 3, 64)
-    k_cache, v_cache = _pages(backend, 800, 16, torch.bfloat16, seed=7)
-    lens = [rng.randint(1, 1500) for _ in range(8)]
-    tables = _batch(rng, 800, 16, lens)
-    q = torch.randn(len(lens), 9, 64).to(torch.bfloat16)
+    backend, k_cache, v_cache, lens, tables, q = _bf16_batch(2, 800, num_seqs=8, longest=1500)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -162,12 +165,7 @@ def test_the_kernel_runs_without_the_gil():
     import threading
     import time
 
-    rng = random.Random(3)
-    backend = CpuAttention(9, 3, 64)
-    k_cache, v_cache = _pages(backend, 2000, 16, torch.bfloat16, seed=8)
-    lens = [1000] * 16
-    tables = _batch(rng, 2000, 16, lens)
-    q = torch.randn(len(lens), 9, 64).to(torch.bfloat16)
+    backend, k_cache, v_cache, lens, tables, q = _bf16_batch(3, 2000, lens=[1000] * 16)
     meta = AttentionMetadata.build(is_prefill=False, query_lens=[1] * 16,
                                    context_lens=[n - 1 for n in lens], block_tables=tables,
                                    block_size=16)
