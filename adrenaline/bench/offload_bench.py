@@ -3,7 +3,9 @@
 Each system is deployed in turn (the same requests, the same cores) and run at each
 ``--rates`` rate: Poisson arrivals, or every request at once (``inf``). Requests go
 through the handle client, so each one's greedy token ids are compared with the
-offline engine's (``--check-greedy``). Token arrival times give TTFT and TPOT;
+offline engine's (``--check-greedy``). Token arrival times give TTFT and TPOT, output
+tok/s over the run and while saturated (from the last arrival to the last first token:
+no ramp, no drain), and the tokens of each 10 s;
 worker metrics give the mean decode batch, the offload ratio, the per-layer wait
 on the executor and its share of the decode step, the prefill side's core
 utilization (prefill steps + executor attention over the run) and the executor's
@@ -27,7 +29,8 @@ import time
 
 from adrenaline.bench.offload_report import print_rows, worker_stats
 from adrenaline.bench.report import result_header, write_result
-from adrenaline.bench.serving_metrics import RequestTimeline, summarize
+from adrenaline.bench.serving_metrics import (RequestTimeline, saturated_throughput, summarize,
+                                             tokens_by_interval)
 from adrenaline.bench.serving_workloads import (SampleRequest, arrival_offsets,
                                                long_decode_requests, synthetic_sharegpt_requests)
 from adrenaline.bench.workloads import random_token_prompts
@@ -107,7 +110,8 @@ def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict
             after, stats = asyncio.run(client.metrics()), router.stats.remote().result()
             row = {"system": name, "rate": rate,
                    "prefill_when_admissible": args.prefill_when_admissible,
-                   **summarize(timings, elapsed)}
+                   **summarize(timings, elapsed), **saturated_throughput(timings),
+                   "output_tokens_by_10s": tokens_by_interval(timings, 10.0)}
             row.update(worker_stats(before, after, samples, elapsed, stats.get("profile")))
             placed = stats["num_placed"] - stats0["num_placed"]
             row["offload_ratio"] = (stats["num_offloaded"] - stats0["num_offloaded"]) / max(placed, 1)
@@ -266,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
         base = next((b["output_tok_s"] for b in rows
                      if b["system"] == "none" and b["rate"] == r["rate"]), None)
         r["vs_none"] = r["output_tok_s"] / base if base else None
+        sat = next((b.get("saturated_output_tok_s") for b in rows
+                    if b["system"] == "none" and b["rate"] == r["rate"]), None)
+        if sat and r.get("saturated_output_tok_s"):
+            r["saturated_vs_none"] = r["saturated_output_tok_s"] / sat
     workload = {k: getattr(args, k) for k in (
         "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens", "block_size",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",

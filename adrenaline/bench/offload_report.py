@@ -58,6 +58,7 @@ def print_rows(result: dict) -> None:
         r["label"] = f"{r['system']}@{r['rate']:g}"
     # (key, header, width, decimals)
     cols = [("output_tok_s", "tok/s", 8, 1), ("vs_none", "x none", 7, 2),
+            ("saturated_output_tok_s", "sat t/s", 8, 1), ("saturated_vs_none", "x none", 7, 2),
             ("tpot_p50_ms", "TPOT50", 7, 1), ("tpot_p90_ms", "TPOT90", 7, 1),
             ("tpot_p99_ms", "TPOT99", 7, 1), ("ttft_p50_ms", "TTFT50", 7, 0),
             ("ttft_p90_ms", "TTFT90", 7, 0), ("mean_decode_batch", "batch", 6, 1),

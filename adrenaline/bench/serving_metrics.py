@@ -183,3 +183,32 @@ def summarize(timelines: list[RequestTimeline], elapsed_s: float) -> dict:
         for stat in ("mean", "p50", "p90", "p99"):
             out[f"{name}_{stat}_ms"] = f.get(f"{name}_{stat}_ms")
     return out
+
+
+def saturated_throughput(timelines: list[RequestTimeline]) -> dict:
+    """Output tok/s while the system was saturated: from the last request's arrival to the
+    last first token. Throughout that window every request has arrived and at least one
+    (the last to get its first token) waits, so the system serves at its bound; the ramp
+    before it and the drain after it are left out. Empty when there is no such window
+    (every request started at once on arrival)."""
+    ok = [t for t in timelines if t.success and t.token_times]
+    if not ok:
+        return {}
+    t0, t1 = max(t.start for t in ok), max(t.token_times[0] for t in ok)
+    origin = min(t.start for t in ok)
+    if t1 <= t0:
+        return {}
+    n = sum(int(np.count_nonzero((np.asarray(t.token_times) >= t0)
+                                 & (np.asarray(t.token_times) < t1))) for t in ok)
+    return {"saturated_window_s": [t0 - origin, t1 - origin], "saturated_output_tok_s": n / (t1 - t0)}
+
+
+def tokens_by_interval(timelines: list[RequestTimeline], width_s: float = 10.0) -> list[int]:
+    """Output tokens arriving in each ``width_s`` interval from the first request's start."""
+    ok = [t for t in timelines if t.success and t.token_times]
+    if not ok:
+        return []
+    origin = min(t.start for t in ok)
+    times = np.concatenate([np.asarray(t.token_times) for t in ok]) - origin
+    counts = np.bincount((times // width_s).astype(np.int64))
+    return [int(c) for c in counts]

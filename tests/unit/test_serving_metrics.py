@@ -14,7 +14,8 @@ import math
 
 import pytest
 
-from adrenaline.bench.serving_metrics import RequestTimeline, Slo, compute_metrics, summarize
+from adrenaline.bench.serving_metrics import (RequestTimeline, Slo, compute_metrics,
+                                             saturated_throughput, summarize, tokens_by_interval)
 
 EXACT = dict(rel=1e-9, abs=1e-9)
 
@@ -107,3 +108,28 @@ def test_summarize_keeps_the_other_benchmarks_field_names():
     # Token marks only (no stream end, no usage count): TPOT = (last - first) / (marks - 1).
     marks = RequestTimeline(start=0.0, token_times=[0.5, 0.6, 0.9])
     assert summarize([marks], 1.0)["tpot_mean_ms"] == pytest.approx(200, **EXACT)
+
+
+def test_saturated_throughput_counts_the_window_from_last_arrival_to_last_first_token():
+    # Two requests: one at t=0 streaming a token per second, one arriving at t=2 that waits
+    # until t=6 for its first token. The window is [2, 6): tokens at 2, 3, 4, 5 of the first.
+    a = RequestTimeline(start=0.0, token_times=[float(k) for k in range(1, 10)])
+    b = RequestTimeline(start=2.0, token_times=[6.0, 7.0, 8.0])
+    out = saturated_throughput([a, b])
+    assert out["saturated_window_s"] == [2.0, 6.0]
+    assert out["saturated_output_tok_s"] == pytest.approx(4 / 4.0)
+    # Served on arrival: the window is only the last request's own TTFT (which the
+    # report's window shows), and none when its first token is its arrival.
+    short = saturated_throughput([RequestTimeline(start=0.0, token_times=[0.5, 1.0, 2.2]),
+                                  RequestTimeline(start=2.0, token_times=[2.5])])
+    assert short["saturated_window_s"] == [2.0, 2.5]
+    assert short["saturated_output_tok_s"] == pytest.approx(1 / 0.5)
+    assert saturated_throughput([RequestTimeline(start=0.0, token_times=[0.0])]) == {}
+    assert saturated_throughput([]) == {}
+
+
+def test_tokens_by_interval():
+    a = RequestTimeline(start=1.0, token_times=[1.5, 2.0, 12.0])
+    b = RequestTimeline(start=3.0, token_times=[25.0])
+    assert tokens_by_interval([a, b], 10.0) == [2, 1, 1]
+    assert tokens_by_interval([]) == []
