@@ -35,7 +35,6 @@ def profile_cluster(cluster, args, timeout_s: float = 600.0,
     measured = [_measure(cluster, args, timeout_s) for _ in range(rounds)]
     bases, decode_attn, exe_attn, exchanges = zip(*measured)
     kv_bytes = ray.get(cluster.decode[0].kv_bytes_per_token.remote(), timeout=timeout_s)
-    overlap = ray.get(cluster.decode[0].overlap_base_share.remote(), timeout=timeout_s)
     profile = ClusterProfile(
         base_step_s={b: min(base[b] for base in bases)
                      for b in sorted(set.intersection(*(set(base) for base in bases)))},
@@ -43,7 +42,7 @@ def profile_cluster(cluster, args, timeout_s: float = 600.0,
         executor_attn_s_per_token=[min(r) for r in zip(*exe_attn)], exchange_s=min(exchanges),
         decode_capacity_tokens=[i.num_kv_blocks * i.block_size for i in cluster.decode_info],
         executor_capacity_tokens=list(cluster.executor_capacity_tokens),
-        kv_bytes_per_token=kv_bytes, overlap_base_share=overlap)
+        kv_bytes_per_token=kv_bytes)
     log.info("start-up profile (least of %d rounds): %s", rounds, profile.summary())
     return profile
 

@@ -33,7 +33,7 @@ from adrenaline.engine.remote_attention import (ExecutorsLostError, RemoteAttent
 from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.engine.kv_pool import kv_bytes_per_token
-from adrenaline.engine.step_profile import overlap_base_share, profile_decode, profile_exchange
+from adrenaline.engine.step_profile import profile_decode, profile_exchange
 from adrenaline.protocol import GenerateRequest, KVReport, PrefillResult, TokenDelta
 from adrenaline.app_config import AppArgs
 
@@ -170,10 +170,6 @@ class DecodeWorker(EngineWorker):
     async def kv_bytes_per_token(self) -> int:
         e = self.engine
         return kv_bytes_per_token(e.model_config, e.dtype)
-
-    async def overlap_base_share(self) -> float:
-        """Start-up only: engine/step_profile.py's ``overlap_base_share``."""
-        return overlap_base_share(self.engine)
 
     async def poll(self) -> list[TokenDelta]:
         """All deltas since the previous poll (waits until there is at least one)."""

@@ -64,12 +64,12 @@ class ModelRunner:
         if (self.piecewise is not None and not step.is_prefill and len(local) < len(step.requests)
                 and len(step.requests) <= self.piecewise.max_batch):
             return self.sampler(self._replay_offloaded(step, local), step.requests)
-        if len(local) < len(step.requests):  # decode step with offloaded requests
-            hidden = self._with_remote(lambda: self._overlapped_decode(step, local))
-        else:
-            input_ids, positions = self.build_inputs(step)
+        input_ids, positions = self.build_inputs(step)
+        if len(local) == len(step.requests):
             attention = self._local_attention(self.build_metadata(step, local))
-            hidden = self.model(input_ids, positions, attention)
+        else:  # decode step with offloaded requests (they are never prefilled here)
+            attention = self._split_attention(step, local)
+        hidden = self._with_remote(lambda: self.model(input_ids, positions, attention))
         if step.is_prefill and any(map(wants_prompt_logprobs, step.requests)):
             compute_prompt_logprobs(self.model.compute_logits, hidden, step.requests,
                                     step.query_lens, step.context_lens)
@@ -126,8 +126,12 @@ class ModelRunner:
 
         return attention
 
-    def _offloaded_groups(self, step: SchedulerOutput) -> dict[int, list[int]]:
-        """Executor -> the step's rows offloaded there; tells each executor its rows."""
+    def _split_attention(self, step: SchedulerOutput, local: list[int], pad_to: int | None = None):
+        """Per layer: post each executor its rows' q, k, v; attend local rows; merge in order.
+
+        With ``pad_to``, rows len(step.requests)..pad_to-1 are padding: attended locally,
+        on the scratch block, at position 0.
+        """
         if self.remote is None:
             raise RuntimeError("offloaded requests in a step, but no remote attention is set")
         groups: dict[int, list[int]] = {}
@@ -135,61 +139,6 @@ class ModelRunner:
             if r.is_offloaded:
                 groups.setdefault(r.executor, []).append(i)
         self.remote.begin_step({e: [step.requests[i] for i in rows] for e, rows in groups.items()})
-        return groups
-
-    def _overlapped_decode(self, step: SchedulerOutput, local: list[int]) -> torch.Tensor:
-        """A decode step with offloaded requests (one token each, never a prefill): hidden
-        [n, H], normed, in step order.
-
-        The rows run as two groups through the layers. Per layer: post the offloaded rows'
-        q, k, v to their executors; run the local rows' attention, the rest of their layer
-        and their next layer's projections; then take the executors' outputs and run the
-        offloaded rows' layer and next projections. So the executors' attention overlaps
-        all of the local rows' work in that layer, not only their attention. A row's
-        result does not depend on the rows beside it (model/linear.py), so the tokens are
-        those of the step run as one batch.
-        """
-        groups = self._offloaded_groups(step)
-        remote = [i for rows in groups.values() for i in rows]
-        spans, start = [], 0  # each executor's rows within the offloaded group
-        for e, rows in groups.items():
-            spans.append((e, start, start + len(rows)))
-            start += len(rows)
-        ids, positions = self.build_inputs(step)
-        model, layers = self.model, self.model.layers
-        ri = torch.tensor(remote, dtype=torch.int64, device=self.device)
-        h_r, pos_r = model.embed_tokens(ids[ri]), positions[ri]
-        q_r, k_r, v_r = layers[0].pre_attention(h_r, pos_r)
-        if local:
-            li = torch.tensor(local, dtype=torch.int64, device=self.device)
-            h_l, pos_l = model.embed_tokens(ids[li]), positions[li]
-            q_l, k_l, v_l = layers[0].pre_attention(h_l, pos_l)
-            local_attention = self._local_attention(self.build_metadata(step, local))
-        for i, layer in enumerate(layers):
-            pending = [self.remote.start(e, q_r[a:b], k_r[a:b], v_r[a:b]) for e, a, b in spans]
-            following = layers[i + 1] if i + 1 < len(layers) else None
-            if local:  # overlaps the executors' work
-                h_l = layer.post_attention(local_attention(i, q_l, k_l, v_l), h_l)
-                if following is not None:
-                    q_l, k_l, v_l = following.pre_attention(h_l, pos_l)
-            outs = [self.remote.finish(p) for p in pending]
-            h_r = layer.post_attention(outs[0] if len(outs) == 1 else torch.cat(outs), h_r)
-            if following is not None:
-                q_r, k_r, v_r = following.pre_attention(h_r, pos_r)
-        hidden = torch.empty(len(step.requests), h_r.shape[1], dtype=h_r.dtype, device=h_r.device)
-        hidden[ri] = h_r
-        if local:
-            hidden[li] = h_l
-        return model.final_hidden(hidden)
-
-    def _split_attention(self, step: SchedulerOutput, local: list[int], pad_to: int | None = None):
-        """The piecewise graphs' attention callable (one batch through the layers): per layer,
-        post each executor its rows' q, k, v; attend local rows; merge in order.
-
-        With ``pad_to``, rows len(step.requests)..pad_to-1 are padding: attended locally,
-        on the scratch block, at position 0.
-        """
-        groups = self._offloaded_groups(step)
         index = {e: torch.tensor(rows, device=self.device) for e, rows in groups.items()}
         pads = list(range(len(step.requests), pad_to or 0))
         local_index = torch.tensor(local + pads, dtype=torch.int64, device=self.device)

@@ -115,20 +115,6 @@ def profile_decode(engine, batches: list[int], long_context: int = 2048, attn_ba
     return base, per_token
 
 
-def overlap_base_share(engine) -> float:
-    """The share of its local rows' non-attention step time that a decode step with
-    offloaded requests runs while the executors work: the decoder layers' share of the
-    weights a row multiplies (the LM head runs after the layers). 0 where the step runs as
-    one batch and only local attention overlaps (the piecewise CUDA graphs)."""
-    if engine.runner.piecewise is not None:
-        return 0.0
-    mc = engine.model_config
-    q, kv = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
-    h, m = mc.hidden_size, mc.intermediate_size
-    layers = mc.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * m)
-    return layers / (layers + mc.vocab_size * h)
-
-
 def profile_exchange(engine, executor: int, handle: int, context: int, steps: int = 5) -> float:
     """Seconds per step a decode step waits on executor ``executor`` for one offloaded
     request (``handle`` there, ``context`` tokens): the exchange beyond the attention."""

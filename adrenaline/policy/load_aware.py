@@ -26,10 +26,8 @@ onto executor p only while all of these hold, else it waits:
   (c) p has room for its KV;
   (d) p's share of a step's attention, its offloaded KV (mean sums, with this
       request) at p's measured attention speed plus the exchange, finishes within
-      the part of d's step that runs beside it: the local attention, and where the
-      decode engine overlaps them (profile ``overlap_base_share``) the local rows'
-      share of the base step. So remote attention stays hidden and the step does
-      not grow by waiting on p.
+      d's local attention time for the step, so remote attention stays hidden
+      behind local attention and the step does not grow by waiting on p.
 Options: ``tpot_slo_ms`` (default 200); ``hide_remote`` (default true): false drops rule
 (d), offloading for KV capacity even where the executor's attention would make the step
 wait on it.
@@ -68,11 +66,9 @@ class LoadAware(PlacementPolicy):
 
     def hidden(self, d: int, p: int, mean_tokens: int, load: ClusterLoad) -> bool:
         """(d) The executor's step over its offloaded KV plus this request's fits within
-        the part of the decode instance's step that runs beside it (both at life means)."""
+        the decode instance's local attention time (both at life means)."""
         remote = self.profile.remote_s(p, load.executor_attention_tokens(p) + mean_tokens)
-        # Local requests on d: exact with one decode instance, fewer with several.
-        local = max(load.decode_active[d] - sum(load.executor_active), 0)
-        return remote <= self.profile.overlap_s(local, load.decode_attention_tokens(d), d)
+        return remote <= self.profile.local_attention_s(load.decode_attention_tokens(d), d)
 
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement:
         prefill, decode = least_loaded(load)

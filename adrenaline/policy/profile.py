@@ -37,10 +37,6 @@ class ClusterProfile:
     decode_capacity_tokens: list[int]
     executor_capacity_tokens: list[int]
     kv_bytes_per_token: int = 0  # all layers' K and V: turns attention speed into bandwidth
-    # The share of the local rows' base step a decode step with offloaded requests runs
-    # while the executors work (engine/runner.py's overlapped decode: the layers' share);
-    # 0: only local attention overlaps them.
-    overlap_base_share: float = 0.0
 
     def base_s(self, batch: int) -> float:
         """Non-attention step seconds at ``batch``: linear between profiled sizes (and beyond
@@ -79,12 +75,6 @@ class ClusterProfile:
     def local_attention_s(self, kv_tokens: int, decode: int = 0) -> float:
         return kv_tokens * self.decode_attn_s_per_token[decode]
 
-    def overlap_s(self, local_requests: int, local_kv_tokens: int, decode: int = 0) -> float:
-        """The part of a step that runs beside the executors' work: the local rows'
-        attention and their share of the base step (``overlap_base_share``)."""
-        dense = self.overlap_base_share * self.base_s(local_requests) if local_requests else 0.0
-        return self.local_attention_s(local_kv_tokens, decode) + dense
-
     @property
     def decode_bandwidth_gbs(self) -> list[float]:
         """KV bytes per second each decode instance's attention reads."""
@@ -102,7 +92,6 @@ class ClusterProfile:
                 "decode_attn_us_per_token": [1e6 * s for s in self.decode_attn_s_per_token],
                 "executor_attn_us_per_token": [1e6 * s for s in self.executor_attn_s_per_token],
                 "exchange_ms": 1e3 * self.exchange_s,
-                "overlap_base_share": self.overlap_base_share,
                 "decode_bandwidth_gbs": self.decode_bandwidth_gbs,
                 "executor_bandwidth_gbs": self.executor_bandwidth_gbs,
                 "decode_capacity_tokens": list(self.decode_capacity_tokens),

@@ -42,11 +42,8 @@ class PolicyMetrics:
         self.exchange = Gauge("adrenaline_profile_exchange_seconds",
                               "Start-up profile: a decode step's exchange with one executor",
                               registry=r)
-        self.overlap = Gauge("adrenaline_profile_overlap_base_share",
-                             "Start-up profile: share of the local rows' base step that runs "
-                             "beside the executors' attention", registry=r)
         self._optional = (self.b_max, self.ob_mem, self.base_step, self.attn, self.attn_bw,
-                          self.exchange, self.overlap)
+                          self.exchange)
 
     def set_stats(self, stats: dict | None) -> None:
         """One ``Router.stats()`` answer (None: the call failed; the policy series go)."""
@@ -71,4 +68,3 @@ class PolicyMetrics:
             for i, gbs in enumerate(profile[f"{role}_bandwidth_gbs"]):
                 self.attn_bw.labels(role, str(i)).set(gbs)
         self.exchange.set(profile["exchange_ms"] / 1e3)
-        self.overlap.set(profile.get("overlap_base_share", 0.0))

@@ -30,7 +30,7 @@ def _load(decode_reserved=0, decode_active=0, exec_reserved=(0,), exec_cap=(10_0
 
 
 def _profile(base_ms=None, exec_cap=(10_000,), decode_cap=1000, exec_us=(10.0,), dec_us=10.0,
-             exchange_ms=0.0, overlap_base_share=0.0):
+             exchange_ms=0.0):
     """Base step by batch (ms), attention per KV token (us) on decode and executors."""
     base_ms = base_ms or {1: 5, 8: 10, 16: 20, 32: 40, 64: 80}
     return ClusterProfile(base_step_s={b: t / 1e3 for b, t in base_ms.items()},
@@ -38,8 +38,7 @@ def _profile(base_ms=None, exec_cap=(10_000,), decode_cap=1000, exec_us=(10.0,),
                           executor_attn_s_per_token=[u / 1e6 for u in exec_us],
                           exchange_s=exchange_ms / 1e3,
                           decode_capacity_tokens=[decode_cap],
-                          executor_capacity_tokens=list(exec_cap), kv_bytes_per_token=1000,
-                          overlap_base_share=overlap_base_share)
+                          executor_capacity_tokens=list(exec_cap), kv_bytes_per_token=1000)
 
 
 def _decide(policy, req, load):
@@ -121,29 +120,6 @@ def test_load_aware_keeps_remote_attention_hidden():
     assert _decide(policy, _req(), load(250)).offload  # 1 + 8 = 9 ms: still hidden
     # 300 + 150: 1 + 9 = 10 ms > 9 ms: the step would wait on the executor: wait instead.
     assert _decide(policy, _req(), load(300)) is None
-
-
-def test_load_aware_hides_remote_attention_behind_the_local_rows_work():
-    # The decode engine runs the local rows' layers beside the executors' attention
-    # (overlap_base_share 0.5 of their base step): the window is 9 ms of local attention
-    # plus 0.5 x base(5 local requests) = 0.5 x 7.86 ms.
-    profile = _profile(exec_us=(20.0,), exchange_ms=1.0, overlap_base_share=0.5)
-    assert profile.overlap_s(5, 900) == pytest.approx(9e-3 + 0.5 * profile.base_s(5))
-    assert profile.overlap_s(0, 0) == 0.0
-    policy = make_policy("load_aware", {"tpot_slo_ms": 1000}, profile)
-
-    def load(exec_mean, active=5):
-        return _load(decode_reserved=900, decode_active=active, exec_reserved=(exec_mean,),
-                     decode_mean=900, exec_mean=(exec_mean,))
-    # 300 + 150 tokens: 1 + 9 = 10 ms, past local attention alone, within 12.9 ms.
-    assert _decide(policy, _req(), load(300)).offload
-    # 450 + 150: 1 + 12 = 13 ms > 12.9 ms: wait.
-    assert _decide(policy, _req(), load(450)) is None
-    # The window counts local requests only: 5 on decode, 5 of them offloaded -> no rows'
-    # base step runs beside the executor, only the 9 ms of attention.
-    load5 = load(300)
-    load5.executor_active = [5]
-    assert _decide(policy, _req(), load5) is None
 
 
 def test_load_aware_compute_bound_limits_offload():

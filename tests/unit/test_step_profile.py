@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from adrenaline.config import EngineConfig
 from adrenaline.engine.attention_service import AttentionService
 from adrenaline.engine.core import EngineCore
-from adrenaline.engine.step_profile import (overlap_base_share, profile_decode,
-                                           profile_executor_attention)
+from adrenaline.engine.step_profile import profile_decode, profile_executor_attention
 from adrenaline.policy.profile import ClusterProfile, profile_batches
 
 
@@ -32,16 +30,6 @@ def test_decode_profile_splits_base_and_attention_and_leaves_the_pool_empty():
                        config=EngineConfig(kv_cache_tokens=128, max_num_seqs=16, num_threads=1))
     base, per_token = profile_decode(small, profile_batches(16))
     assert base and per_token >= 0 and small.block_manager.num_used_blocks == 0
-
-
-def test_overlap_share_is_the_layers_share_of_the_weights():
-    engine = EngineCore("tiny", dtype="float32", device="cpu",
-                        config=EngineConfig(kv_cache_tokens=64))
-    layers = sum(p.numel() for n, p in engine.model.layers.named_parameters()
-                 if n.endswith(".weight") and "norm" not in n)
-    head = engine.model_config.vocab_size * engine.model_config.hidden_size
-    assert overlap_base_share(engine) == pytest.approx(layers / (layers + head))
-    assert 0 < overlap_base_share(engine) < 1
 
 
 def test_executor_attention_profile_runs_attention_and_frees():
