@@ -289,3 +289,26 @@ def test_prefill_gate_moves_the_wait_from_tpot_into_ttft(policy):
     assert on[2] < 0.6 * off[2]
     assert on[5] > off[5]  # the wait moved into TTFT
     assert on[6] == pytest.approx(off[6], rel=0.15)  # the same work, at about the same rate
+
+
+def test_the_exchange_is_hidden_behind_local_attention_or_paid_on_top():
+    """cost.py: with ``exchange_hidden`` an offloaded step costs what a local one does while
+    the executor's round trip and attention fit behind local attention; without it the
+    round trip is paid on top (only the executor's attention overlaps)."""
+    from dataclasses import replace
+
+    from adrenaline.sim.cost import CostModel
+
+    base = replace(get_profile("cpu-pinned"), exchange_layer_s=1e-4)
+    hidden = CostModel(load_model("small"), replace(base, exchange_hidden=True), 1.0)
+    paid = CostModel(load_model("small"), replace(base, exchange_hidden=False), 1.0)
+    local = hidden.decode_s(8, 8000)
+    assert hidden.decode_s(8, 8000, 1, 100) == pytest.approx(local)
+    assert hidden.remote_wait_s(8000, 1, 100) == 0.0
+    assert paid.decode_s(8, 8000, 1, 100) == pytest.approx(local + paid.exchange_s)
+    assert paid.remote_wait_s(8000, 1, 100) == pytest.approx(paid.exchange_s)
+    # Nothing local to hide behind: both wait for the round trip and the attention.
+    alone = paid.exchange_s + 100 * paid.exec_kv_tok_s
+    assert hidden.remote_wait_s(0, 1, 100) == pytest.approx(alone)
+    assert paid.remote_wait_s(0, 1, 100) == pytest.approx(alone)
+
