@@ -17,6 +17,10 @@ The cost model's terms are solved, not searched:
   exchange per step / layers -> exchange_layer_s;
   prefill FLOP efficiency: bisection on the fitting run's `none` TTFT p50.
 Pinned roles run on dedicated cores (``cores = 0``), as devices of their own.
+
+``cpu-pinned-kernel`` (the CPU decode kernel's runs) is built the same way from one
+run's profile, and also picks the form of the exchange term (hidden behind local
+attention or not, sim/cost.py) by the wait per layer that run's load_aware row measured.
 """
 
 from __future__ import annotations
@@ -201,6 +205,41 @@ def fit_cpu_pinned_served(profile_file: Path, fit_file: Path, roofline_file: Pat
         "dates": [run["date"], fit_run["date"]],
         "from": "the first file's start-up profile (attention timed as served); prefill "
                 "from the second file's none TTFT p50"})
+
+
+def fit_cpu_pinned_kernel(profile_file: Path, prefill_file: Path, roofline_file: Path,
+                          model_path: str | None = None) -> HardwareProfile:
+    """``cpu-pinned-kernel``: every rate from ``profile_file``'s start-up profile (a run on
+    the CPU decode kernel, attention timed as served), as ``cpu-pinned-served``; the
+    prefill speed from ``prefill_file``'s ``none`` TTFT p50, as ``cpu-pinned``; and the
+    exchange's form (``exchange_hidden``) whose simulated wait per layer of an offloaded
+    step is nearer the one ``profile_file``'s load_aware row measured. ``fitted_on`` keeps
+    the error on ``profile_file`` itself, both systems (reference, not a check)."""
+    run = json.loads(Path(profile_file).read_text())
+    prefill_run = json.loads(Path(prefill_file).read_text())
+    model_path = model_path or run_model(run)
+    hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path,
+                       name="cpu-pinned-kernel")
+    hw = fit_prefill(hw, prefill_run, run_model(prefill_run))
+    live_wait = next(r for r in run["rows"] if r.get("profile"))["remote_wait_per_layer_ms"]
+    waits = {h: sim_row(replace(hw, exchange_hidden=h), run, "load_aware",
+                        model_path)["remote_wait_per_layer_ms"] for h in (True, False)}
+    hw = replace(hw, exchange_hidden=min(waits, key=lambda h: abs(waits[h] - live_wait)))
+    fit_error = {}
+    for live in run["rows"]:
+        if live["system"] in SYSTEMS:
+            sim = sim_row(hw, run, live["system"], model_path)
+            fit_error[live["system"]] = {k: sim[k] / live[k] - 1 for k in CHECK_KEYS
+                                         + ("ttft_p50_ms",) + REPORT_KEYS if live.get(k)}
+    return replace(hw, fitted_on={
+        "files": [Path(profile_file).name, Path(prefill_file).name, Path(roofline_file).name],
+        "dates": [run["date"], prefill_run["date"]],
+        "from": "the first file's start-up profile (attention timed as served); prefill "
+                "from the second file's none TTFT p50; exchange_hidden: the form whose "
+                "simulated wait per layer is nearer the first file's load_aware row's",
+        "remote_wait_per_layer_ms": {"live": live_wait, "sim_hidden": waits[True],
+                                     "sim_not_hidden": waits[False]},
+        "fit_error": fit_error})
 
 
 def check_cpu_pinned(hw: HardwareProfile, check_file: Path, model_path: str | None = None

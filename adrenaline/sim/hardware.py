@@ -103,6 +103,6 @@ def get_profile(name: str) -> HardwareProfile:
     profiles = load_profiles()
     if name not in profiles:
         raise ValueError(f"hardware: unknown profile {name!r} (known: {', '.join(profiles)}; "
-                         "run `python -m adrenaline.sim fit` to fit cpu, cpu-pinned(-served, -kernel) "
-                         "and h200)")
+                         "run `python -m adrenaline.sim fit` to fit cpu, "
+                         "cpu-pinned(-served, -kernel) and h200)")
     return profiles[name]
