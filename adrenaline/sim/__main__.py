@@ -25,7 +25,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("deployment")
     g.add_argument("--model", default="small", help="built-in config name or HF config.json path")
     g.add_argument("--dtype", default=None)
-    g.add_argument("--hardware", default="cpu", help="cpu, cpu-pinned, h200, h100, a100-80gb")
+    g.add_argument("--hardware", default="cpu",
+                   help="cpu, cpu-pinned(-served, -kernel), h200, h100, a100-80gb")
     g.add_argument("--layout", default="1P1D", help="xPyD (sweep: comma list)")
     g.add_argument("--systems", default="none",
                    help="comma list: none, static@ratio=0.5, load_aware@tpot_slo_ms=100, "
@@ -189,9 +190,14 @@ def cmd_fit(a) -> dict:
 
 
 def cmd_validate(a) -> dict:
-    from adrenaline.sim.fit import validate_all
+    from adrenaline.sim.fit import validate_all, validate_files
 
-    result = validate_all()
+    if a.check:
+        result = validate_files(a.profile or "cpu-pinned-kernel", [Path(f) for f in a.check])
+    elif a.profile:
+        raise SystemExit("validate --profile: name the run(s) to check it on with --check")
+    else:
+        result = validate_all()
     if a.out:
         write_result(result, a.out)
     return result
@@ -225,7 +231,7 @@ def cmd_profiles(a) -> dict:
 
     profiles = load_profiles()
     for name, p in profiles.items():
-        print(f"{name:10} {p.mem_bw_gbs:8.1f} GB/s {p.flops_tflops:8.2f} TFLOP/s  "
+        print(f"{name:17} {p.mem_bw_gbs:8.1f} GB/s {p.flops_tflops:8.2f} TFLOP/s  "
               f"{json.dumps(p.fitted_on)[:100]}")
     print("models:", ", ".join(CONFIGS), "(or a path to an HF config.json)")
     return {k: p.to_json() for k, p in profiles.items()}
@@ -242,14 +248,20 @@ def main(argv: list[str] | None = None) -> dict:
         p.set_defaults(fn=fn)
         if name == "plan":
             p.add_argument("--num-gpus", type=int, required=True)
-    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served) and h200 profiles "
-                                   "(writes sim/profiles.json)")
+    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served, -kernel) and h200 "
+                                   "profiles (writes sim/profiles.json)")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--only", default=None,
-                   choices=["cpu", "cpu-pinned", "cpu-pinned-served", "h200"],
+                   choices=["cpu", "cpu-pinned", "cpu-pinned-served", "cpu-pinned-kernel",
+                            "h200"],
                    help="refit this profile alone (the others stay as stored)")
     p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("validate", help="simulated vs live, on data the fit did not use")
+    p.add_argument("--check", action="append", default=None, metavar="FILE",
+                   help="a `bench offload` result to check --profile on instead (repeatable); "
+                        "its workload, model and layout come from the file")
+    p.add_argument("--profile", default=None,
+                   help="the stored profile --check uses (default: cpu-pinned-kernel)")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("paper", help="the paper's setting: Llama-2 7B/13B, A100, 1P1D and 2P2D")

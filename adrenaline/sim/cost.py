@@ -6,11 +6,16 @@ Additive roofline terms (each a quantity over a fitted rate) plus overheads:
             + (linear FLOPs + attention FLOPs) / (peak x eff_flops_prefill)
   decode  = step + L x layer + b x seq + weights / (bw x eff_mem)
             + b x linear FLOPs per token / (peak x eff_flops_decode)
-            + max(local KV / (bw x eff_attn),                       (overlapped per layer)
-                  [offloaded] L x exchange + offloaded KV / executor bandwidth)
+            + local KV / (bw x eff_attn) + wait
+  wait    = max(0, [offloaded] L x exchange + offloaded KV / executor bandwidth - local)
+            (exchange_hidden: the round trip overlaps local attention, per layer)
+          = max(0, offloaded KV / executor bandwidth - local) + [offloaded] L x exchange
+            (not exchange_hidden: only the executors' attention overlaps; the round
+            trip is paid on top)
 
 The local attention of a decode step overlaps the executors' work on the
-offloaded requests (engine/remote_attention.py posts both, then waits).
+offloaded requests (engine/remote_attention.py posts both, then waits); ``wait`` is
+what the decode then waits on them (the live decode worker's remote wait).
 """
 
 from __future__ import annotations
@@ -49,10 +54,25 @@ class CostModel:
 
     def decode_s(self, batch: int, local_kv_tokens: int, offloaded: int = 0,
                  offloaded_kv_tokens: int = 0) -> float:
-        local = local_kv_tokens * self.kv_tok_s
-        remote = (self.exchange_s + offloaded_kv_tokens * self.exec_kv_tok_s) if offloaded else 0.0
         return (self.fixed + batch * (self.hw.seq_overhead_s + self.decode_tok_s) + self.weights_s
-                + max(local, remote))
+                + self._attention_s(local_kv_tokens, offloaded, offloaded_kv_tokens))
+
+    def _attention_s(self, local_kv_tokens: int, offloaded: int, offloaded_kv_tokens: int
+                     ) -> float:
+        """The step's attention as the decode sees it: local, then any wait on executors."""
+        local = local_kv_tokens * self.kv_tok_s
+        if not offloaded:
+            return local
+        remote = offloaded_kv_tokens * self.exec_kv_tok_s
+        if self.hw.exchange_hidden:
+            return max(local, self.exchange_s + remote)
+        return max(local, remote) + self.exchange_s
+
+    def remote_wait_s(self, local_kv_tokens: int, offloaded: int, offloaded_kv_tokens: int
+                      ) -> float:
+        """Seconds a decode step waits on its executors beyond its own local attention."""
+        return (self._attention_s(local_kv_tokens, offloaded, offloaded_kv_tokens)
+                - local_kv_tokens * self.kv_tok_s)
 
     def handoff_s(self, tokens: int) -> float:
         return self.hw.handoff_latency_s + tokens * self.kv_bytes / (self.hw.link_gbs * 1e9)

@@ -108,6 +108,8 @@ class SimDecode:
         self.batch_sum = 0
         self.step_time_s = 0.0
         self.kv_read_bytes = 0.0  # offloaded KV its executors read (for bandwidth over time)
+        self.remote_wait_s = 0.0  # waited on executors beyond local attention (cost.py)
+        self.num_offloaded_steps = 0
 
     def adopt_parked(self) -> None:
         while self.parked and (self.parked[0].is_offloaded
@@ -136,6 +138,9 @@ class SimDecode:
         # Executors work in parallel; the step waits for the slowest.
         worst = max(remote.values(), key=lambda v: v[1], default=(0, 0))
         self.kv_read_bytes += sum(kv for _, kv in remote.values()) * cost.kv_bytes
+        if remote:
+            self.num_offloaded_steps += 1
+            self.remote_wait_s += cost.remote_wait_s(local_kv, worst[0], worst[1])
         return cost.decode_s(len(plan.requests), local_kv, worst[0], worst[1])
 
     def finish_step(self, plan: SchedulerOutput, executors: list[SimExecutor],

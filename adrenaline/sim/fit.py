@@ -29,7 +29,8 @@ import numpy as np
 
 from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.sim.cost import CostModel
-from adrenaline.sim.fit_pinned import check_cpu_pinned, fit_cpu_pinned, fit_cpu_pinned_served
+from adrenaline.sim.fit_pinned import (check_cpu_pinned, fit_cpu_pinned, fit_cpu_pinned_kernel,
+                                      fit_cpu_pinned_served)
 from adrenaline.sim.hardware import PROFILES_PATH, SPEC_SHEETS, HardwareProfile
 from adrenaline.sim.models import load_model
 from adrenaline.sim.results import summarize
@@ -51,6 +52,13 @@ PINNED_CHECK_FILE = "bench-offload-long-decode-64.json"  # 64 requests, gate, ni
 # requests (the profile's run) and for 8 (the checked run)
 SERVED_PROFILE_FILE = "bench-offload-long-decode-served.json"
 SERVED_CHECK_FILE = "bench-offload-long-decode-served-kv8.json"
+# The CPU decode kernel's runs (docs/BENCHMARKS.md): fitted on run 1's start-up profile,
+# checked on run 3 (run 2's profile was timed under interference: neither).
+KERNEL_PROFILE_FILE = "bench-offload-long-decode-kernel.json"
+KERNEL_CHECK_FILE = "bench-offload-long-decode-kernel-rounds.json"
+# Each pinned profile and the run `sim validate` checks it on.
+PINNED_CHECKS = {"cpu-pinned": PINNED_CHECK_FILE, "cpu-pinned-served": SERVED_CHECK_FILE,
+                 "cpu-pinned-kernel": KERNEL_CHECK_FILE}
 
 
 def nelder_mead(f, x0: np.ndarray, step: float = 0.5, iters: int = 200, tol: float = 1e-4):
@@ -302,6 +310,9 @@ def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150,
             "cpu-pinned-served": lambda: fit_cpu_pinned_served(docs / SERVED_PROFILE_FILE,
                                                                docs / PINNED_FIT_FILE,
                                                                docs / "bench-roofline.json"),
+            "cpu-pinned-kernel": lambda: fit_cpu_pinned_kernel(docs / KERNEL_PROFILE_FILE,
+                                                               docs / PINNED_FIT_FILE,
+                                                               docs / "bench-roofline.json"),
             "h200": lambda: fit_h200(docs / "gpu-check.json")}
     profiles = json.loads(out.read_text()) if only and out.is_file() else {}
     for name, fit in fits.items():
@@ -329,21 +340,38 @@ def validate_all(docs: Path = DOCS) -> dict:
             f"  {k} {v['live']:.0f} vs {v['sim']:.0f} ({v['err']:+.0%}"
             + (f"; spread {v['live_spread']:.0%})" if v["live_spread"] is not None else ")")
             for k, v in row.items() if k not in ("system", "request_rate")))
-    checks = {}
-    for name, file in (("cpu-pinned", PINNED_CHECK_FILE), ("cpu-pinned-served", SERVED_CHECK_FILE)):
-        checks[name] = check_cpu_pinned(profiles[name], docs / file)
-        print(f"{name}, {file} (live vs simulated; error):")
-        for row in checks[name]:
-            print(f"  {row['system']:11}" + "".join(
-                f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
-                for k, v in row.items() if k != "system"))
-    pinned, served = checks["cpu-pinned"], checks["cpu-pinned-served"]
+    checks = {name: check_pinned(profiles[name], docs / file)
+              for name, file in PINNED_CHECKS.items()}
     h200 = profiles["h200"].fitted_on
     print(f"H200 decode step: fitted on batches {h200['decode_fit_batches']}, error on the "
           f"others: " + ", ".join(f"{b}: {e:+.1%}" for b, e in h200["check_error"].items()))
     return {"cpu": cpu, "h200": {"check_error": h200["check_error"],
                                  "fit_error": h200["fit_error"]},
             "cpu_fit_error": profiles["cpu"].fitted_on["fit_error"],
-            "cpu_pinned": {"file": PINNED_CHECK_FILE, "rows": pinned,
-                           "fit_error": profiles["cpu-pinned"].fitted_on["fit_error"]},
-            "cpu_pinned_served": {"file": SERVED_CHECK_FILE, "rows": served}}
+            **{name.replace("-", "_"): {
+                "file": file, "rows": checks[name],
+                **({"fit_error": profiles[name].fitted_on["fit_error"]}
+                   if "fit_error" in profiles[name].fitted_on else {})}
+               for name, file in PINNED_CHECKS.items()}}
+
+
+def validate_files(profile: str, files: list[Path]) -> dict:
+    """The stored profile ``profile`` against each `bench offload` result of ``files``
+    (`sim validate --profile P --check F`): every simulated quantity from the file."""
+    from adrenaline.sim.hardware import get_profile
+
+    hw = get_profile(profile)
+    return {"profile": profile, "fitted_on": hw.fitted_on,
+            "checks": [{"file": str(f), "rows": check_pinned(hw, Path(f))} for f in files]}
+
+
+def check_pinned(hw: HardwareProfile, file: Path) -> list[dict]:
+    """A pinned CPU profile against the `bench offload` result ``file`` (its workload, model
+    and layout), printed and returned."""
+    rows = check_cpu_pinned(hw, file)
+    print(f"{hw.name}, {file.name} (live vs simulated; error):")
+    for row in rows:
+        print(f"  {row['system']:11}" + "".join(
+            f"  {k} {v['live']:.2f} vs {v['sim']:.2f} ({v['err']:+.1%})"
+            for k, v in row.items() if k != "system"))
+    return rows

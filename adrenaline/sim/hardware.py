@@ -41,6 +41,9 @@ class HardwareProfile:
     layer_overhead_s: float = 0.0
     seq_overhead_s: float = 0.0  # per request in a step (sampling, bookkeeping)
     exchange_layer_s: float = 0.0  # offloaded decode: one q/k/v -> out round trip per layer
+    # Whether that round trip hides behind the decode's local attention (sim/cost.py); False:
+    # only the executor's attention does, the round trip adds to every offloaded step.
+    exchange_hidden: bool = True
     link_gbs: float = 25.0  # KV handoff between instances
     handoff_latency_s: float = 1e-4
     # Executor's share of its device's memory bandwidth, by its share of the device
@@ -100,5 +103,6 @@ def get_profile(name: str) -> HardwareProfile:
     profiles = load_profiles()
     if name not in profiles:
         raise ValueError(f"hardware: unknown profile {name!r} (known: {', '.join(profiles)}; "
-                         "run `python -m adrenaline.sim fit` to fit cpu, cpu-pinned(-served) and h200)")
+                         "run `python -m adrenaline.sim fit` to fit cpu, "
+                         "cpu-pinned(-served, -kernel) and h200)")
     return profiles[name]

@@ -46,6 +46,9 @@ def summarize(sim: Simulation, slo: Slo | None = None) -> dict:
         "offload_ratio": sim.router.num_offloaded / placed if placed else 0.0,
         "mean_decode_batch": sum(d.batch_sum for d in sim.decode) / max(steps, 1),
         "decode_step_ms": 1e3 * sum(d.step_time_s for d in sim.decode) / max(steps, 1),
+        # bench offload's, per layer of an offloaded step (the same with one executor)
+        "remote_wait_per_layer_ms": 1e3 * sum(d.remote_wait_s for d in sim.decode)
+        / max(sum(d.num_offloaded_steps for d in sim.decode) * sim.model.layers, 1),
         "num_preemptions": sum(d.scheduler.num_preemptions for d in sim.decode),
         "num_refused": sim.num_refused, "num_rejected": sim.num_rejected,
         "num_unfinished": unfinished,

@@ -289,3 +289,77 @@ def test_prefill_gate_moves_the_wait_from_tpot_into_ttft(policy):
     assert on[2] < 0.6 * off[2]
     assert on[5] > off[5]  # the wait moved into TTFT
     assert on[6] == pytest.approx(off[6], rel=0.15)  # the same work, at about the same rate
+
+
+def test_the_exchange_is_hidden_behind_local_attention_or_paid_on_top():
+    """cost.py: with ``exchange_hidden`` an offloaded step costs what a local one does while
+    the executor's round trip and attention fit behind local attention; without it the
+    round trip is paid on top (only the executor's attention overlaps)."""
+    from dataclasses import replace
+
+    from adrenaline.sim.cost import CostModel
+
+    base = replace(get_profile("cpu-pinned"), exchange_layer_s=1e-4)
+    hidden = CostModel(load_model("small"), replace(base, exchange_hidden=True), 1.0)
+    paid = CostModel(load_model("small"), replace(base, exchange_hidden=False), 1.0)
+    local = hidden.decode_s(8, 8000)
+    assert hidden.decode_s(8, 8000, 1, 100) == pytest.approx(local)
+    assert hidden.remote_wait_s(8000, 1, 100) == 0.0
+    assert paid.decode_s(8, 8000, 1, 100) == pytest.approx(local + paid.exchange_s)
+    assert paid.remote_wait_s(8000, 1, 100) == pytest.approx(paid.exchange_s)
+    # Nothing local to hide behind: both wait for the round trip and the attention.
+    alone = paid.exchange_s + 100 * paid.exec_kv_tok_s
+    assert hidden.remote_wait_s(0, 1, 100) == pytest.approx(alone)
+    assert paid.remote_wait_s(0, 1, 100) == pytest.approx(alone)
+
+
+def test_kernel_profile_is_the_fit_of_run_1_and_holds_run_3():
+    """cpu-pinned-kernel takes every rate from the CPU decode kernel's run 1's start-up
+    profile (the prefill speed from the pinned fitting run's TTFT, the exchange's form from
+    run 1's measured wait); run 3, whose throughput, TPOT and batch no fit used, is
+    predicted within 15% for both systems (docs/SIMULATION.md)."""
+    from adrenaline.sim.fit import KERNEL_CHECK_FILE, KERNEL_PROFILE_FILE, PINNED_FIT_FILE
+    from adrenaline.sim.fit_pinned import CHECK_KEYS, check_cpu_pinned, fit_cpu_pinned_kernel
+
+    hw = fit_cpu_pinned_kernel(DOCS / KERNEL_PROFILE_FILE, DOCS / PINNED_FIT_FILE,
+                               DOCS / "bench-roofline.json")
+    stored = get_profile("cpu-pinned-kernel")
+    assert stored.fitted_on["files"][:2] == [KERNEL_PROFILE_FILE, PINNED_FIT_FILE]
+    assert KERNEL_CHECK_FILE not in stored.fitted_on["files"]
+    assert stored.eff_attn == pytest.approx(hw.eff_attn)
+    assert stored.eff_flops_prefill == pytest.approx(hw.eff_flops_prefill)
+    assert stored.exchange_hidden == hw.exchange_hidden
+    # Run 1 waited 0.60 ms per offloaded layer: nearer the round trip paid on top (0.42
+    # simulated) than hidden (0.23).
+    assert not hw.exchange_hidden and hw.profiled_attention_ratio == 1.0
+    rows = {r["system"]: r for r in check_cpu_pinned(hw, DOCS / KERNEL_CHECK_FILE)}
+    assert set(rows) == {"none", "load_aware"}
+    for row in rows.values():
+        for key in CHECK_KEYS:
+            assert abs(row[key]["err"]) <= 0.15, (key, row)
+    assert rows["load_aware"]["offload_ratio"]["sim"] > 0
+
+
+def test_cli_validate_checks_a_profile_on_any_offload_run(tmp_path, capsys):
+    """`sim validate --profile P --check F`: the workload comes from F (here run 3 cut to
+    8 requests at 2 req/s); a file whose rows disagree with its workload is refused."""
+    from adrenaline.sim.__main__ import main
+    from adrenaline.sim.fit import KERNEL_CHECK_FILE
+
+    run = json.loads((DOCS / KERNEL_CHECK_FILE).read_text())
+    run["workload"]["num_requests"] = 8
+    for row in run["rows"]:
+        row.update(rate=2.0, num_requests=8)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(run))
+    result = main(["validate", "--profile", "cpu-pinned-kernel", "--check", str(short)])
+    rows = result["checks"][0]["rows"]
+    assert [r["system"] for r in rows] == ["none", "load_aware"]
+    assert "short.json" in capsys.readouterr().out
+    for row in run["rows"]:
+        row["num_requests"] = 64
+    short.write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="8 simulated requests finished of 64"):
+        main(["validate", "--check", str(short)])
+    with pytest.raises(SystemExit, match="--check"):
+        main(["validate", "--profile", "cpu-pinned-kernel"])
