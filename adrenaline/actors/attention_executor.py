@@ -21,7 +21,7 @@ from adrenaline.actors.pinning import pin_process
 from adrenaline.actors.worker import Worker
 from adrenaline.engine.attention_service import AttentionService
 from adrenaline.engine.core import resolve_device
-from adrenaline.engine.remote_attention import exchange_message_bytes
+from adrenaline.engine.remote_attention import EXCHANGE_SPIN_S, exchange_message_bytes
 from adrenaline.model.hf_config import load_model_config
 from adrenaline.model.loader import resolve_dtype
 from adrenaline.model.resolve import resolve_model_dir
@@ -70,6 +70,7 @@ class AttentionExecutor(Worker):
         The service thread is bound to this link: when the peer dies its world breaks,
         the thread ends, and a replacement gets a thread of its own on its own link.
         """
+        pair.set_spin(EXCHANGE_SPIN_S)
         await super()._linked(peer, pair, peer_rank, epoch)
         t = threading.Thread(target=self._serve, args=(pair, peer_rank, peer), daemon=True,
                              name=f"attn-serve-{peer}-{epoch}")

@@ -28,8 +28,8 @@ import torch
 
 from adrenaline.actors.worker import EngineWorker
 from adrenaline.engine.kv_audit import audit_kv
-from adrenaline.engine.remote_attention import (ExecutorsLostError, RemoteAttention,
-                                                exchange_message_bytes)
+from adrenaline.engine.remote_attention import (EXCHANGE_SPIN_S, ExecutorsLostError,
+                                                RemoteAttention, exchange_message_bytes)
 from adrenaline.engine.request import Request
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.engine.kv_pool import kv_bytes_per_token
@@ -91,6 +91,7 @@ class DecodeWorker(EngineWorker):
         if peer not in self._executor_ranks:
             await super()._linked(peer, pair, peer_rank, epoch)
             return
+        pair.set_spin(EXCHANGE_SPIN_S)
         await self.engine_thread.run(self._install_executor_link, peer, pair, peer_rank, epoch)
         self._relinked.set()
 

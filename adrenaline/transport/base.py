@@ -69,6 +69,10 @@ class Communicator(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def set_spin(self, seconds: float) -> None:
+        """How long a waiter busy-polls before it sleeps, where the transport polls (shm);
+        others ignore it."""
+
     def __enter__(self) -> Communicator:
         return self
 

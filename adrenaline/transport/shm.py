@@ -172,6 +172,9 @@ class ShmCommunicator(Communicator):
 
     # ---- the Communicator API ----
 
+    def set_spin(self, seconds: float) -> None:
+        self._spin_s = seconds
+
     def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> CommHandle:
         self._check_usable(dst, tag)
         if tensor.numel() == 0:

@@ -180,3 +180,27 @@ def test_bad_init_and_world_size():
         ShmCommunicator(0, 2, "shm://../../etc/passwd")
     with pytest.raises(TimeoutError):
         ShmCommunicator(1, 2, new_shm_init(), connect_timeout_s=0.2)
+
+
+@pytest.mark.parametrize("spin_s, sleeps", [(0.0, True), (1.0, False)])
+def test_a_waiter_polls_for_its_spin_before_sleeping(monkeypatch, spin_s, sleeps):
+    # A message that comes 20 ms after the receive is posted: a waiter that polls for 1 s
+    # takes it without sleeping on the doorbell; one that does not poll sleeps first.
+    import adrenaline.transport.shm as shm
+
+    calls = []
+    real = shm.futex_wait
+    monkeypatch.setattr(shm, "futex_wait", lambda *a: (calls.append(a), real(*a)))
+    a, b = _pair_in_threads()
+    try:
+        a.set_spin(spin_s)
+        got = torch.empty(4)
+        sender = threading.Timer(0.02, lambda: b.send(torch.ones(4), 0, 7))
+        sender.start()
+        a.recv(got, 1, 7)
+        sender.join()
+        assert torch.equal(got, torch.ones(4))
+        assert bool(calls) is sleeps
+    finally:
+        a.close()
+        b.close()
