@@ -18,7 +18,8 @@ def worker_stats(before, after, samples, elapsed: float, profile: dict | None = 
     step_s = _delta(before, after, "decode", "step_time_s")
     batch = _delta(before, after, "decode", "batch_size_sum") / max(steps, 1)
     out = {"mean_decode_batch": batch, "decode_step_ms": 1e3 * step_s / max(steps, 1),
-           # the decode engine thread's own CPU time per step (the rest: waiting)
+           # the decode engine thread's own CPU time per step (the rest: off its core; its
+           # polling while it waits on executors counts as CPU)
            "decode_step_cpu_ms": 1e3 * _delta(before, after, "decode", "step_cpu_s")
            / max(steps, 1)}
     waits = _delta(before, after, "decode", "num_remote_waits")

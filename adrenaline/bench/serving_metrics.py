@@ -189,8 +189,9 @@ def saturated_throughput(timelines: list[RequestTimeline]) -> dict:
     """Output tok/s while the system was saturated: from the last request's arrival to the
     last first token. Throughout that window every request has arrived and at least one
     (the last to get its first token) waits, so the system serves at its bound; the ramp
-    before it and the drain after it are left out. Empty when there is no such window
-    (every request started at once on arrival)."""
+    before it and the drain after it are left out. A window as short as one prefill means
+    the system was not saturated when the last request came (the row keeps the window).
+    Empty when the last first token came before the last arrival."""
     ok = [t for t in timelines if t.success and t.token_times]
     if not ok:
         return {}

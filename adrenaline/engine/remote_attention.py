@@ -34,9 +34,9 @@ from adrenaline.transport.mesh import PeerLostError
 TAG_HEADER, TAG_META, TAG_QKV, TAG_OUT = 1, 2, 3, 4
 # Waiters on an exchange link (the decode for a layer's outputs, the executor for the next
 # layer's q, k, v) busy-poll this long before sleeping (Communicator.set_spin). A layer's
-# work on the other side is shorter, so within a step neither side sleeps, and no layer
-# pays a sleeping core's wake-up (here it doubled the start-up profile's exchange: 0.21
-# against 0.11 ms per layer). Between steps they sleep after this long.
+# work on the other side is shorter, so within a step neither side sleeps and no layer
+# pays a sleeping core's wake-up (docs/BENCHMARKS.md: the decode's wait per layer fell
+# from 0.68 to 0.39 ms). Between steps they sleep after this long.
 EXCHANGE_SPIN_S = 5e-3
 
 
