@@ -267,11 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
             r["attention_share_of_step"] = (1e-3 * r["profile_attention_us_per_token"]
                                             * r["mean_local_requests"] * mean_context
                                             / r["decode_step_ms"])
-        base = next((b["output_tok_s"] for b in rows
-                     if b["system"] == "none" and b["rate"] == r["rate"]), None)
+        none = next((b for b in rows if b["system"] == "none" and b["rate"] == r["rate"]), {})
+        base, sat = none.get("output_tok_s"), none.get("saturated_output_tok_s")
         r["vs_none"] = r["output_tok_s"] / base if base else None
-        sat = next((b.get("saturated_output_tok_s") for b in rows
-                    if b["system"] == "none" and b["rate"] == r["rate"]), None)
         if sat and r.get("saturated_output_tok_s"):
             r["saturated_vs_none"] = r["saturated_output_tok_s"] / sat
     workload = {k: getattr(args, k) for k in (

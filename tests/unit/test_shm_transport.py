@@ -184,20 +184,36 @@ def test_bad_init_and_world_size():
 
 @pytest.mark.parametrize("spin_s, sleeps", [(0.0, True), (1.0, False)])
 def test_a_waiter_polls_for_its_spin_before_sleeping(monkeypatch, spin_s, sleeps):
-    # A message that comes 20 ms after the receive is posted: a waiter that polls for 1 s
-    # takes it without sleeping on the doorbell; one that does not poll sleeps first.
+    # The receive is posted before the message is sent. Without polling the waiter sleeps
+    # on the doorbell at once, and the message is sent only once it sleeps; polling for
+    # 1 s, it takes a message sent 20 ms later without sleeping.
     import adrenaline.transport.shm as shm
 
-    calls = []
+    calls, asleep = [], threading.Event()
     real = shm.futex_wait
-    monkeypatch.setattr(shm, "futex_wait", lambda *a: (calls.append(a), real(*a)))
+
+    def futex_wait(*a):
+        calls.append(a)
+        asleep.set()
+        return real(*a)
+
+    monkeypatch.setattr(shm, "futex_wait", futex_wait)
     a, b = _pair_in_threads()
     try:
         a.set_spin(spin_s)
         got = torch.empty(4)
-        sender = threading.Timer(0.02, lambda: b.send(torch.ones(4), 0, 7))
+        handle = a.irecv(got, 1, 7)
+
+        def send():
+            if sleeps:
+                assert asleep.wait(30)
+            else:
+                time.sleep(0.02)
+            b.send(torch.ones(4), 0, 7)
+
+        sender = threading.Thread(target=send)
         sender.start()
-        a.recv(got, 1, 7)
+        handle.wait()
         sender.join()
         assert torch.equal(got, torch.ones(4))
         assert bool(calls) is sleeps
