@@ -194,3 +194,19 @@ def test_the_kernel_runs_without_the_gil():
     for t in threads:
         t.join()
     assert any(a0 < b1 and b0 < a1 for a0, a1 in spans[0] for b0, b1 in spans[1])
+
+
+@needs_kernel
+def test_a_sequence_longer_than_its_table_is_refused():
+    # The kernel reads block ids from the table up to each length: a length past the
+    # table would read whatever follows it as block ids.
+    from adrenaline.kernels.cpu_extension import paged_decode_module
+
+    backend, k_cache, v_cache, lens, tables, q = _bf16_batch(4, 64, lens=[40, 20])
+    table = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
+    kernel = paged_decode_module().paged_decode
+    ok = kernel(q, k_cache, v_cache, table, torch.tensor([48, 20]), 0.125)
+    assert ok.shape == q.shape
+    for bad in ([49, 20], [40, 0]):
+        with pytest.raises(RuntimeError, match="its table holds 1 to 48"):
+            kernel(q, k_cache, v_cache, table, torch.tensor(bad), 0.125)
