@@ -13,10 +13,11 @@
 //   online softmax (running max and sum, rescaled per chunk). The chunks sit at
 //   fixed positions, so the result does not depend on the block size either.
 // - Accumulation is in float32; a bfloat16 output is rounded to nearest even.
-// - Reading the keys, the key and value rows PF positions ahead are prefetched. A
-//   sequence's pages lie apart in the pool, so the hardware prefetcher, which follows
-//   addresses, starts every page with cache misses; the table does not stop software.
-//   Prefetches change no result.
+// - Reading the keys, the key and value rows PF positions ahead are prefetched where
+//   they lie on a page that does not follow the current one in memory. A served
+//   sequence's pages lie apart in the pool, and the hardware prefetcher, which follows
+//   addresses, would start every such page with cache misses. Prefetches change no
+//   result.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -66,7 +67,7 @@ inline __m512 exp_nonpos(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-constexpr int PF = 32;
+constexpr int PF = 32;  // positions: 4 KiB of keys ahead at head_dim 64 in bfloat16
 
 template <typename T, int D>
 inline void prefetch_row(const T* p) {
@@ -99,9 +100,12 @@ void attend(const T* q, const T* kc, const T* vc, T* out, const int32_t* table, 
     const int n = int(std::min<int64_t>(CHUNK, len - start));
     for (int t = 0; t < n; ++t) {  // scores
       const int64_t pos = start + t;
-      const T* k = kc + ((head + table[pos / bs]) * bs + pos % bs) * D;
-      if (pos + PF < len) {  // rows of the values, too: the loop below reads them next
-        const int64_t ahead = ((head + table[(pos + PF) / bs]) * bs + (pos + PF) % bs) * D;
+      const int64_t page = pos / bs, page_ahead = (pos + PF) / bs;
+      const T* k = kc + ((head + table[page]) * bs + pos % bs) * D;
+      // Only where that row's page does not follow this one in memory (where it does, the
+      // hardware prefetcher is already there); the value row too: the loop below reads it.
+      if (pos + PF < len && table[page_ahead] != table[page] + (page_ahead - page)) {
+        const int64_t ahead = ((head + table[page_ahead]) * bs + (pos + PF) % bs) * D;
         prefetch_row<T, D>(kc + ahead);
         prefetch_row<T, D>(vc + ahead);
       }
