@@ -6,7 +6,8 @@ through the handle client, so each one's greedy token ids are compared with the
 offline engine's (``--check-greedy``). Token arrival times give TTFT and TPOT, output
 tok/s over the run and while saturated (from the last arrival to the last first token:
 no ramp, no drain), and the tokens of each 10 s;
-worker metrics give the mean decode batch, the offload ratio, the per-layer wait
+worker metrics give the mean decode batch (over the run, and in the saturated window
+with its step, offloaded requests and wait), the offload ratio, the per-layer wait
 on the executor and its share of the decode step, the prefill side's core
 utilization (prefill steps + executor attention over the run) and the executor's
 attention bandwidth; the start-up profile gives the attention share of the
@@ -27,7 +28,7 @@ import asyncio
 import math
 import time
 
-from adrenaline.bench.offload_report import print_rows, worker_stats
+from adrenaline.bench.offload_report import print_rows, saturated_worker_stats, worker_stats
 from adrenaline.bench.report import result_header, write_result
 from adrenaline.bench.serving_metrics import (RequestTimeline, saturated_throughput, summarize,
                                              tokens_by_interval)
@@ -51,8 +52,10 @@ async def _one(client, prompt, params, delay: float) -> tuple[RequestTimeline, l
 
 
 async def _sample_usage(client, stop: asyncio.Event, samples: list) -> None:
+    """(perf_counter, worker metrics) every 0.5 s."""
     while not stop.is_set():
-        samples.append(await client.metrics())
+        metrics = await client.metrics()
+        samples.append((time.perf_counter(), metrics))
         await asyncio.sleep(0.5)
 
 
@@ -112,7 +115,12 @@ def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict
                    "prefill_when_admissible": args.prefill_when_admissible,
                    **summarize(timings, elapsed), **saturated_throughput(timings),
                    "output_tokens_by_10s": tokens_by_interval(timings, 10.0)}
-            row.update(worker_stats(before, after, samples, elapsed, stats.get("profile")))
+            row.update(worker_stats(before, after, [m for _, m in samples], elapsed,
+                                    stats.get("profile")))
+            if "saturated_window_s" in row:
+                origin = min(t.start for t in timings)
+                row.update(saturated_worker_stats(
+                    samples, [origin + w for w in row["saturated_window_s"]]))
             placed = stats["num_placed"] - stats0["num_placed"]
             row["offload_ratio"] = (stats["num_offloaded"] - stats0["num_offloaded"]) / max(placed, 1)
             row["b_max"], row["ob_mem"] = stats["b_max"], stats["ob_mem"]

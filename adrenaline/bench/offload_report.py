@@ -49,6 +49,31 @@ def worker_stats(before, after, samples, elapsed: float, profile: dict | None = 
     return out
 
 
+def saturated_worker_stats(samples: list[tuple[float, list]], window: list[float]) -> dict:
+    """The decode's batch, step, offloaded requests and wait on executors over the samples
+    (time, worker metrics) that lie in ``window`` (the saturated window, same clock);
+    empty when fewer than two samples do."""
+    inside = [(t, ms) for t, ms in samples if window[0] <= t <= window[1]]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0][1], inside[-1][1]
+    steps = _delta(first, last, "decode", "num_steps")
+    if not steps:
+        return {}
+    out = {"saturated_decode_batch": _delta(first, last, "decode", "batch_size_sum") / steps,
+           "saturated_decode_step_ms": 1e3 * _delta(first, last, "decode", "step_time_s") / steps,
+           "saturated_decode_step_cpu_ms": 1e3 * _delta(first, last, "decode", "step_cpu_s")
+           / steps,
+           "saturated_offloaded_requests": sum(
+               m.num_offloaded for _, ms in inside for m in ms if m.role == "decode")
+           / len(inside)}
+    waits = _delta(first, last, "decode", "num_remote_waits")
+    if waits:
+        out["saturated_remote_wait_per_layer_ms"] = \
+            1e3 * _delta(first, last, "decode", "remote_wait_s") / waits
+    return out
+
+
 def print_rows(result: dict) -> None:
     w = result["workload"]
     print(f"\noffload benchmark: {result['model']} {result['dtype']}, {w['num_requests']} "
@@ -63,6 +88,7 @@ def print_rows(result: dict) -> None:
             ("tpot_p50_ms", "TPOT50", 7, 1), ("tpot_p90_ms", "TPOT90", 7, 1),
             ("tpot_p99_ms", "TPOT99", 7, 1), ("ttft_p50_ms", "TTFT50", 7, 0),
             ("ttft_p90_ms", "TTFT90", 7, 0), ("mean_decode_batch", "batch", 6, 1),
+            ("saturated_decode_batch", "sat b", 6, 1), ("saturated_decode_step_ms", "sat st", 7, 1),
             ("offload_ratio", "offl", 5, 2), ("decode_step_ms", "step", 6, 1),
             ("decode_step_cpu_ms", "cpu", 6, 1),
             ("remote_wait_per_layer_ms", "rt/lyr", 7, 3),
