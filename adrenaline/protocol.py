@@ -73,6 +73,7 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     # time the step waited, on executors or for its core)
     step_cpu_s: float = 0.0
     batch_size_sum: int = 0  # decode: sum of step batch sizes
+    local_kv_tokens_sum: int = 0  # decode: sum over steps of the KV its local attention read
     remote_wait_s: float = 0.0  # decode: time waiting on executors' outputs (not overlapped)
     num_remote_waits: int = 0  # decode: per-layer exchanges waited on
     # decode: the executor a step is waiting on right now (-1: none), and for how long

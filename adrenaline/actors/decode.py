@@ -60,6 +60,7 @@ class DecodeWorker(EngineWorker):
         self._step_time_s = 0.0  # time inside engine steps, for metrics
         self._step_cpu_s = 0.0  # the engine thread's CPU time in them
         self._batch_sum = 0  # sum of step batch sizes (mean batch = sum / steps)
+        self._local_kv_sum = 0  # sum of the KV tokens each step's local attention read
         self._executor_ranks: list[int] = []
         self._relinked: asyncio.Event | None = None  # set when an executor link is made
 
@@ -218,7 +219,7 @@ class DecodeWorker(EngineWorker):
                     remote_wait_s=remote.round_trip_s if remote else 0.0,
                     num_remote_waits=remote.num_round_trips if remote else 0,
                     step_time_s=self._step_time_s, step_cpu_s=self._step_cpu_s,
-                    batch_size_sum=self._batch_sum,
+                    batch_size_sum=self._batch_sum, local_kv_tokens_sum=self._local_kv_sum,
                     num_waiting=len(e.scheduler.waiting) + len(self._parked),
                     kv_blocks_used=e.block_manager.num_used_blocks,
                     kv_blocks_total=e.num_kv_blocks, num_steps=self._num_steps,
@@ -264,6 +265,7 @@ class DecodeWorker(EngineWorker):
             self._step_time_s += time.perf_counter() - start
             self._step_cpu_s += cpu_s
             self._batch_sum += len(stepped)
+            self._local_kv_sum += sum(r.num_tokens for r in stepped if not r.is_offloaded)
             self._num_steps += 1
             for r in stepped:
                 self._emit(r)

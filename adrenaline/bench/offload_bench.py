@@ -73,7 +73,8 @@ async def _run(client, prompts, params, offsets):
 
 def app_args(args, name: str) -> dict:
     options = {"none": {}, "static": {"ratio": args.static_ratio},
-               "load_aware": {"tpot_slo_ms": args.tpot_slo_ms}}[name]
+               "load_aware": {"tpot_slo_ms": args.tpot_slo_ms,
+                              "step_feedback": args.step_feedback}}[name]
     engine = {"num_threads": 1, "max_num_seqs": args.max_num_seqs, "block_size": args.block_size}
     pin = (lambda core: {"cpus": [core]}) if args.pin else (lambda core: {})
     nice = {} if args.nice is None else {"nice": args.nice}
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "first token (in TPOT)")
     ap.add_argument("--static-ratio", type=float, default=0.75)
     ap.add_argument("--tpot-slo-ms", type=float, default=250.0)
+    ap.add_argument("--no-step-feedback", dest="step_feedback", action="store_false",
+                    help="load_aware: B_max by the start-up profile's step model alone")
     ap.add_argument("--check-greedy", action="store_true",
                     help="compare every request's tokens with the offline engine's")
     ap.add_argument("--reference", default=None,
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in (
         "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens", "block_size",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
-        "tpot_slo_ms", "prefill_when_admissible", "nice", "seed")}
+        "tpot_slo_ms", "step_feedback", "prefill_when_admissible", "nice", "seed")}
     workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),
                     mean_output_len=sum(p.max_tokens for p in params) / len(params))
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,

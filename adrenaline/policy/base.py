@@ -143,6 +143,11 @@ class PlacementPolicy(ABC):
     @abstractmethod
     def place(self, req: GenerateRequest, load: ClusterLoad) -> Placement: ...
 
+    def observe_decode_steps(self, decode: int, num_steps: int, step_time_s: float,
+                             batch_size_sum: int, local_kv_tokens_sum: int) -> None:
+        """A decode instance's served steps (cumulative counters, policy/step_feedback.py),
+        for a policy that corrects its step model by them; the default ignores them."""
+
     def admit(self, req: GenerateRequest, where: Placement, load: ClusterLoad) -> Placement | None:
         """Default: local once the decode instance has KV room for it."""
         tokens = self.request_tokens(req)

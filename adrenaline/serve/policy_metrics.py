@@ -6,7 +6,8 @@ Refreshed on each /metrics scrape from ``Router.stats()``:
   placed and admitted onto an executor since the router started (rate() them for the
   policy's offload ratio over a window);
 * ``adrenaline_policy_b_max``, ``adrenaline_policy_ob_mem``: load_aware's bounds (absent for
-  policies without them);
+  policies without them), and ``adrenaline_policy_step_scale{decode}``: its served over
+  modeled decode step (policy/step_feedback.py);
 * from the start-up profile (absent when the policy did not ask for one):
   ``adrenaline_profile_base_step_seconds{batch}`` (a decode step without attention),
   ``adrenaline_profile_attention_seconds_per_token{role,index}`` (decode and executors),
@@ -30,6 +31,9 @@ class PolicyMetrics:
                            "load_aware: largest decode batch within the TPOT SLO", registry=r)
         self.ob_mem = Gauge("adrenaline_policy_ob_mem", "load_aware: the memory offload bound",
                             registry=r)
+        self.step_scale = Gauge("adrenaline_policy_step_scale",
+                                "load_aware: a served decode step over the profile's model",
+                                ["decode"], registry=r)
         self.base_step = Gauge("adrenaline_profile_base_step_seconds",
                                "Start-up profile: decode step without attention, by batch",
                                ["batch"], registry=r)
@@ -42,7 +46,7 @@ class PolicyMetrics:
         self.exchange = Gauge("adrenaline_profile_exchange_seconds",
                               "Start-up profile: a decode step's exchange with one executor",
                               registry=r)
-        self._optional = (self.b_max, self.ob_mem, self.base_step, self.attn, self.attn_bw,
+        self._optional = (self.b_max, self.ob_mem, self.step_scale, self.base_step, self.attn, self.attn_bw,
                           self.exchange)
 
     def set_stats(self, stats: dict | None) -> None:
@@ -57,6 +61,8 @@ class PolicyMetrics:
             self.b_max.set(stats["b_max"])
         if stats.get("ob_mem") is not None:
             self.ob_mem.set(stats["ob_mem"])
+        for d, scale in enumerate(stats.get("step_scale") or []):
+            self.step_scale.labels(str(d)).set(scale)
         profile = stats.get("profile")
         if not profile:
             return

@@ -80,7 +80,7 @@ class Router:
     def __init__(self, args: AppArgs):
         self.args = args
         self.supervisor = Supervisor(args, _app_name(), self._cluster_lost, self._cluster_ready,
-                                     self._actor_lost, self._actor_ready)
+                                     self._actor_lost, self._actor_ready, self._heartbeat)
         self.policy = make_policy(args.policy, args.policy_options, self._profile(args))
         first = self.cluster.prefill_info[0]
         self.info = ModelInfo(
@@ -128,7 +128,21 @@ class Router:
                 "profile": (self.policy.profile.summary()
                             if getattr(self.policy, "profile", None) is not None else None),
                 "b_max": getattr(self.policy, "b_max", None),
+                # served over modeled decode step, per decode instance (load_aware)
+                "step_scale": ([self.policy.step_scale(d)
+                                for d in range(len(self.cluster.decode_info))]
+                               if hasattr(self.policy, "step_scale") else None),
                 "ob_mem": getattr(self.policy, "ob_mem", None)}
+
+    def _heartbeat(self, role: str, index: int, m: WorkerMetrics) -> None:
+        """Each heartbeat's metrics: a decode worker's served steps go to the policy."""
+        if role != "decode":
+            return
+        try:  # a user policy's failure must not stop the heartbeat that called this
+            self.policy.observe_decode_steps(index, m.num_steps, m.step_time_s,
+                                             m.batch_size_sum, m.local_kv_tokens_sum)
+        except Exception:
+            log.exception("policy %s: observe_decode_steps failed", self.args.policy)
 
     async def admissions(self) -> list[tuple[str, int, int, bool, int]]:
         """The admission log: (request id, prefill, decode, offloaded, placement ordinal),

@@ -47,6 +47,7 @@ import ray.exceptions
 from adrenaline.actors.cluster import Cluster
 from adrenaline.errors import ServiceUnavailableError
 from adrenaline.app_config import AppArgs
+from adrenaline.protocol import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class Supervisor:
     def __init__(self, args: AppArgs, name_prefix: str,
                  on_lost: Callable[[], None], on_ready: Callable[[Cluster], None],
                  on_actor_lost: Callable[[str, int], None] = lambda role, i: None,
-                 on_actor_ready: Callable[[str, int], None] = lambda role, i: None):
+                 on_actor_ready: Callable[[str, int], None] = lambda role, i: None,
+                 on_metrics: Callable[[str, int, WorkerMetrics], None] = lambda role, i, m: None):
         self.args = args
         self.prefix = name_prefix
         self._names = itertools.count(1)  # actor names must be fresh per start attempt
@@ -76,6 +78,7 @@ class Supervisor:
         self._on_ready = on_ready  # router: fresh load accounting for the new cluster
         self._on_actor_lost = on_actor_lost  # router: rerun what depended on that actor
         self._on_actor_ready = on_actor_ready  # router: the slot serves again
+        self._on_metrics = on_metrics  # router: each heartbeat's metrics (the policy's feedback)
         # Slots (role, index) whose actor is being replaced, with the task doing it.
         self._replacing: dict[tuple[str, int], asyncio.Task] = {}
         # Watch and heartbeat tasks per slot (cancelled when the slot's actor is lost).
@@ -190,6 +193,7 @@ class Supervisor:
                 await asyncio.sleep(min(1.0, timeout / 4))
                 continue
             answered_at = loop.time()
+            self._on_metrics(role, index, m)
             # Work: a decode worker steps its running requests, a prefill worker its queued
             # prompts. A decode worker blocked on an executor's output is not stalled
             # itself; that executor is, once it has kept it waiting past the deadline. An

@@ -109,6 +109,7 @@ class SimDecode:
         self.step_time_s = 0.0
         self.kv_read_bytes = 0.0  # offloaded KV its executors read (for bandwidth over time)
         self.remote_wait_s = 0.0  # waited on executors beyond local attention (cost.py)
+        self.local_kv_sum = 0  # KV tokens its steps' local attention read (as the live metric)
         self.num_offloaded_steps = 0
 
     def adopt_parked(self) -> None:
@@ -138,6 +139,7 @@ class SimDecode:
         # Executors work in parallel; the step waits for the slowest.
         worst = max(remote.values(), key=lambda v: v[1], default=(0, 0))
         self.kv_read_bytes += sum(kv for _, kv in remote.values()) * cost.kv_bytes
+        self.local_kv_sum += local_kv
         if remote:
             self.num_offloaded_steps += 1
             self.remote_wait_s += cost.remote_wait_s(local_kv, worst[0], worst[1])

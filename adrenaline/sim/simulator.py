@@ -292,6 +292,9 @@ class Simulation:
         inst = self.decode[j]
         inst.busy = False
         done = inst.finish_step(plan, self.executors, dur, self.now)
+        # What the live router passes on from each decode heartbeat (serve/router.py).
+        self.policy.observe_decode_steps(j, inst.num_steps, inst.step_time_s, inst.batch_sum,
+                                         inst.local_kv_sum)
         admitted = []
         for req in done:
             sr = req.sim

@@ -87,9 +87,28 @@ def test_offloaded_greedy_matches_offline(ray_cluster, expected, name, num_prefi
         # the decode step's own CPU time is part of its wall time, never more
         decode = [m for m in metrics if m.role == "decode"]
         assert all(0 < m.step_cpu_s <= m.step_time_s for m in decode)
+        if policy == "load_aware":
+            assert all(m.local_kv_tokens_sum > 0 for m in decode)  # 96 tokens held some
+            _assert_step_feedback(client, serve.get_app_handle(name))
         asyncio.run(_assert_idle(client))
     finally:
         serve.delete(name)
+
+
+def _assert_step_feedback(client, router) -> None:
+    """The router passes the decode's heartbeat metrics to load_aware, whose step model
+    then carries the ratio of served to modeled steps (1.0 until it has one). Each round
+    decodes 30 more steps; a heartbeat after a round that followed the first one it saw
+    measures them."""
+    import time
+
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    deadline = time.monotonic() + 30
+    while (scale := router.stats.remote().result()["step_scale"]) == [1.0]:
+        assert time.monotonic() < deadline, "no decode steps reached the policy"
+        asyncio.run(client.generate(_prompts(1)[0], params))
+        time.sleep(0.5)
+    assert len(scale) == 1 and 0.5 <= scale[0] <= 4.0
 
 
 def test_offloaded_kv_never_allocated_on_decode(ray_cluster):

@@ -178,3 +178,53 @@ class ProfiledPolicy(PlacementPolicy):
 def test_load_aware_requires_a_profile():
     with pytest.raises(ValueError, match="profile"):
         make_policy("load_aware", {})
+
+
+def test_step_feedback_scales_the_model_by_served_steps():
+    from adrenaline.policy.step_feedback import MIN_STEPS, WEIGHT, StepFeedback
+
+    prof = _profile()
+    fb = StepFeedback(prof, 1)
+    fb.observe(0, 0, 0.0, 0, 0)  # first sight: nothing to compare yet
+    assert fb.scale == [1.0]
+    # 10 steps of batch 16 reading 8,000 local tokens each: modeled 100 ms; served 150 ms.
+    fb.observe(0, 10, 1.5, 160, 80_000)
+    assert fb.scale[0] == pytest.approx(1.5)  # the first measurement is taken whole
+    fb.observe(0, 10 + MIN_STEPS - 1, 9.9, 999, 999)  # too few steps since: ignored
+    assert fb.scale[0] == pytest.approx(1.5)
+    # 10 more at batch 8 and no local KV (modeled 10 ms), served in 10 ms: ratio 1.0.
+    fb.observe(0, 20, 1.6, 240, 80_000)
+    assert fb.scale[0] == pytest.approx(1.5 + WEIGHT * (1.0 - 1.5))
+    # A replaced worker's counters start again: the next observation is a first sight.
+    before = fb.scale[0]
+    fb.observe(0, 3, 0.3, 24, 0)
+    assert fb.scale[0] == before
+    fb.observe(0, 13, 100.3, 104, 0)  # 10 s steps: a ratio past the bounds is clamped
+    assert fb.scale[0] == pytest.approx(before + WEIGHT * (4.0 - before))
+
+
+def test_load_aware_holds_the_slo_by_the_served_step():
+    # 100 ms SLO, 8,000 local tokens read (80 ms): B_max 16 by the profile (20 + 80 ms).
+    # Served steps 25% longer than modeled: only batches whose modeled step is within
+    # 80 ms fit, none here (the base at 1 is 5 ms + 80 ms): B_max falls to 1.
+    req = _req(100, 1900)
+    load = _load(decode_reserved=900, decode_active=3, decode_mean=8000, exec_mean=(0,),
+                 exec_cap=(100_000,))
+    policy = make_policy("load_aware", {"tpot_slo_ms": 100},
+                         _profile(exec_cap=(100_000,), exec_us=(0.1,)))
+    assert _decide(policy, req, load).offload and policy.b_max == 16
+    policy.observe_decode_steps(0, 0, 0.0, 0, 0)
+    policy.observe_decode_steps(0, 10, 10 * 0.125, 160, 80_000)
+    assert policy.step_scale(0) == pytest.approx(1.25)
+    assert _decide(policy, req, load) is None and policy.b_max == 1
+    # A 7,000-token local read (70 ms) leaves 10 ms of the 80 for the base: B_max 8.
+    load.decode_mean_tokens = [7000]
+    assert _decide(policy, req, load).offload and policy.b_max == 8
+    # step_feedback false: the profile's model as it is.
+    plain = make_policy("load_aware", {"tpot_slo_ms": 100, "step_feedback": False},
+                        _profile(exec_cap=(100_000,), exec_us=(0.1,)))
+    plain.observe_decode_steps(0, 0, 0.0, 0, 0)
+    plain.observe_decode_steps(0, 10, 10 * 0.125, 160, 80_000)
+    assert plain.step_scale(0) == 1.0
+    load.decode_mean_tokens = [8000]
+    assert _decide(plain, req, load).offload and plain.b_max == 16

@@ -60,3 +60,16 @@ def test_prefix_cache_gauges_per_prefill_instance():
     assert s[("adrenaline_worker_kv_blocks_cached", p1)] == 5
     assert s[("adrenaline_worker_prefix_cache_hit_ratio", p0)] == 0.0  # nothing prefilled yet
     assert ("adrenaline_worker_kv_blocks_cached", (("index", "0"), ("role", "decode"))) not in s
+
+
+def test_policy_gauges_show_the_step_scale_per_decode_instance():
+    m = IngressMetrics()
+    stats = {"num_placed": 5, "num_offloaded": 2, "b_max": 30, "ob_mem": 1.0,
+             "step_scale": [1.25, 0.9], "profile": None}
+    m.policy.set_stats(stats)
+    s = _samples(m)
+    assert s[("adrenaline_policy_step_scale", (("decode", "0"),))] == 1.25
+    assert s[("adrenaline_policy_step_scale", (("decode", "1"),))] == 0.9
+    assert s[("adrenaline_policy_b_max", ())] == 30
+    m.policy.set_stats({**stats, "step_scale": None})  # a policy without it
+    assert not any(k[0] == "adrenaline_policy_step_scale" for k in _samples(m))
