@@ -10,6 +10,7 @@ BENCHMARKS = {
     "serving": "adrenaline.bench.serving",
     "offload": "adrenaline.bench.offload_bench",
     "exchange": "adrenaline.bench.exchange_bench",
+    "attention": "adrenaline.bench.attention_bench",
     "roofline": "adrenaline.bench.roofline",
     "grammar": "adrenaline.bench.grammar_bench",
     "gpu-check": "adrenaline.bench.gpu_check.run",

@@ -48,8 +48,10 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = backend.kv_cache_shape(num_blocks + scratch_blocks, block_size)
-        self.k: list[torch.Tensor] = [_zeros(shape, dtype, device) for _ in range(num_layers)]
-        self.v: list[torch.Tensor] = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.k: list[torch.Tensor] = [zeroed_pages(shape, dtype, device)
+                                      for _ in range(num_layers)]
+        self.v: list[torch.Tensor] = [zeroed_pages(shape, dtype, device)
+                                      for _ in range(num_layers)]
 
     @property
     def num_bytes(self) -> int:
@@ -59,7 +61,7 @@ class KVPool:
 HUGE_PAGE = 2 << 20
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+def zeroed_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
            ) -> torch.Tensor:
     """Zeroed pages; on a CPU, in anonymous memory advised for huge pages, starting at a
     huge-page boundary (the tensor keeps its mapping alive)."""
