@@ -62,7 +62,7 @@ HUGE_PAGE = 2 << 20
 
 
 def zeroed_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
-           ) -> torch.Tensor:
+                 ) -> torch.Tensor:
     """Zeroed pages; on a CPU, in anonymous memory advised for huge pages, starting at a
     huge-page boundary (the tensor keeps its mapping alive)."""
     if torch.device(device).type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):

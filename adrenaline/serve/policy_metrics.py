@@ -46,8 +46,8 @@ class PolicyMetrics:
         self.exchange = Gauge("adrenaline_profile_exchange_seconds",
                               "Start-up profile: a decode step's exchange with one executor",
                               registry=r)
-        self._optional = (self.b_max, self.ob_mem, self.step_scale, self.base_step, self.attn, self.attn_bw,
-                          self.exchange)
+        self._optional = (self.b_max, self.ob_mem, self.step_scale, self.base_step, self.attn,
+                          self.attn_bw, self.exchange)
 
     def set_stats(self, stats: dict | None) -> None:
         """One ``Router.stats()`` answer (None: the call failed; the policy series go)."""
