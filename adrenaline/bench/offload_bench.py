@@ -119,7 +119,8 @@ def bench_system(name: str, args, prompts, params, rates, expected) -> list[dict
             row.update(worker_stats(before, after, [m for _, m in samples], elapsed,
                                     stats.get("profile")))
             if "saturated_window_s" in row:
-                origin = min(t.start for t in timings)
+                # the window's origin as saturated_throughput takes it: the first answered start
+                origin = min(t.start for t in timings if t.success and t.token_times)
                 row.update(saturated_worker_stats(
                     samples, [origin + w for w in row["saturated_window_s"]]))
             placed = stats["num_placed"] - stats0["num_placed"]
