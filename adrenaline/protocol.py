@@ -83,6 +83,8 @@ class WorkerMetrics(msgspec.Struct, kw_only=True):
     kv_bytes_read: int = 0  # executor: KV bytes its attention read (bandwidth use)
     busy_s: float = 0.0  # executor: time computing attention
     busy_cpu_s: float = 0.0  # executor: its own CPU time in busy_s (the rest: preempted)
+    serve_cpu_s: float = 0.0  # executor: its serving threads' CPU time, polling included
+    napped_s: float = 0.0  # executor: time napped between layers (its core given back)
     # Prefix cache (prefill workers; the token counts are cumulative since it started):
     # tokens prefilled, tokens of those whose KV came from the cache, and pages now
     # holding a cached prefix block.

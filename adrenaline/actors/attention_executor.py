@@ -47,6 +47,7 @@ class AttentionExecutor(Worker):
         device = resolve_device(args.device)
         self.service = AttentionService(model, args.executor.engine,
                                         resolve_dtype(args.dtype, model, device), device)
+        self.service.pace_layers = args.executor.pace_layers
         # A link's shm rings hold one decode step's per-layer message at the decode
         # engine's largest batch.
         self._exchange_bytes = 2 * exchange_message_bytes(model, self.service.dtype,
@@ -139,7 +140,7 @@ class AttentionExecutor(Worker):
                     kv_blocks_used=s.block_manager.num_used_blocks,
                     kv_blocks_total=s.num_kv_blocks, num_steps=s.num_steps,
                     kv_bytes_read=s.kv_bytes_read, busy_s=s.busy_s,
-                    busy_cpu_s=s.busy_cpu_s)
+                    busy_cpu_s=s.busy_cpu_s, serve_cpu_s=s.serve_cpu_s, napped_s=s.napped_s)
 
 
 def _green_stream(device: torch.device, sm_count: int):

@@ -85,7 +85,7 @@ def app_args(args, name: str) -> dict:
         "decode": {**pin(1), **nice,
                    "engine": {**engine, "kv_cache_tokens": args.decode_kv_tokens,
                               "num_threads": args.decode_threads}},
-        "executor": {"enabled": name != "none",
+        "executor": {"enabled": name != "none", "pace_layers": args.pace_layers,
                      "engine": {"num_threads": 1, "kv_cache_tokens": args.executor_kv_tokens,
                                 "block_size": args.block_size}},
         "limits": {"prefill_when_admissible": args.prefill_when_admissible},
@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tpot-slo-ms", type=float, default=250.0)
     ap.add_argument("--no-step-feedback", dest="step_feedback", action="store_false",
                     help="load_aware: B_max by the start-up profile's step model alone")
+    ap.add_argument("--no-pace-layers", dest="pace_layers", action="store_false",
+                    help="the executor polls the whole gap between a step's layers "
+                         "instead of napping through most of it")
     ap.add_argument("--check-greedy", action="store_true",
                     help="compare every request's tokens with the offline engine's")
     ap.add_argument("--reference", default=None,
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in (
         "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens", "block_size",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
-        "tpot_slo_ms", "step_feedback", "prefill_when_admissible", "nice", "seed")}
+        "tpot_slo_ms", "step_feedback", "pace_layers", "prefill_when_admissible", "nice", "seed")}
     workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),
                     mean_output_len=sum(p.max_tokens for p in params) / len(params))
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,

@@ -36,6 +36,11 @@ def worker_stats(before, after, samples, elapsed: float, profile: dict | None = 
     out["executor_attention_gbs"] = _delta(before, after, "executor", "kv_bytes_read") / elapsed / 1e9
     out["executor_busy_share"] = _delta(before, after, "executor", "busy_s") / elapsed
     out["executor_cpu_share"] = _delta(before, after, "executor", "busy_cpu_s") / elapsed
+    # The executor's CPU spent polling for messages (its serving CPU beyond attention),
+    # and the time it napped between layers instead.
+    out["executor_poll_cpu_share"] = (_delta(before, after, "executor", "serve_cpu_s")
+                                      - _delta(before, after, "executor", "busy_cpu_s")) / elapsed
+    out["executor_nap_share"] = _delta(before, after, "executor", "napped_s") / elapsed
     # The prefill instance's core: its prefill steps plus its executor's attention.
     out["prefill_core_util"] = (_delta(before, after, "prefill", "step_time_s")
                                 + _delta(before, after, "executor", "busy_s")) / elapsed
@@ -71,6 +76,16 @@ def saturated_worker_stats(samples: list[tuple[float, list]], window: list[float
     if waits:
         out["saturated_remote_wait_per_layer_ms"] = \
             1e3 * _delta(first, last, "decode", "remote_wait_s") / waits
+    # The decode's own output rate (its batch over its step), to set beside the rate the
+    # clients received: the difference is the delivery path's.
+    out["saturated_decode_tok_s"] = (out["saturated_decode_batch"]
+                                     / max(out["saturated_decode_step_ms"], 1e-9) * 1e3)
+    span = inside[-1][0] - inside[0][0]
+    if any(m.role == "executor" for m in last) and span > 0:
+        out["saturated_executor_poll_cpu_share"] = (
+            _delta(first, last, "executor", "serve_cpu_s")
+            - _delta(first, last, "executor", "busy_cpu_s")) / span
+        out["saturated_executor_nap_share"] = _delta(first, last, "executor", "napped_s") / span
     return out
 
 
@@ -90,10 +105,13 @@ def print_rows(result: dict) -> None:
             ("ttft_p90_ms", "TTFT90", 7, 0), ("mean_decode_batch", "batch", 6, 1),
             ("saturated_decode_batch", "sat b", 6, 1),
             ("saturated_decode_step_ms", "sat st", 7, 1),
+            ("saturated_decode_tok_s", "dec t/s", 8, 1),
             ("offload_ratio", "offl", 5, 2), ("decode_step_ms", "step", 6, 1),
             ("decode_step_cpu_ms", "cpu", 6, 1),
             ("remote_wait_per_layer_ms", "rt/lyr", 7, 3),
             ("remote_wait_share_of_step", "rt%step", 8, 2),
-            ("attention_share_of_step", "attn%", 6, 2), ("prefill_core_util", "p-core", 7, 2), ("executor_attention_gbs", "exGB/s", 7, 2),
+            ("attention_share_of_step", "attn%", 6, 2), ("prefill_core_util", "p-core", 7, 2),
+            ("executor_attention_gbs", "exGB/s", 7, 2),
+            ("executor_poll_cpu_share", "ex-poll", 8, 2), ("executor_nap_share", "ex-nap", 7, 2),
             ("greedy_mismatches", "mism", 5, 0)]
     print_table(result["rows"], cols, label=("label", 16))

@@ -24,6 +24,7 @@ from adrenaline.config import EngineConfig, ModelConfig
 from adrenaline.engine.block_manager import BlockManager
 from adrenaline.engine.kv_pool import KVPool, kv_bytes_per_token, num_blocks_for_budget
 from adrenaline.engine.kv_transfer import import_blocks
+from adrenaline.engine.layer_pacer import LayerPacer
 from adrenaline.engine.remote_attention import TAG_HEADER, TAG_META, TAG_OUT, TAG_QKV
 from adrenaline.engine.tombstones import Tombstones
 from adrenaline.kernels import make_attention_backend
@@ -55,6 +56,11 @@ class AttentionService:
         self.kv_bytes_read = 0  # KV bytes attention read (all layers): bandwidth use
         self.busy_s = 0.0  # time spent computing (not waiting for messages)
         self.busy_cpu_s = 0.0  # the computing thread's own CPU time in it (the rest: preempted)
+        # The serving threads' CPU time in serve_step, waits included: minus busy_cpu_s, the
+        # CPU spent polling for messages.
+        self.serve_cpu_s = 0.0
+        self.pace_layers = True  # nap between a step's layers (LayerPacer) before polling
+        self._pacers: dict[int, LayerPacer] = {}  # per decode rank served
 
     @property
     def capacity_tokens(self) -> int:
@@ -100,6 +106,19 @@ class AttentionService:
 
     def serve_step(self, comm: Communicator, src: int) -> None:
         """Serve one decode step of rank ``src`` (blocks until its header arrives)."""
+        cpu = time.thread_time()
+        try:
+            self._serve_step(comm, src)
+        finally:
+            self.serve_cpu_s += time.thread_time() - cpu
+
+    @property
+    def napped_s(self) -> float:
+        """Time the serving threads napped between layers (their core given back)."""
+        return sum(p.napped_s for p in list(self._pacers.values()))
+
+    def _serve_step(self, comm: Communicator, src: int) -> None:
+        pacer = self._pacers.setdefault(src, LayerPacer())
         header = torch.empty(1, dtype=torch.int64)
         comm.recv(header, src, TAG_HEADER)
         n = int(header[0])
@@ -110,7 +129,10 @@ class AttentionService:
                       self.model.head_dim)
         packed = torch.empty(n, (hq + 2 * hkv) * d, dtype=self.dtype, device=self.device)
         for layer in range(self.model.num_hidden_layers):
-            comm.recv(packed, src, TAG_QKV)
+            if layer and self.pace_layers:
+                pacer.wait(lambda: comm.recv(packed, src, TAG_QKV))
+            else:
+                comm.recv(packed, src, TAG_QKV)
             q, k, v = packed.split([hq * d, hkv * d, hkv * d], dim=1)
             out = self.attend(step, layer, q.reshape(n, hq, d), k.reshape(n, hkv, d),
                               v.reshape(n, hkv, d))

@@ -39,3 +39,23 @@ def test_a_window_with_fewer_than_two_samples_or_no_step_gives_nothing():
     assert saturated_worker_stats(samples[:1] * 2, [-1.0, 1.0]) == {}
     out = saturated_worker_stats(samples, [0.0, 5.0])
     assert "saturated_remote_wait_per_layer_ms" not in out  # no executor, no wait
+
+
+def _with_executor(decode: list[WorkerMetrics], serve_cpu_s: float, busy_cpu_s: float,
+                   napped_s: float) -> list[WorkerMetrics]:
+    return decode + [WorkerMetrics(role="executor", index=0, num_running=3, num_waiting=0,
+                                   kv_blocks_used=0, kv_blocks_total=8, busy_cpu_s=busy_cpu_s,
+                                   serve_cpu_s=serve_cpu_s, napped_s=napped_s)]
+
+
+def test_the_decodes_own_rate_and_the_executors_polling_over_the_window():
+    samples = [(0.0, _with_executor(_decode(0, 0, 0.0, 0), 0.0, 0.0, 0.0)),
+               (2.0, _with_executor(_decode(10, 200, 2.0, 5), 1.0, 0.4, 0.5)),
+               (6.0, _with_executor(_decode(30, 600, 6.0, 5), 3.0, 1.2, 2.5))]
+    out = saturated_worker_stats(samples, [2.0, 6.0])
+    assert out["saturated_decode_tok_s"] == pytest.approx(20 / 0.2)  # batch 20, 200 ms
+    assert out["saturated_executor_poll_cpu_share"] == pytest.approx((2.0 - 0.8) / 4)
+    assert out["saturated_executor_nap_share"] == pytest.approx(2.0 / 4)
+    # without an executor there is no polling to report
+    plain = saturated_worker_stats([(t, ms[:2]) for t, ms in samples], [2.0, 6.0])
+    assert "saturated_executor_poll_cpu_share" not in plain
