@@ -17,6 +17,30 @@ Refreshed on each /metrics scrape from ``Router.stats()``:
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import GaugeMetricFamily
+
+
+class OptionalGauge:
+    """An unlabelled gauge that is absent from a scrape while it holds no value (a
+    prometheus_client Gauge without labels always exports one sample)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def clear(self) -> None:
+        self.value = None
+
+    def describe(self):
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self):
+        if self.value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=self.value)
 
 
 class PolicyMetrics:
@@ -27,10 +51,10 @@ class PolicyMetrics:
         self.offloaded = Gauge("adrenaline_policy_offloaded_requests",
                                "Attempts admitted onto an attention executor (cumulative)",
                                registry=r)
-        self.b_max = Gauge("adrenaline_policy_b_max",
-                           "load_aware: largest decode batch within the TPOT SLO", registry=r)
-        self.ob_mem = Gauge("adrenaline_policy_ob_mem", "load_aware: the memory offload bound",
-                            registry=r)
+        self.b_max = OptionalGauge("adrenaline_policy_b_max",
+                                   "load_aware: largest decode batch within the TPOT SLO", r)
+        self.ob_mem = OptionalGauge("adrenaline_policy_ob_mem",
+                                    "load_aware: the memory offload bound", r)
         self.step_scale = Gauge("adrenaline_policy_step_scale",
                                 "load_aware: a served decode step over the profile's model",
                                 ["decode"], registry=r)
@@ -43,9 +67,9 @@ class PolicyMetrics:
         self.attn_bw = Gauge("adrenaline_profile_attention_bandwidth_gbs",
                              "Start-up profile: KV bytes per second attention reads",
                              ["role", "index"], registry=r)
-        self.exchange = Gauge("adrenaline_profile_exchange_seconds",
-                              "Start-up profile: a decode step's exchange with one executor",
-                              registry=r)
+        self.exchange = OptionalGauge("adrenaline_profile_exchange_seconds",
+                                      "Start-up profile: a decode step's exchange with one "
+                                      "executor", r)
         self._optional = (self.b_max, self.ob_mem, self.step_scale, self.base_step, self.attn,
                           self.attn_bw, self.exchange)
 

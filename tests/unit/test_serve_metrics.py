@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from adrenaline.protocol import WorkerMetrics
@@ -73,3 +75,22 @@ def test_policy_gauges_show_the_step_scale_per_decode_instance():
     assert s[("adrenaline_policy_b_max", ())] == 30
     m.policy.set_stats({**stats, "step_scale": None})  # a policy without it
     assert not any(k[0] == "adrenaline_policy_step_scale" for k in _samples(m))
+
+
+def test_the_policy_bounds_and_profile_go_when_the_router_does_not_answer():
+    m = IngressMetrics()
+    profile = {"base_step_ms": {16: 40.0}, "decode_attn_us_per_token": [2.0],
+               "executor_attn_us_per_token": [2.1], "decode_bandwidth_gbs": [5.0],
+               "executor_bandwidth_gbs": [4.8], "exchange_ms": 3.0}
+    m.policy.set_stats({"num_placed": 5, "num_offloaded": 2, "b_max": 30, "ob_mem": 1.0,
+                        "step_scale": [1.1], "profile": profile})
+    s = _samples(m)
+    assert s[("adrenaline_profile_exchange_seconds", ())] == pytest.approx(3e-3)
+    assert s[("adrenaline_policy_b_max", ())] == 30
+    m.policy.set_stats(None)  # a failed stats() call: the bounds are unknown, not stale
+    s = _samples(m)
+    for name in ("adrenaline_policy_b_max", "adrenaline_policy_ob_mem",
+                 "adrenaline_profile_exchange_seconds", "adrenaline_policy_step_scale",
+                 "adrenaline_profile_base_step_seconds"):
+        assert not any(k[0] == name for k in s), name
+    assert s[("adrenaline_policy_placed_requests", ())] == 5  # cumulative: kept
