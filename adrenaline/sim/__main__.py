@@ -26,7 +26,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="small", help="built-in config name or HF config.json path")
     g.add_argument("--dtype", default=None)
     g.add_argument("--hardware", default="cpu",
-                   help="cpu, cpu-pinned(-served, -kernel), h200, h100, a100-80gb")
+                   help="cpu, cpu-pinned(-served, -kernel, -prefetch), h200, h100, a100-80gb")
     g.add_argument("--layout", default="1P1D", help="xPyD (sweep: comma list)")
     g.add_argument("--systems", default="none",
                    help="comma list: none, static@ratio=0.5, load_aware@tpot_slo_ms=100, "
@@ -248,12 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
         p.set_defaults(fn=fn)
         if name == "plan":
             p.add_argument("--num-gpus", type=int, required=True)
-    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served, -kernel) and h200 "
+    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served, -kernel, -prefetch) and h200 "
                                    "profiles (writes sim/profiles.json)")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--only", default=None,
                    choices=["cpu", "cpu-pinned", "cpu-pinned-served", "cpu-pinned-kernel",
-                            "h200"],
+                            "cpu-pinned-prefetch", "h200"],
                    help="refit this profile alone (the others stay as stored)")
     p.set_defaults(fn=cmd_fit)
     p = sub.add_parser("validate", help="simulated vs live, on data the fit did not use")

@@ -6,7 +6,7 @@ Additive roofline terms (each a quantity over a fitted rate) plus overheads:
             + (linear FLOPs + attention FLOPs) / (peak x eff_flops_prefill)
   decode  = step + L x layer + b x seq + weights / (bw x eff_mem)
             + b x linear FLOPs per token / (peak x eff_flops_decode)
-            + local KV / (bw x eff_attn) + wait
+            + local KV / (bw x eff_attn) + wait + offloaded x offload_seq
   wait    = max(0, [offloaded] L x exchange + offloaded KV / executor bandwidth - local)
             (exchange_hidden: the round trip overlaps local attention, per layer)
           = max(0, offloaded KV / executor bandwidth - local) + [offloaded] L x exchange
@@ -53,9 +53,14 @@ class CostModel:
         return (self.fixed + len(query_lens) * self.hw.seq_overhead_s + self.weights_s + compute)
 
     def decode_s(self, batch: int, local_kv_tokens: int, offloaded: int = 0,
-                 offloaded_kv_tokens: int = 0) -> float:
+                 offloaded_kv_tokens: int = 0, all_offloaded: int | None = None) -> float:
+        """``offloaded``, ``offloaded_kv_tokens``: the slowest executor's requests and KV;
+        ``all_offloaded``: the step's offloaded requests on every executor (default:
+        ``offloaded``)."""
+        n_off = offloaded if all_offloaded is None else all_offloaded
         return (self.fixed + batch * (self.hw.seq_overhead_s + self.decode_tok_s) + self.weights_s
-                + self._attention_s(local_kv_tokens, offloaded, offloaded_kv_tokens))
+                + self._attention_s(local_kv_tokens, offloaded, offloaded_kv_tokens)
+                + n_off * self.hw.offload_seq_overhead_s)
 
     def _attention_s(self, local_kv_tokens: int, offloaded: int, offloaded_kv_tokens: int
                      ) -> float:

@@ -143,7 +143,8 @@ class SimDecode:
         if remote:
             self.num_offloaded_steps += 1
             self.remote_wait_s += cost.remote_wait_s(local_kv, worst[0], worst[1])
-        return cost.decode_s(len(plan.requests), local_kv, worst[0], worst[1])
+        return cost.decode_s(len(plan.requests), local_kv, worst[0], worst[1],
+                             sum(n for n, _ in remote.values()))
 
     def finish_step(self, plan: SchedulerOutput, executors: list[SimExecutor],
                     duration: float, now: float) -> list[Request]:

@@ -56,9 +56,15 @@ SERVED_CHECK_FILE = "bench-offload-long-decode-served-kv8.json"
 # checked on run 3 (run 2's profile was timed under interference: neither).
 KERNEL_PROFILE_FILE = "bench-offload-long-decode-kernel.json"
 KERNEL_CHECK_FILE = "bench-offload-long-decode-kernel-rounds.json"
+# The kernel that prefetches across scattered pages (docs/BENCHMARKS.md): fitted on its
+# first run (niceness -5, the executor polling between layers), checked on the run at
+# niceness -20 with the executor napping between layers.
+PREFETCH_PROFILE_FILE = "bench-offload-long-decode-prefetch.json"
+PREFETCH_CHECK_FILE = "bench-offload-long-decode-pace.json"
 # Each pinned profile and the run `sim validate` checks it on.
 PINNED_CHECKS = {"cpu-pinned": PINNED_CHECK_FILE, "cpu-pinned-served": SERVED_CHECK_FILE,
-                 "cpu-pinned-kernel": KERNEL_CHECK_FILE}
+                 "cpu-pinned-kernel": KERNEL_CHECK_FILE,
+                 "cpu-pinned-prefetch": PREFETCH_CHECK_FILE}
 
 
 def nelder_mead(f, x0: np.ndarray, step: float = 0.5, iters: int = 200, tol: float = 1e-4):
@@ -313,6 +319,10 @@ def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150,
             "cpu-pinned-kernel": lambda: fit_cpu_pinned_kernel(docs / KERNEL_PROFILE_FILE,
                                                                docs / PINNED_FIT_FILE,
                                                                docs / "bench-roofline.json"),
+            "cpu-pinned-prefetch": lambda: fit_cpu_pinned_kernel(
+                docs / PREFETCH_PROFILE_FILE, docs / PINNED_FIT_FILE,
+                docs / "bench-roofline.json", name="cpu-pinned-prefetch",
+                fit_offload_overhead=True),
             "h200": lambda: fit_h200(docs / "gpu-check.json")}
     profiles = json.loads(out.read_text()) if only and out.is_file() else {}
     for name, fit in fits.items():

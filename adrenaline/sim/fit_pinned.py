@@ -209,23 +209,29 @@ def fit_cpu_pinned_served(profile_file: Path, fit_file: Path, roofline_file: Pat
 
 
 def fit_cpu_pinned_kernel(profile_file: Path, prefill_file: Path, roofline_file: Path,
-                          model_path: str | None = None) -> HardwareProfile:
+                          model_path: str | None = None, name: str = "cpu-pinned-kernel",
+                          fit_offload_overhead: bool = False) -> HardwareProfile:
     """``cpu-pinned-kernel``: every rate from ``profile_file``'s start-up profile (a run on
     the CPU decode kernel, attention timed as served), as ``cpu-pinned-served``; the
     prefill speed from ``prefill_file``'s ``none`` TTFT p50, as ``cpu-pinned``; and the
     exchange's form (``exchange_hidden``) whose simulated wait per layer of an offloaded
-    step is nearer the one ``profile_file``'s load_aware row measured. ``fitted_on`` keeps
-    the error on ``profile_file`` itself, both systems (reference, not a check)."""
+    step is nearer the one ``profile_file``'s load_aware row measured. With
+    ``fit_offload_overhead``, also ``offload_seq_overhead_s``: the decode's cost per
+    offloaded request per step at which load_aware's simulated mean decode step comes out
+    as that row's (bisection). ``fitted_on`` keeps the error on ``profile_file`` itself,
+    both systems (reference, not a check)."""
     run = json.loads(Path(profile_file).read_text())
     prefill_run = json.loads(Path(prefill_file).read_text())
     model_path = model_path or run_model(run)
     hw = solve_profile(run, json.loads(Path(roofline_file).read_text()), model_path,
-                       name="cpu-pinned-kernel")
+                       name=name)
     hw = fit_prefill(hw, prefill_run, run_model(prefill_run))
     live_wait = next(r for r in run["rows"] if r.get("profile"))["remote_wait_per_layer_ms"]
     waits = {h: sim_row(replace(hw, exchange_hidden=h), run, "load_aware",
                         model_path)["remote_wait_per_layer_ms"] for h in (True, False)}
     hw = replace(hw, exchange_hidden=min(waits, key=lambda h: abs(waits[h] - live_wait)))
+    if fit_offload_overhead:
+        hw = _fit_offload_overhead(hw, run, model_path)
     fit_error = {}
     for live in run["rows"]:
         if live["system"] in SYSTEMS:
@@ -237,10 +243,25 @@ def fit_cpu_pinned_kernel(profile_file: Path, prefill_file: Path, roofline_file:
         "dates": [run["date"], prefill_run["date"]],
         "from": "the first file's start-up profile (attention timed as served); prefill "
                 "from the second file's none TTFT p50; exchange_hidden: the form whose "
-                "simulated wait per layer is nearer the first file's load_aware row's",
+                "simulated wait per layer is nearer the first file's load_aware row's"
+                + ("; offload_seq_overhead_s: load_aware's mean decode step as the first "
+                   "file's" if fit_offload_overhead else ""),
         "remote_wait_per_layer_ms": {"live": live_wait, "sim_hidden": waits[True],
                                      "sim_not_hidden": waits[False]},
         "fit_error": fit_error})
+
+
+def _fit_offload_overhead(hw: HardwareProfile, run: dict, model_path: str,
+                          hi_s: float = 20e-3) -> HardwareProfile:
+    """``hw`` with the offload_seq_overhead_s at which the run's load_aware mean decode step
+    comes out as live (bisection: the simulated step grows with it)."""
+    live = next(r for r in run["rows"] if r["system"] == "load_aware")["decode_step_ms"]
+    lo, hi = 0.0, hi_s
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        sim = sim_row(replace(hw, offload_seq_overhead_s=mid), run, "load_aware", model_path)
+        lo, hi = (mid, hi) if sim["decode_step_ms"] < live else (lo, mid)
+    return replace(hw, offload_seq_overhead_s=(lo + hi) / 2)
 
 
 def check_cpu_pinned(hw: HardwareProfile, check_file: Path, model_path: str | None = None

@@ -44,6 +44,9 @@ class HardwareProfile:
     # Whether that round trip hides behind the decode's local attention (sim/cost.py); False:
     # only the executor's attention does, the round trip adds to every offloaded step.
     exchange_hidden: bool = True
+    # Decode, per offloaded request in a step beyond seq_overhead_s: packing its q, k, v
+    # and placing its outputs on every layer, and what else its step pays for it (fitted).
+    offload_seq_overhead_s: float = 0.0
     link_gbs: float = 25.0  # KV handoff between instances
     handoff_latency_s: float = 1e-4
     # Executor's share of its device's memory bandwidth, by its share of the device

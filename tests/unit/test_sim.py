@@ -340,6 +340,46 @@ def test_kernel_profile_is_the_fit_of_run_1_and_holds_run_3():
     assert rows["load_aware"]["offload_ratio"]["sim"] > 0
 
 
+def test_prefetch_profile_is_the_fit_of_its_first_run_and_holds_the_paced_run():
+    """cpu-pinned-prefetch is fitted on the prefetching kernel's first run (niceness -5, the
+    executor polling between layers), its decode cost per offloaded request included; the
+    run at niceness -20 with the executor napping between layers, which no fit used, is
+    predicted within 15% for both systems (docs/SIMULATION.md)."""
+    from adrenaline.sim.fit import PINNED_FIT_FILE, PREFETCH_CHECK_FILE, PREFETCH_PROFILE_FILE
+    from adrenaline.sim.fit_pinned import CHECK_KEYS, check_cpu_pinned, fit_cpu_pinned_kernel
+
+    hw = fit_cpu_pinned_kernel(DOCS / PREFETCH_PROFILE_FILE, DOCS / PINNED_FIT_FILE,
+                               DOCS / "bench-roofline.json", name="cpu-pinned-prefetch",
+                               fit_offload_overhead=True)
+    stored = get_profile("cpu-pinned-prefetch")
+    assert stored.fitted_on["files"][:2] == [PREFETCH_PROFILE_FILE, PINNED_FIT_FILE]
+    assert PREFETCH_CHECK_FILE not in stored.fitted_on["files"]
+    assert stored.offload_seq_overhead_s == pytest.approx(hw.offload_seq_overhead_s)
+    assert stored.eff_attn == pytest.approx(hw.eff_attn)
+    # The fitted run's load_aware step comes out as live, and needs the per-request term.
+    assert abs(hw.fitted_on["fit_error"]["load_aware"]["decode_step_ms"]) < 0.01
+    assert hw.offload_seq_overhead_s > 1e-3
+    rows = {r["system"]: r for r in check_cpu_pinned(hw, DOCS / PREFETCH_CHECK_FILE)}
+    assert set(rows) == {"none", "load_aware"}
+    for row in rows.values():
+        for key in CHECK_KEYS:
+            assert abs(row[key]["err"]) <= 0.15, (key, row)
+
+
+def test_cost_of_offloaded_requests_counts_every_executors_requests():
+    from dataclasses import replace
+
+    from adrenaline.sim.cost import CostModel
+
+    hw = replace(get_profile("cpu-pinned"), offload_seq_overhead_s=1e-3)
+    cost = CostModel(load_model("small"), hw, 1.0)
+    plain = CostModel(load_model("small"), replace(hw, offload_seq_overhead_s=0.0), 1.0)
+    assert cost.decode_s(8, 8000) == pytest.approx(plain.decode_s(8, 8000))
+    assert cost.decode_s(8, 8000, 2, 100) == pytest.approx(plain.decode_s(8, 8000, 2, 100) + 2e-3)
+    assert cost.decode_s(8, 8000, 2, 100, all_offloaded=5) == pytest.approx(
+        plain.decode_s(8, 8000, 2, 100) + 5e-3)
+
+
 def test_cli_validate_checks_a_profile_on_any_offload_run(tmp_path, capsys):
     """`sim validate --profile P --check F`: the workload comes from F (here run 3 cut to
     8 requests at 2 req/s); a file whose rows disagree with its workload is refused."""
