@@ -60,9 +60,10 @@ class ExecutorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # actor runs its service threads on that partition's stream (actors/
     # attention_executor.py). Hopper partitions come in groups of 8 SMs.
     sm_count: int | None = None
-    # Between a decode step's layers the executor naps through most of the expected gap
-    # before it polls for the next layer's q, k, v (engine/layer_pacer.py), leaving its
-    # core to the prefill worker and the serving path; false: it polls the whole gap.
+    # CPU executors: between a decode step's layers the executor naps through most of the
+    # expected gap before it polls for the next layer's q, k, v (engine/layer_pacer.py),
+    # leaving its core to the prefill worker and the serving path; false: it polls the
+    # whole gap. A CUDA executor always polls.
     pace_layers: bool = True
 
     def __post_init__(self) -> None:

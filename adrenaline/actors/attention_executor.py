@@ -47,7 +47,9 @@ class AttentionExecutor(Worker):
         device = resolve_device(args.device)
         self.service = AttentionService(model, args.executor.engine,
                                         resolve_dtype(args.dtype, model, device), device)
-        self.service.pace_layers = args.executor.pace_layers
+        # CPU only: on a GPU the cores are not scarce, and a receive posted late (NCCL)
+        # would hold the decode's send; the pacing is untimed there.
+        self.service.pace_layers = args.executor.pace_layers and device.type == "cpu"
         # A link's shm rings hold one decode step's per-layer message at the decode
         # engine's largest batch.
         self._exchange_bytes = 2 * exchange_message_bytes(model, self.service.dtype,

@@ -59,7 +59,9 @@ class AttentionService:
         # The serving threads' CPU time in serve_step, waits included: minus busy_cpu_s, the
         # CPU spent polling for messages.
         self.serve_cpu_s = 0.0
-        self.pace_layers = True  # nap between a step's layers (LayerPacer) before polling
+        # Nap between a step's layers (LayerPacer) before polling: CPU executors, whose
+        # core is shared; executor.pace_layers may turn it off.
+        self.pace_layers = device.type == "cpu"
         self._pacers: dict[int, LayerPacer] = {}  # per decode rank served
 
     @property
