@@ -74,7 +74,8 @@ async def _run(client, prompts, params, offsets):
 def app_args(args, name: str) -> dict:
     options = {"none": {}, "static": {"ratio": args.static_ratio},
                "load_aware": {"tpot_slo_ms": args.tpot_slo_ms,
-                              "step_feedback": args.step_feedback}}[name]
+                              "step_feedback": args.step_feedback,
+                              "hide_remote": args.hide_remote}}[name]
     engine = {"num_threads": 1, "max_num_seqs": args.max_num_seqs, "block_size": args.block_size}
     pin = (lambda core: {"cpus": [core]}) if args.pin else (lambda core: {})
     nice = {} if args.nice is None else {"nice": args.nice}
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tpot-slo-ms", type=float, default=250.0)
     ap.add_argument("--no-step-feedback", dest="step_feedback", action="store_false",
                     help="load_aware: B_max by the start-up profile's step model alone")
+    ap.add_argument("--no-hide-remote", dest="hide_remote", action="store_false",
+                    help="load_aware: offload for KV capacity within the bound even where "
+                         "the step then waits on the executor")
     ap.add_argument("--no-pace-layers", dest="pace_layers", action="store_false",
                     help="the executor polls the whole gap between a step's layers "
                          "instead of napping through most of it")
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     workload = {k: getattr(args, k) for k in (
         "dataset", "num_requests", "input_len", "output_len", "decode_kv_tokens", "block_size",
         "prefill_kv_tokens", "executor_kv_tokens", "decode_threads", "pin", "static_ratio",
-        "tpot_slo_ms", "step_feedback", "pace_layers", "prefill_when_admissible", "nice", "seed")}
+        "tpot_slo_ms", "step_feedback", "hide_remote", "pace_layers", "prefill_when_admissible",
+        "nice", "seed")}
     workload.update(mean_prompt_len=sum(len(p) for p in prompts) / len(prompts),
                     mean_output_len=sum(p.max_tokens for p in params) / len(params))
     result = {**result_header("offload"), "model": args.model, "dtype": args.dtype,

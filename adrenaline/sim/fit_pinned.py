@@ -130,7 +130,8 @@ def sim_row(hw: HardwareProfile, run: dict, system: str, model_path: str | None 
     policy, options = SYSTEMS[system]
     if options is None:  # load_aware as it ran (runs before step feedback: without it)
         options = {"tpot_slo_ms": w["tpot_slo_ms"],
-                   "step_feedback": w.get("step_feedback", False)}
+                   "step_feedback": w.get("step_feedback", False),
+                   "hide_remote": w.get("hide_remote", True)}
     rate = next(r["rate"] for r in run["rows"] if r["system"] == system)
     cfg = SimConfig(model=model_path or run_model(run), dtype=run.get("dtype", "bfloat16"),
                     hardware=hw.name, policy=policy, policy_options=options,

@@ -133,10 +133,11 @@ def test_prefill_gate_is_off_by_default_on_in_local_yaml_and_in_the_offload_benc
                                 prefill_kv_tokens=1024, decode_kv_tokens=512, decode_threads=1,
                                 executor_kv_tokens=1024, prefill_when_admissible=on,
                                 nice=-5 if on else None, block_size=64 if on else 16,
-                                step_feedback=on, pace_layers=on)
+                                step_feedback=on, pace_layers=on, hide_remote=not on)
         parsed = parse_app_args(app_args(ns, "load_aware"))
         assert parsed.policy_options["step_feedback"] is on  # --no-step-feedback: off
         assert parsed.executor.pace_layers is on  # --no-pace-layers: off
+        assert parsed.policy_options["hide_remote"] is (not on)  # --no-hide-remote: off
         assert parsed.limits.prefill_when_admissible is on
         assert parsed.decode.nice == parsed.prefill.nice == (-5 if on else None)
         assert (parsed.prefill.engine.block_size == parsed.decode.engine.block_size
