@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.set_defaults(fn=fn)
         if name == "plan":
             p.add_argument("--num-gpus", type=int, required=True)
-    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served, -kernel, -prefetch) and h200 "
-                                   "profiles (writes sim/profiles.json)")
+    p = sub.add_parser("fit", help="refit the cpu, cpu-pinned(-served, -kernel, -prefetch) "
+                                   "and h200 profiles (writes sim/profiles.json)")
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--only", default=None,
                    choices=["cpu", "cpu-pinned", "cpu-pinned-served", "cpu-pinned-kernel",
