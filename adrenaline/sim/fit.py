@@ -29,7 +29,8 @@ import numpy as np
 
 from adrenaline.bench.serving_sweep import ADRENALINE_SYSTEMS
 from adrenaline.sim.cost import CostModel
-from adrenaline.sim.fit_pinned import (check_cpu_pinned, fit_cpu_pinned, fit_cpu_pinned_kernel,
+from adrenaline.sim.fit_pinned import (bisect, check_cpu_pinned, fit_cpu_pinned,
+                                      fit_cpu_pinned_kernel,
                                       fit_cpu_pinned_served)
 from adrenaline.sim.hardware import PROFILES_PATH, SPEC_SHEETS, HardwareProfile
 from adrenaline.sim.models import load_model
@@ -290,18 +291,10 @@ def _colocated(hw: HardwareProfile, tput: dict, offload: bool) -> float:
 def _fit_h200_offload(hw: HardwareProfile, tput: dict) -> HardwareProfile:
     rows = tput["rows"]
     # Prefill FLOP efficiency: the none run's wall time (bisection on a monotone function).
-    lo, hi = 0.02, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        wall = _colocated(replace(hw, eff_flops_prefill=mid), tput, offload=False)
-        lo, hi = (mid, hi) if wall > rows["none"]["wall_s"] else (lo, mid)
-    hw = replace(hw, eff_flops_prefill=(lo + hi) / 2)
-    lo, hi = 0.0, 5e-3
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        wall = _colocated(replace(hw, exchange_layer_s=mid), tput, offload=True)
-        lo, hi = (mid, hi) if wall < rows["offload"]["wall_s"] else (lo, mid)
-    return replace(hw, exchange_layer_s=(lo + hi) / 2)
+    hw = replace(hw, eff_flops_prefill=bisect(0.02, 1.0, 30, lambda mid: _colocated(
+        replace(hw, eff_flops_prefill=mid), tput, offload=False) > rows["none"]["wall_s"]))
+    return replace(hw, exchange_layer_s=bisect(0.0, 5e-3, 30, lambda mid: _colocated(
+        replace(hw, exchange_layer_s=mid), tput, offload=True) < rows["offload"]["wall_s"]))
 
 
 def fit_all(docs: Path = DOCS, out: Path = PROFILES_PATH, iters: int = 150,

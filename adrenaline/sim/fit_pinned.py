@@ -178,16 +178,22 @@ def fit_cpu_pinned(fit_file: Path, roofline_file: Path, model_path: str | None =
                                for k in CHECK_KEYS + ("ttft_p50_ms",) if live.get(k)}}})
 
 
+def bisect(lo: float, hi: float, iters: int, answer_above) -> float:
+    """The midpoint of [lo, hi] after ``iters`` halvings, keeping the half where
+    ``answer_above(mid)`` says the sought value lies (above ``mid`` or not)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if answer_above(mid) else (lo, mid)
+    return (lo + hi) / 2
+
+
 def fit_prefill(hw: HardwareProfile, run: dict, model_path: str) -> HardwareProfile:
     """``hw`` with the prefill FLOP efficiency at which the run's ``none`` TTFT p50 comes
     out as live (bisection: TTFT falls as the efficiency rises)."""
-    live = next(r for r in run["rows"] if r["system"] == "none")
-    lo, hi = 0.01, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        ttft = sim_row(replace(hw, eff_flops_prefill=mid), run, "none", model_path)["ttft_p50_ms"]
-        lo, hi = (mid, hi) if ttft > live["ttft_p50_ms"] else (lo, mid)
-    return replace(hw, eff_flops_prefill=(lo + hi) / 2)
+    live = next(r for r in run["rows"] if r["system"] == "none")["ttft_p50_ms"]
+    eff = bisect(0.01, 1.0, 20, lambda mid: sim_row(replace(hw, eff_flops_prefill=mid), run,
+                                                    "none", model_path)["ttft_p50_ms"] > live)
+    return replace(hw, eff_flops_prefill=eff)
 
 
 def fit_cpu_pinned_served(profile_file: Path, fit_file: Path, roofline_file: Path,
@@ -257,12 +263,10 @@ def _fit_offload_overhead(hw: HardwareProfile, run: dict, model_path: str,
     """``hw`` with the offload_seq_overhead_s at which the run's load_aware mean decode step
     comes out as live (bisection: the simulated step grows with it)."""
     live = next(r for r in run["rows"] if r["system"] == "load_aware")["decode_step_ms"]
-    lo, hi = 0.0, hi_s
-    for _ in range(16):
-        mid = (lo + hi) / 2
-        sim = sim_row(replace(hw, offload_seq_overhead_s=mid), run, "load_aware", model_path)
-        lo, hi = (mid, hi) if sim["decode_step_ms"] < live else (lo, mid)
-    return replace(hw, offload_seq_overhead_s=(lo + hi) / 2)
+    cost = bisect(0.0, hi_s, 16, lambda mid: sim_row(
+        replace(hw, offload_seq_overhead_s=mid), run, "load_aware", model_path)
+        ["decode_step_ms"] < live)
+    return replace(hw, offload_seq_overhead_s=cost)
 
 
 def check_cpu_pinned(hw: HardwareProfile, check_file: Path, model_path: str | None = None
